@@ -10,6 +10,11 @@ if ROOT not in sys.path:
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
+# Unit tests use tiny tensors: one intra-op thread avoids OpenMP spin-up costs that
+# dominate at this size (and thrash when the machine is shared). End-to-end tests run
+# in subprocesses with their own OMP_NUM_THREADS.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
