@@ -14,15 +14,6 @@ from models import evit
 from models.hooks import build_training_hooks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add contention on the shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(embed_dim=48, num_heads=3, num_classes=10)
 
 

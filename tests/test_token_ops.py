@@ -7,16 +7,6 @@ import torch
 from models import token_ops as ops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add contention on the shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def test_keep_count_uses_double_precision_ceil():
     assert 0.55 * 100 > 55  # the float product the official code sees
     assert ops.keep_count(0.55, 100) == 56

@@ -13,15 +13,6 @@ from models import tome
 from models.token_ops import bipartite_soft_matching, merge_wavg, parse_r
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add contention on the shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(embed_dim=48, num_heads=3, num_classes=10)
 
 
