@@ -1,0 +1,695 @@
+"""LTM: learnable token merging on timm's ViT, Swin, MobileViT and EfficientViT.
+
+Paper: Yancheng Wang, Yingzhen Yang, "Efficient Visual Transformer by Learnable Token
+Merging", IEEE TPAMI 2025 (arXiv 2407.15219). The official repository has no LTM model code;
+this module implements the project's definition in ``shared/methods/ltm.md`` (sections 3-5).
+
+What changes relative to each timm base model (everything else, keys included, is timm's):
+  - every transformer block gets a ``mask_module`` (two scalars: ``logit_scale``,
+    ``prev_weight``) that turns the post-attention tokens Z into a row-stochastic merging mask
+    G (each source token spreads its weight over the 3x3 neighbourhood of its home anchor on a
+    smaller (h', w') grid, ``merged_grid``);
+  - the block's FFN (ViT/Swin/MobileViT MLP, EfficientViT MBConv) runs on the merged tokens
+    ``merge(Z, G)`` and its output is restored to the full grid with the same G, so the
+    surrounding timm code (window partition, PatchMerging, MobileViT fold, convolutions) is
+    untouched; prefix tokens (CLS/registers) are never merged;
+  - G of one block is the prior of the next block of the same geometry (chain of masks);
+  - ``compression_ratio=1.0`` skips the mask module: the model is bit-identical to timm's.
+
+Merging and restoring use index gathers/scatters over the (h*w, 9) candidate table (no dense
+(h*w) x (h'*w') matrix). The candidate table is recomputed once per forward per geometry
+(a handful of integer ops) and handed from block to block in ``MaskState``; nothing is cached
+in module attributes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.models import build_model_with_cfg, get_pretrained_cfg, generate_default_cfgs, register_model
+from timm.models.byobnet import ByobNet
+from timm.models.efficientvit_mit import EfficientVit, EfficientVitBlock, EfficientVitStage
+from timm.models.mobilevit import MobileVitBlock, model_cfgs as mobilevit_cfgs
+from timm.models.swin_transformer import (
+    SwinTransformer, SwinTransformerBlock, SwinTransformerStage, checkpoint_filter_fn as swin_filter_fn)
+from timm.models.vision_transformer import (
+    Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn)
+
+__all__ = [
+    "CLI_KWARGS", "LTMMaskModule", "MaskState", "CandidateTable", "merged_grid", "candidate_table",
+    "merge_tokens", "unmerge_tokens", "load_base_weights", "ltm_blocks",
+]
+
+# main.py passes these argparse options (when not None) as constructor kwargs.
+CLI_KWARGS = ("compression_ratio",)
+
+MASK_KEYS = ("mask_module.logit_scale", "mask_module.prev_weight")
+NUM_CANDIDATES = 9  # 3x3 anchor neighbourhood
+_PRIOR_EPS = 1e-6
+_MAX_LOGIT_SCALE = 100.0
+
+
+def check_compression_ratio(ratio) -> float:
+    """The ratio as a float, or a one-line ValueError when it is outside (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(
+            f"compression_ratio must be a number in (0, 1], got {ratio!r}; pass e.g. --compression-ratio 0.8")
+    return float(ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: merged grid and candidate table (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+def merged_grid(h: int, w: int, ratio: float) -> Tuple[int, int]:
+    """Target grid (h', w') keeping about ``ratio`` of h*w tokens, reduced evenly per row/column.
+
+    Round half up (``floor(v + 0.5)``), not Python's banker's ``round``: (14, 14, 0.8) -> (13, 12).
+    """
+    if ratio >= 1.0:
+        return h, w
+    h2 = min(max(math.floor(h * math.sqrt(ratio) + 0.5), 1), h)
+    w2 = min(max(math.floor(ratio * h * w / h2 + 0.5), 1), w)
+    return h2, w2
+
+
+@dataclass(frozen=True)
+class CandidateTable:
+    """Which merged tokens each source token may feed.
+
+    index: (h*w, 9) long, row-major target index of slot t = 3*(dy+1) + (dx+1) around the
+        source's home anchor (clamped into the grid where the slot is invalid);
+    valid: (h*w, 9) bool, whether the slot lies inside the (h', w') grid.
+    """
+    grid: Tuple[int, int]
+    merged: Tuple[int, int]
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def num_targets(self) -> int:
+        return self.merged[0] * self.merged[1]
+
+
+def _home_anchor(size: int, merged_size: int, device) -> torch.Tensor:
+    """a = min(m - 1, floor((y + 1/2) * m / n)) for y in [0, n), in exact integer arithmetic."""
+    pos = torch.arange(size, device=device)
+    return torch.div((2 * pos + 1) * merged_size, 2 * size, rounding_mode="floor").clamp_(max=merged_size - 1)
+
+
+def candidate_table(grid: Tuple[int, int], merged: Tuple[int, int], device=None) -> CandidateTable:
+    """Build the (h*w, 9) candidate table for merging an (h, w) grid onto (h', w')."""
+    (h, w), (h2, w2) = grid, merged
+    offsets = torch.arange(-1, 2, device=device)
+    cand_y = _home_anchor(h, h2, device)[:, None] + offsets[None, :]  # (h, 3)
+    cand_x = _home_anchor(w, w2, device)[:, None] + offsets[None, :]  # (w, 3)
+    cand_y = cand_y[:, None, :, None]  # (h, 1, 3, 1)
+    cand_x = cand_x[None, :, None, :]  # (1, w, 1, 3)
+    valid = (cand_y >= 0) & (cand_y < h2) & (cand_x >= 0) & (cand_x < w2)
+    index = cand_y.clamp(0, h2 - 1) * w2 + cand_x.clamp(0, w2 - 1)
+    return CandidateTable(
+        grid=(h, w), merged=(h2, w2),
+        index=index.reshape(h * w, NUM_CANDIDATES),
+        valid=valid.reshape(h * w, NUM_CANDIDATES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Neighbourhood kernels. Three sparse products over the candidate table, closed under
+# differentiation, so autograd keeps only the inputs (never a 9x gathered copy of the tokens).
+# Shapes: src (B, N, D) source tokens, tgt (B, M, D) merged tokens, weight (B, N, T), index (N, T).
+# ---------------------------------------------------------------------------------------------
+
+def _neighbor_dot(src, tgt, index):
+    """out[b, i, t] = <src[b, i], tgt[b, index[i, t]]>  -> (B, N, T)."""
+    return torch.stack(
+        [(src * tgt.index_select(1, index[:, t])).sum(-1) for t in range(index.shape[1])], dim=-1)
+
+
+def _gather_sum(weight, tgt, index):
+    """out[b, i] = sum_t weight[b, i, t] * tgt[b, index[i, t]]  -> (B, N, D)."""
+    out = weight[..., 0:1] * tgt.index_select(1, index[:, 0])
+    for t in range(1, index.shape[1]):
+        out = out + weight[..., t:t + 1] * tgt.index_select(1, index[:, t])
+    return out
+
+
+def _scatter_sum(weight, src, index, num_targets: int):
+    """out[b, j] = sum over (i, t) with index[i, t] == j of weight[b, i, t] * src[b, i]  -> (B, M, D)."""
+    out = src.new_zeros(src.shape[0], num_targets, src.shape[-1])
+    for t in range(index.shape[1]):
+        out.index_add_(1, index[:, t], weight[..., t:t + 1] * src)
+    return out
+
+
+class _NeighborDot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src, tgt, index):
+        ctx.save_for_backward(src, tgt, index)
+        return _neighbor_dot(src, tgt, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        src, tgt, index = ctx.saved_tensors
+        grad_src = _gather_sum(grad, tgt, index) if ctx.needs_input_grad[0] else None
+        grad_tgt = _scatter_sum(grad, src, index, tgt.shape[1]) if ctx.needs_input_grad[1] else None
+        return grad_src, grad_tgt, None
+
+
+class _GatherSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, tgt, index):
+        ctx.save_for_backward(weight, tgt, index)
+        return _gather_sum(weight, tgt, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, tgt, index = ctx.saved_tensors
+        grad_weight = _neighbor_dot(grad, tgt, index) if ctx.needs_input_grad[0] else None
+        grad_tgt = _scatter_sum(weight, grad, index, tgt.shape[1]) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_tgt, None
+
+
+class _ScatterSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, src, index, num_targets):
+        ctx.save_for_backward(weight, src, index)
+        return _scatter_sum(weight, src, index, num_targets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, src, index = ctx.saved_tensors
+        grad_weight = _neighbor_dot(src, grad, index) if ctx.needs_input_grad[0] else None
+        grad_src = _gather_sum(weight, grad, index) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_src, None, None
+
+
+def neighbor_dot(src: torch.Tensor, tgt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, D), (B, M, D), (N, T) -> (B, N, T) dot products of each source with its candidates."""
+    return _NeighborDot.apply(src, tgt, index)
+
+
+def merge_tokens(tokens: torch.Tensor, mask: torch.Tensor, table: CandidateTable) -> torch.Tensor:
+    """Weighted average of the sources feeding each target.
+
+    tokens (B, h*w, D), mask G (B, h*w, 9) -> merged tokens (B, h'*w', D), row-major on (h', w').
+    """
+    weight = mask.to(tokens.dtype)
+    total = _ScatterSum.apply(weight, tokens, table.index, table.num_targets)
+    mass = weight.new_zeros(weight.shape[0], table.num_targets).index_add(
+        1, table.index.reshape(-1), weight.reshape(weight.shape[0], -1))
+    return total / mass.clamp_min(1e-6).unsqueeze(-1)
+
+
+def unmerge_tokens(merged: torch.Tensor, mask: torch.Tensor, table: CandidateTable) -> torch.Tensor:
+    """Restore a merged field to the sources: out_i = sum_t G[i, t] * merged[c(i, t)].
+
+    merged (B, h'*w', D), mask G (B, h*w, 9) -> (B, h*w, D).
+    """
+    return _GatherSum.apply(mask.to(merged.dtype), merged, table.index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask module and the merged feed-forward step shared by every backbone
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MaskState:
+    """What one LTM block hands to the next: its candidate table and merging mask G (B, h*w, 9)."""
+    table: CandidateTable
+    mask: torch.Tensor
+
+
+class LTMMaskModule(nn.Module):
+    """Produces the merging mask G from post-attention tokens (ltm.md section 4).
+
+    logits[i, t] = s * cos(z_i, A_c(i,t)) + prev_weight * log(P[i, t] + 1e-6), softmax over the
+    valid slots; A = adaptive average pool of Z to (h', w'), s = min(exp(logit_scale), 100),
+    P = the previous block's G (same geometry) or uniform over the valid slots.
+    """
+
+    def __init__(self, compression_ratio: float = 0.8, device=None):
+        super().__init__()
+        self.compression_ratio = check_compression_ratio(compression_ratio)
+        self.logit_scale = nn.Parameter(torch.empty(1, device=device, dtype=torch.float32))
+        self.prev_weight = nn.Parameter(torch.empty(1, device=device, dtype=torch.float32))
+        self.reset_parameters()
+        if self.compression_ratio >= 1.0:
+            self.requires_grad_(False)  # bypassed: frozen so DDP sees no unused trainable parameter
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(10.0))
+            self.prev_weight.zero_()
+
+    def target_grid(self, grid: Tuple[int, int]) -> Tuple[int, int]:
+        return merged_grid(grid[0], grid[1], self.compression_ratio)
+
+    def merges(self, grid: Tuple[int, int]) -> bool:
+        return self.target_grid(grid) != tuple(grid)
+
+    def forward(self, tokens: torch.Tensor, grid: Tuple[int, int], prev: Optional[MaskState] = None) -> MaskState:
+        """tokens (B, h*w, D) spatial tokens row-major on ``grid`` -> MaskState with G (B, h*w, 9)."""
+        grid = (int(grid[0]), int(grid[1]))
+        merged = self.target_grid(grid)
+        same_geometry = prev is not None and prev.table.grid == grid and prev.table.merged == merged
+        table = prev.table if same_geometry else candidate_table(grid, merged, tokens.device)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            z = tokens.float()
+            anchors = F.adaptive_avg_pool2d(
+                z.transpose(1, 2).reshape(z.shape[0], z.shape[-1], grid[0], grid[1]), merged)
+            anchors = anchors.flatten(2).transpose(1, 2)
+            cosine = neighbor_dot(F.normalize(z, dim=-1), F.normalize(anchors, dim=-1), table.index)
+            if same_geometry:
+                prior = prev.mask.float()
+            else:
+                # uniform over valid slots: constant per row, so no effect, but keeps prev_weight in the graph
+                prior = table.valid.float() / table.valid.sum(-1, keepdim=True)
+            scale = self.logit_scale.exp().clamp(max=_MAX_LOGIT_SCALE)
+            logits = scale * cosine + self.prev_weight * torch.log(prior + _PRIOR_EPS)
+            logits = logits.masked_fill(~table.valid, float("-inf"))
+            mask = logits.softmax(dim=-1)
+        return MaskState(table=table, mask=mask)
+
+    def extra_repr(self) -> str:
+        return f"compression_ratio={self.compression_ratio}"
+
+
+def merged_feedforward(
+        z: torch.Tensor,
+        ffn: Callable[[torch.Tensor], torch.Tensor],
+        mask_module: LTMMaskModule,
+        grid: Tuple[int, int],
+        num_prefix_tokens: int = 0,
+        prev: Optional[MaskState] = None,
+) -> Tuple[torch.Tensor, MaskState]:
+    """z + restore(ffn(merge(z))) for z (B, P + h*w, D); the P prefix tokens ride along unmerged."""
+    prefix, spatial = z[:, :num_prefix_tokens], z[:, num_prefix_tokens:]
+    state = mask_module(spatial, grid, prev)
+    merged = merge_tokens(spatial, state.mask, state.table)
+    if num_prefix_tokens:
+        delta = ffn(torch.cat([prefix, merged], dim=1))
+        restored = unmerge_tokens(delta[:, num_prefix_tokens:], state.mask, state.table)
+        return torch.cat([prefix + delta[:, :num_prefix_tokens], spatial + restored], dim=1), state
+    return spatial + unmerge_tokens(ffn(merged), state.mask, state.table), state
+
+
+def _attach_mask_module(block: nn.Module, ltm_cls: type, compression_ratio: float) -> nn.Module:
+    """Turn a built timm block into its LTM subclass in place: weights and keys kept, mask module added."""
+    device = next(block.parameters()).device
+    block.__class__ = ltm_cls
+    block.mask_module = LTMMaskModule(compression_ratio, device=device)
+    return block
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+class LTMBlock(Block):
+    """timm ViT ``Block`` whose MLP runs on merged tokens (ViT and MobileViT transformers).
+
+    Changes: adds ``mask_module``; forward takes the token grid, prefix count and previous
+    MaskState and returns ``(x, state)``.
+    """
+
+    def __init__(self, *args, compression_ratio: float = 0.8, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_module = LTMMaskModule(compression_ratio, device=kwargs.get("device"))
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            grid: Optional[Tuple[int, int]] = None,
+            num_prefix_tokens: int = 0,
+            prev: Optional[MaskState] = None,
+    ) -> Tuple[torch.Tensor, Optional[MaskState]]:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if grid is None:
+            if self.mask_module.compression_ratio < 1.0:
+                raise ValueError("an LTM block with compression_ratio < 1 needs grid=(h, w) of its spatial tokens")
+            return x + self._ffn(x), None
+        if not self.mask_module.merges(grid):
+            return x + self._ffn(x), None
+        return merged_feedforward(x, self._ffn, self.mask_module, grid, num_prefix_tokens, prev)
+
+
+class LTMSwinBlock(SwinTransformerBlock):
+    """timm ``SwinTransformerBlock`` with the MLP on tokens merged over the whole stage grid.
+
+    Changes: ``mask_module``; forward(x NHWC, prev) -> (x, state). Window attention (``_attn``)
+    is untouched; merging happens after it and the full grid is restored before returning.
+    """
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor, prev: Optional[MaskState] = None) -> Tuple[torch.Tensor, Optional[MaskState]]:
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)
+        state = None
+        if self.mask_module.merges((H, W)):
+            x, state = merged_feedforward(x, self._ffn, self.mask_module, (H, W), 0, prev)
+        else:
+            x = x + self._ffn(x)
+        return x.reshape(B, H, W, C), state
+
+
+class LTMSwinStage(SwinTransformerStage):
+    """timm ``SwinTransformerStage`` passing each block's mask to the next."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        state = None
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, state = checkpoint(block, x, state, use_reentrant=False)
+            else:
+                x, state = block(x, state)
+        return x
+
+
+class LTMMobileVitBlock(MobileVitBlock):
+    """timm ``MobileVitBlock`` whose transformer blocks are ``LTMBlock``s on the patch grid.
+
+    Changes: forward re-implements timm's (unfold, transformer, norm, fold) and runs the
+    transformer blocks on the (n_h, n_w) patch grid with a mask chain; each of the P pixel
+    offsets is a separate batch row and is merged independently.
+    """
+
+    @classmethod
+    def from_block(cls, block: MobileVitBlock, compression_ratio: float) -> "LTMMobileVitBlock":
+        block.__class__ = cls
+        for layer in block.transformer:
+            _attach_mask_module(layer, LTMBlock, compression_ratio)
+        return block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv_kxk(x)
+        x = self.conv_1x1(x)
+
+        patch_h, patch_w = self.patch_size
+        B, C, H, W = x.shape
+        new_h, new_w = math.ceil(H / patch_h) * patch_h, math.ceil(W / patch_w) * patch_w
+        num_patch_h, num_patch_w = new_h // patch_h, new_w // patch_w
+        num_patches = num_patch_h * num_patch_w
+        interpolate = new_h != H or new_w != W
+        if interpolate:
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+
+        # [B, C, H, W] -> [B * P, N, C], N row-major on (n_h, n_w)
+        x = x.reshape(B * C * num_patch_h, patch_h, num_patch_w, patch_w).transpose(1, 2)
+        x = x.reshape(B, C, num_patches, self.patch_area).transpose(1, 3).reshape(B * self.patch_area, num_patches, -1)
+
+        state = None
+        for layer in self.transformer:
+            x, state = layer(x, grid=(num_patch_h, num_patch_w), prev=state)
+        x = self.norm(x)
+
+        # [B * P, N, C] -> [B, C, H, W]
+        x = x.contiguous().view(B, self.patch_area, num_patches, -1)
+        x = x.transpose(1, 3).reshape(B * C * num_patch_h, num_patch_w, patch_h, patch_w)
+        x = x.transpose(1, 2).reshape(B, C, num_patch_h * patch_h, num_patch_w * patch_w)
+        if interpolate:
+            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+
+        x = self.conv_proj(x)
+        if self.conv_fusion is not None:
+            x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
+        return x
+
+
+class LTMEfficientVitBlock(EfficientVitBlock):
+    """timm ``EfficientVitBlock`` (MIT) whose MBConv runs on the merged feature map.
+
+    Changes: ``mask_module``; Z = context_module(x) (LiteMLA + identity), output =
+    Z + restore(MBConv(merge(Z))) replacing local_module's identity shortcut; forward(x, prev)
+    -> (x, state).
+    """
+
+    def forward(self, x: torch.Tensor, prev: Optional[MaskState] = None) -> Tuple[torch.Tensor, Optional[MaskState]]:
+        z = self.context_module(x)
+        B, C, H, W = z.shape
+        if not self.mask_module.merges((H, W)):
+            return self.local_module(z), None
+        h2, w2 = self.mask_module.target_grid((H, W))
+
+        def mbconv(tokens: torch.Tensor) -> torch.Tensor:
+            fmap = tokens.transpose(1, 2).reshape(B, C, h2, w2)
+            return self.local_module.main(self.local_module.pre_norm(fmap)).flatten(2).transpose(1, 2)
+
+        tokens = z.flatten(2).transpose(1, 2)
+        out, state = merged_feedforward(tokens, mbconv, self.mask_module, (H, W), 0, prev)
+        return out.transpose(1, 2).reshape(B, C, H, W), state
+
+
+class LTMEfficientVitStage(EfficientVitStage):
+    """timm ``EfficientVitStage`` passing each LTM block's mask to the next."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for block in self.blocks:
+            if isinstance(block, LTMEfficientVitBlock):
+                x, state = block(x, state)
+            else:
+                x = block(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class _LTMModelMixin:
+    """Shared by every LTM model: IB-loss support and the optional training-time feature output.
+
+    ``model(x)`` returns logits. In training, after ``set_return_features(True)`` (called by
+    ``ib_loss.build_ib_criterion``), it returns ``{"logits", "features"}`` where features are the
+    pooled pre-logits, computed in the same forward (DDP needs a single call through forward).
+    """
+    supports_ib_loss = True
+    return_features = False
+
+    def set_return_features(self, enabled: bool) -> None:
+        self.return_features = bool(enabled)
+
+    def forward(self, x, *args, **kwargs):
+        if not (self.training and self.return_features):
+            return super().forward(x, *args, **kwargs)
+        features = self.forward_head(self.forward_features(x, *args, **kwargs), pre_logits=True)
+        return {"logits": self.get_classifier()(features), "features": features}
+
+
+class LTMVisionTransformer(_LTMModelMixin, VisionTransformer):
+    """timm ``VisionTransformer`` with ``LTMBlock``s; forward_features threads grid and masks."""
+
+    def __init__(self, *args, compression_ratio: float = 0.8, **kwargs):
+        ratio = check_compression_ratio(compression_ratio)
+        if kwargs.get("patch_drop_rate", 0.0) > 0 and ratio < 1.0:
+            raise ValueError("patch_drop_rate > 0 breaks the token grid LTM merges on; set it to 0")
+        super().__init__(*args, block_fn=partial(LTMBlock, compression_ratio=ratio), **kwargs)
+        self.compression_ratio = ratio
+
+    def forward_features(
+            self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+    ) -> torch.Tensor:
+        if (attn_mask is not None or is_causal) and self.compression_ratio < 1.0:
+            raise ValueError("attention masks are not supported with compression_ratio < 1; use 1.0")
+        x = self.patch_embed(x)
+        grid = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        state = None
+        for block in self.blocks:
+            kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, grid=grid,
+                          num_prefix_tokens=self.num_prefix_tokens, prev=state)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, state = checkpoint(block, x, use_reentrant=False, **kwargs)
+            else:
+                x, state = block(x, **kwargs)
+        return self.norm(x)
+
+
+class LTMSwinTransformer(_LTMModelMixin, SwinTransformer):
+    """timm ``SwinTransformer`` whose stages and blocks are swapped for their LTM subclasses."""
+
+    def __init__(self, *args, compression_ratio: float = 0.8, **kwargs):
+        ratio = check_compression_ratio(compression_ratio)
+        super().__init__(*args, **kwargs)
+        self.compression_ratio = ratio
+        for stage in self.layers:
+            stage.__class__ = LTMSwinStage
+            for block in stage.blocks:
+                _attach_mask_module(block, LTMSwinBlock, self.compression_ratio)
+
+
+class LTMByobNet(_LTMModelMixin, ByobNet):
+    """timm ``ByobNet`` (MobileViT) whose ``MobileVitBlock``s become ``LTMMobileVitBlock``s."""
+
+    def __init__(self, *args, compression_ratio: float = 0.8, **kwargs):
+        ratio = check_compression_ratio(compression_ratio)
+        super().__init__(*args, **kwargs)
+        self.compression_ratio = ratio
+        for module in list(self.modules()):
+            if type(module) is MobileVitBlock:
+                LTMMobileVitBlock.from_block(module, self.compression_ratio)
+
+
+class LTMEfficientVit(_LTMModelMixin, EfficientVit):
+    """timm ``EfficientVit`` (MIT) whose attention stages use ``LTMEfficientVitBlock``s."""
+
+    def __init__(self, *args, compression_ratio: float = 0.8, **kwargs):
+        ratio = check_compression_ratio(compression_ratio)
+        super().__init__(*args, **kwargs)
+        self.compression_ratio = ratio
+        for stage in self.stages:
+            if any(type(block) is EfficientVitBlock for block in stage.blocks):
+                stage.__class__ = LTMEfficientVitStage
+                for block in stage.blocks:
+                    if type(block) is EfficientVitBlock:
+                        _attach_mask_module(block, LTMEfficientVitBlock, self.compression_ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+def is_mask_key(key: str) -> bool:
+    return key.endswith(MASK_KEYS)
+
+
+def ltm_blocks(model: nn.Module):
+    """(name, module) of every module carrying a mask module, in forward order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(
+        getattr(module, "mask_module", None), LTMMaskModule)]
+
+
+def _fill_mask_params(state_dict: dict, model: nn.Module) -> dict:
+    """Add the model's own (init) mask parameters for every mask key the checkpoint lacks."""
+    own = model.state_dict()
+    filled = dict(state_dict)
+    for key, value in own.items():
+        if is_mask_key(key) and key not in filled:
+            filled[key] = value.detach().clone()
+    return filled
+
+
+def load_base_weights(model: nn.Module, state_dict: dict) -> list:
+    """Load a timm base-model state dict into an LTM model; mask parameters get their init values.
+
+    Loads with ``strict=False`` and checks that the only missing keys are the mask-module ones
+    and that nothing is unexpected. Returns the list of missing (mask) keys.
+    """
+    result = model.load_state_dict(state_dict, strict=False)
+    other_missing = [k for k in result.missing_keys if not is_mask_key(k)]
+    if other_missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint does not fit {type(model).__name__}: missing {other_missing[:3]} "
+            f"unexpected {result.unexpected_keys[:3]}; pass the state dict of the matching timm base model")
+    missing = set(result.missing_keys)
+    for name, block in ltm_blocks(model):
+        if f"{name}.mask_module.logit_scale" in missing or f"{name}.mask_module.prev_weight" in missing:
+            block.mask_module.reset_parameters()
+    return result.missing_keys
+
+
+def _ltm_filter_fn(base_filter_fn: Optional[Callable]) -> Callable:
+    """timm pretrained filter: base model's filter, then init values for the mask keys (strict load)."""
+    def filter_fn(state_dict, model):
+        if base_filter_fn is not None:
+            state_dict = base_filter_fn(state_dict, model)
+        return _fill_mask_params(state_dict, model)
+    return filter_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+
+_BASE_MODELS = {
+    "ltm_vit_small_patch16_224": "vit_small_patch16_224",
+    "ltm_vit_base_patch16_224": "vit_base_patch16_224",
+    "ltm_swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224",
+    "ltm_swin_base_patch4_window7_224": "swin_base_patch4_window7_224",
+    "ltm_mobilevit_xs": "mobilevit_xs",
+    "ltm_mobilevit_s": "mobilevit_s",
+    "ltm_efficientvit_b1": "efficientvit_b1",
+}
+
+
+def _inherited_cfg(name: str, base_name: str) -> Tuple[str, dict]:
+    """("<name>.<tag>", cfg) copied from the base model's default pretrained cfg: same preprocessing,
+    and its hub weights as the starting point (``pretrained=True`` loads the base weights, mask
+    parameters at init)."""
+    cfg = get_pretrained_cfg(base_name)
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("architecture", "tag")}
+    return f"{name}.{cfg.tag}", fields
+
+
+default_cfgs = generate_default_cfgs(dict(_inherited_cfg(name, base) for name, base in _BASE_MODELS.items()))
+
+
+def _create(model_cls, variant: str, pretrained: bool, base_filter_fn=None, **kwargs):
+    return build_model_with_cfg(
+        model_cls, variant, pretrained, pretrained_filter_fn=_ltm_filter_fn(base_filter_fn), **kwargs)
+
+
+@register_model
+def ltm_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> LTMVisionTransformer:
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create(LTMVisionTransformer, "ltm_vit_small_patch16_224", pretrained, vit_filter_fn,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def ltm_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> LTMVisionTransformer:
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create(LTMVisionTransformer, "ltm_vit_base_patch16_224", pretrained, vit_filter_fn,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def ltm_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> LTMSwinTransformer:
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+    return _create(LTMSwinTransformer, "ltm_swin_tiny_patch4_window7_224", pretrained, swin_filter_fn,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def ltm_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> LTMSwinTransformer:
+    model_args = dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+    return _create(LTMSwinTransformer, "ltm_swin_base_patch4_window7_224", pretrained, swin_filter_fn,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def ltm_mobilevit_xs(pretrained: bool = False, **kwargs) -> LTMByobNet:
+    model_args = dict(model_cfg=mobilevit_cfgs["mobilevit_xs"], feature_cfg=dict(flatten_sequential=True))
+    return _create(LTMByobNet, "ltm_mobilevit_xs", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ltm_mobilevit_s(pretrained: bool = False, **kwargs) -> LTMByobNet:
+    model_args = dict(model_cfg=mobilevit_cfgs["mobilevit_s"], feature_cfg=dict(flatten_sequential=True))
+    return _create(LTMByobNet, "ltm_mobilevit_s", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ltm_efficientvit_b1(pretrained: bool = False, **kwargs) -> LTMEfficientVit:
+    model_args = dict(widths=(16, 32, 64, 128, 256), depths=(1, 2, 3, 3, 4), head_dim=16, head_widths=(1536, 1600))
+    return _create(LTMEfficientVit, "ltm_efficientvit_b1", pretrained, **dict(model_args, **kwargs))
