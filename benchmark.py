@@ -1,0 +1,1041 @@
+"""Speed, FLOPs and memory benchmark for the project's models (after timm's benchmark.py).
+
+    python benchmark.py --model deit_small_patch16_224 deit_small_patch16_shrink_base \
+        --base_keep_rate 0.7 --fuse_token --precision amp --batch-size 256
+    python benchmark.py --model 'deit_*' --flops-only
+    python benchmark.py --compare deit_small_patch16_224 \
+        "deit_small_patch16_shrink_base --base_keep_rate 0.7 --fuse_token"
+
+Methodology: the model is built (random weights, nothing downloaded), its forward MACs
+are counted once (`flops.py`, counter named in every record), then `--warmup`
+untimed iterations are followed by `--rounds` timed rounds of `--iters-per-round`
+iterations. The device is synchronised at the end of warm-up and of each round only
+(never per step, and only on CUDA/MPS). Throughput is reported as the median over rounds
+with its inter-quartile range and min/max. An out-of-memory error halves the batch
+and retries; the failed sizes are recorded. `--compare A B` interleaves rounds of the
+two models, alternating which goes first (A B, B A, A B, ...), so that machine noise and
+drift hit both alike, and reports the ratio of their median throughputs with the spread
+of the per-round ratios (paired rounds).
+
+Precision: `fp32` runs without autocast; `bf16` / `fp16` run the fp32 model under
+`torch.autocast` with that dtype; `amp` is autocast with float16 on CUDA and bfloat16
+on other devices. Training steps use SGD and, for float16 on CUDA, a GradScaler.
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the timed rounds (stats
+reset after warm-up; includes the weights). Elsewhere the process's peak resident set
+size (VmHWM) over the timed rounds: it is reset after warm-up through
+`/proc/self/clear_refs` (Linux >= 4.0); where that is not possible, the lifetime peak
+from `resource.getrusage` is reported and `peak_mem_kind` says so. `peak_mem_delta_mb`
+is the peak minus what was resident/allocated just before the timed rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import csv
+import dataclasses
+import datetime
+import difflib
+import fnmatch
+import gc
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flops
+import models  # noqa: F401  (registers the project's model families)
+from utils.errors import UserError
+
+_logger = logging.getLogger("benchmark")
+
+PRECISIONS = ("fp32", "bf16", "fp16", "amp")
+MODES = ("infer", "train", "both")
+RECORD_VERSION = 1
+METHOD_DESTS = ("base_keep_rate", "drop_loc", "fuse_token", "prune_layer", "done_layer",
+                "compression_ratio", "tome_r", "tome_start_idx", "no_tome_prop_attn")
+# Method flags that patch the built model instead of becoming constructor kwargs.
+PATCH_DESTS = ("tome_r", "tome_start_idx", "no_tome_prop_attn")
+CSV_FIELDS = (
+    "timestamp", "kind", "label", "model", "mode", "batch_size_requested", "batch_size",
+    "oom_backoff", "img_size", "precision", "channels_last", "compile", "device", "device_name",
+    "torch_threads", "fused_attn", "params", "gmacs", "flops_counter", "gmacs_fvcore",
+    "gmacs_torchprofile", "counters_disagree", "throughput_median", "throughput_q1",
+    "throughput_q3", "throughput_min", "throughput_max", "latency_ms_median", "peak_mem_mb",
+    "peak_mem_kind", "achieved_gflops", "pct_of_peak", "ratio", "error",
+)
+
+
+# ---------------------------------------------------------------- argument parsing
+
+def _literal(kind: type, name: str):
+    """argparse type: a Python literal (`[0,2,4]`, `(3, 6, 9)`, `3`) turned into `kind` of ints."""
+
+    def parse(text: str):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{name} must be a Python literal such as [3, 6, 9], got {text!r}")
+        if isinstance(value, int):
+            value = (value,)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+            raise argparse.ArgumentTypeError(f"{name} must be a list of ints such as [3, 6, 9], got {text!r}")
+        return kind(value)
+
+    return parse
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Method flags with the names and types of main.py (INTERFACE.md); None = model default."""
+    group = parser.add_argument_group("method flags (constructor kwargs via the family's CLI_KWARGS)")
+    group.add_argument("--base_keep_rate", "--base-keep-rate", dest="base_keep_rate", type=float, default=None)
+    group.add_argument("--drop_loc", "--drop-loc", dest="drop_loc", type=_literal(tuple, "--drop_loc"), default=None)
+    group.add_argument("--fuse_token", "--fuse-token", dest="fuse_token", action="store_true", default=None)
+    group.add_argument("--prune_layer", "--prune-layer", dest="prune_layer", type=_literal(list, "--prune_layer"),
+                       default=None)
+    group.add_argument("--done_layer", "--done-layer", dest="done_layer", type=_literal(list, "--done_layer"),
+                       default=None)
+    group.add_argument("--compression-ratio", "--compression_ratio", dest="compression_ratio", type=float,
+                       default=None)
+    group.add_argument("--tome-r", "--tome_r", dest="tome_r", type=int, default=None,
+                       help="patch the built model with ToMe, merging r tokens per block")
+    group.add_argument("--tome-start-idx", "--tome_start_idx", dest="tome_start_idx", type=int, default=None)
+    group.add_argument("--no-tome-prop-attn", dest="no_tome_prop_attn", action="store_true", default=None,
+                       help="ToMe without proportional attention")
+    return parser
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a one-line UserError (exit status 2 from main)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        description="Throughput, latency, peak memory and GMACs of registered models.")
+    which = parser.add_argument_group("models")
+    which.add_argument("--model", "-m", nargs="+", default=[], metavar="NAME",
+                       help="model names or glob patterns matched against timm.list_models()")
+    which.add_argument("--models-file", default=None, metavar="FILE",
+                       help="one model spec per line: NAME [method flags]; # starts a comment")
+    which.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
+                       help='two specs measured alternately, e.g. "NAME --base_keep_rate 0.7"; '
+                            "reports throughput(B) / throughput(A)")
+    which.add_argument("--compare-baseline", default=None, metavar="SPEC",
+                       help="compare every --model against this spec, alternately")
+    which.add_argument("--num-classes", type=int, default=1000)
+
+    setting = parser.add_argument_group("settings")
+    setting.add_argument("--batch-size", "-b", type=int, default=None,
+                         help="default 256 on CUDA, 16 elsewhere; halved on out-of-memory")
+    setting.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg")
+    setting.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    setting.add_argument("--channels-last", action="store_true")
+    setting.add_argument("--compile", action="store_true", help="torch.compile the model")
+    setting.add_argument("--compile-mode", default=None,
+                         choices=("default", "reduce-overhead", "max-autotune"))
+    setting.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    setting.add_argument("--mode", choices=MODES, default="infer")
+    setting.add_argument("--warmup", type=int, default=10, help="untimed iterations per model")
+    setting.add_argument("--rounds", type=int, default=7, help="timed rounds (median and spread over them)")
+    setting.add_argument("--iters-per-round", type=int, default=10)
+    setting.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    setting.add_argument("--no-backoff", action="store_true", help="fail instead of halving the batch on OOM")
+
+    counting = parser.add_argument_group("counting")
+    counting.add_argument("--counter", choices=flops.COUNTERS, default="both",
+                          help="FLOP counter; 'both' reports fvcore (primary) and torchprofile")
+    counting.add_argument("--flops-only", "--no-speed", dest="flops_only", action="store_true",
+                          help="count parameters, GMACs and tokens per block; no timing")
+    counting.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    counting.add_argument("--peak", action="store_true",
+                          help="measure the fp32 matmul peak and report achieved GFLOP/s against it")
+    counting.add_argument("--peak-size", type=int, default=None, help="matmul size (default 4096 CUDA, 2048 CPU)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", default=None, metavar="FILE.jsonl", help="append one JSON record per run")
+    output.add_argument("--csv", default=None, metavar="FILE.csv", help="append one CSV row per run")
+    output.add_argument("--plot", default=None, metavar="FILE.png", help="throughput against GMACs")
+    output.add_argument("--log-level", default="INFO")
+    add_method_args(parser)
+    return parser
+
+
+# ---------------------------------------------------------------- model specs
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered model name and the method flags for it (argparse dest -> value)."""
+
+    name: str
+    method: dict
+    explicit: tuple = ()  # flags written in this spec itself (not inherited)
+
+    @property
+    def label(self) -> str:
+        """The name and the flags that reach this model (flags its family ignores are left out)."""
+        try:
+            accepted = set(family_cli_kwargs(self.name)) | set(PATCH_DESTS)
+        except (RuntimeError, KeyError, ImportError):  # a name not in the registry (tests, fakes)
+            accepted = set(self.method)
+        given = [f"{k}={v}" for k, v in self.method.items() if v is not None and k in accepted]
+        return " ".join([self.name] + given)
+
+
+def _method_parser() -> argparse.ArgumentParser:
+    return add_method_args(argparse.ArgumentParser(prog="model spec", add_help=False, exit_on_error=False))
+
+
+def _method_defaults(args: argparse.Namespace) -> dict:
+    return {dest: getattr(args, dest, None) for dest in METHOD_DESTS}
+
+
+def parse_spec(text: str, defaults: dict | None = None) -> list[ModelSpec]:
+    """`"NAME [method flags]"` -> specs (several when NAME is a glob); flags override `defaults`."""
+    tokens = shlex.split(text)
+    if not tokens or tokens[0].startswith("-"):
+        raise UserError(f"model spec {text!r} must start with a model name, e.g. \"deit_small_patch16_224 --tome-r 13\"")
+    base = argparse.Namespace(**(defaults or {dest: None for dest in METHOD_DESTS}))
+    given = argparse.Namespace()
+    try:
+        _, unknown = _method_parser().parse_known_args(tokens[1:], namespace=given)
+    except argparse.ArgumentError as error:
+        raise UserError(f"model spec {text!r}: {error}") from None
+    if unknown:
+        raise UserError(f"model spec {text!r}: unknown flag(s) {' '.join(unknown)}; "
+                        f"allowed: {', '.join('--' + d for d in METHOD_DESTS)}")
+    explicit = tuple(d for d in METHOD_DESTS if getattr(given, d, None) is not None)
+    method = {d: getattr(given, d) if d in explicit else getattr(base, d, None) for d in METHOD_DESTS}
+    return [ModelSpec(name, method, explicit) for name in expand_model_names([tokens[0]])]
+
+
+def expand_model_names(patterns: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
+    """Names and glob patterns -> registered names (order kept, duplicates dropped).
+
+    An unknown plain name raises UserError listing close matches.
+    """
+    available = list(timm.list_models()) if available is None else list(available)
+    known = set(available)
+    names: list[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matches = fnmatch.filter(available, pattern)
+            if not matches:
+                raise UserError(f"no registered model matches {pattern!r}; list names with timm.list_models('*part*')")
+        elif pattern in known:
+            matches = [pattern]
+        else:
+            close = difflib.get_close_matches(pattern, available, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "list names with timm.list_models('*part*')"
+            raise UserError(f"unknown model {pattern!r}; {hint}")
+        names.extend(m for m in matches if m not in names)
+    return names
+
+
+def read_models_file(path: str, defaults: dict) -> list[ModelSpec]:
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise UserError(f"cannot read --models-file {path}: {error.strerror}") from None
+    specs = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            specs.extend(parse_spec(line, defaults))
+    if not specs:
+        raise UserError(f"--models-file {path} names no model; write one NAME [flags] per line")
+    return specs
+
+
+def family_cli_kwargs(name: str) -> tuple:
+    """The CLI_KWARGS of the module that registered `name` (empty for timm's own models)."""
+    module = importlib.import_module(timm.models.model_entrypoint(name).__module__)
+    return tuple(getattr(module, "CLI_KWARGS", ()))
+
+
+def split_method_args(spec: ModelSpec) -> tuple[dict, list[str]]:
+    """(constructor kwargs for this model, given flags that this model's family does not take)."""
+    accepted = family_cli_kwargs(spec.name)
+    kwargs = {k: v for k, v in spec.method.items() if k in accepted and v is not None}
+    unused = [k for k, v in spec.method.items()
+              if v is not None and k not in accepted and k not in PATCH_DESTS]
+    return kwargs, unused
+
+
+def check_method_flags(specs: Sequence[ModelSpec]) -> None:
+    """Flags written for one model must apply to it; shared flags must apply to some model."""
+    for spec in specs:
+        tome_options = spec.method.get("tome_start_idx") is not None or spec.method.get("no_tome_prop_attn")
+        if tome_options and spec.method.get("tome_r") is None:
+            raise UserError(f"{spec.name}: --tome-start-idx / --no-tome-prop-attn need --tome-r R")
+    unused_by = [split_method_args(spec)[1] for spec in specs]
+    for spec, unused in zip(specs, unused_by):
+        wrong = [k for k in unused if k in spec.explicit]
+        if wrong:
+            raise UserError(f"{spec.name} does not take --{wrong[0]} (its family's CLI_KWARGS: "
+                            f"{', '.join(family_cli_kwargs(spec.name)) or 'none'}); remove the flag")
+    shared = {k for spec, unused in zip(specs, unused_by) for k in unused if k not in spec.explicit}
+    for flag in sorted(shared):
+        if all(flag in unused for unused in unused_by):
+            raise UserError(f"--{flag} applies to none of the selected models; remove it or pick a model that takes it")
+        skipped = [spec.name for spec, unused in zip(specs, unused_by) if flag in unused]
+        _logger.warning("--%s ignored for %s (not a kwarg of their family)", flag, ", ".join(skipped))
+
+
+def build_model(spec: ModelSpec, num_classes: int = 1000, img_size: int | None = None) -> tuple[nn.Module, dict]:
+    """Create `spec`'s model (random weights) and apply post-hoc patches; returns (model, kwargs used)."""
+    kwargs, _ = split_method_args(spec)
+    create_kwargs = dict(kwargs, num_classes=num_classes)
+    try:
+        if img_size is not None:
+            try:
+                model = timm.create_model(spec.name, pretrained=False, img_size=img_size, **create_kwargs)
+            except TypeError as error:  # models without an img_size kwarg take any input size
+                if "img_size" not in str(error):
+                    raise
+                model = timm.create_model(spec.name, pretrained=False, **create_kwargs)
+        else:
+            model = timm.create_model(spec.name, pretrained=False, **create_kwargs)
+    except UserError:
+        raise
+    except ValueError as error:  # constructors report bad kwargs as one-line ValueErrors
+        raise UserError(f"{spec.name}: {error}") from None
+    if spec.method.get("tome_r") is not None:
+        patch = getattr(importlib.import_module("models.tome"), "patch", None)
+        if patch is None:
+            raise UserError("--tome-r needs models.tome.patch, which is not available yet")
+        patch_kwargs = {"r": spec.method["tome_r"]}
+        if spec.method.get("tome_start_idx") is not None:
+            patch_kwargs["start_idx"] = spec.method["tome_start_idx"]
+        if spec.method.get("no_tome_prop_attn"):
+            patch_kwargs["prop_attn"] = False
+        try:
+            patch(model, **patch_kwargs)
+        except ValueError as error:
+            raise UserError(f"{spec.name} --tome-r: {error}") from None
+        kwargs.update({"tome_" + k: v for k, v in patch_kwargs.items()})
+    return model, kwargs
+
+
+def model_img_size(model: nn.Module, img_size: int | None) -> tuple[int, int]:
+    if img_size is not None:
+        return (img_size, img_size)
+    config = timm.data.resolve_model_data_config(model)
+    return tuple(config["input_size"][1:])
+
+
+# ---------------------------------------------------------------- measurement
+
+def summarize(values: Sequence[float]) -> dict:
+    """Median, quartiles (inclusive method), IQR, min, max, mean and count."""
+    values = sorted(values)
+    if len(values) >= 2:
+        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = median = q3 = values[0]
+    return {"median": median, "q1": q1, "q3": q3, "iqr": q3 - q1, "min": values[0],
+            "max": values[-1], "mean": statistics.fmean(values), "n": len(values)}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels; CPU ops are synchronous already. Called per round, never per step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "amp":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _input(model: nn.Module, batch_size: int, img_size, device, channels_last: bool) -> torch.Tensor:
+    height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    in_chans = getattr(model, "in_chans", None) or 3
+    x = torch.randn(batch_size, in_chans, height, width, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _logits(output: Any) -> torch.Tensor:
+    if isinstance(output, dict):
+        return output["logits"]
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The model's `num_classes`, else the width of its logits on `x`."""
+    base = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if getattr(base, "num_classes", 0):
+        return int(base.num_classes)
+    with torch.no_grad():
+        return int(_logits(base(x[:1])).shape[-1])
+
+
+def training_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on every logits tensor of a training output (Tensor, tuple or dict)."""
+    if isinstance(output, dict):
+        loss = training_loss(output["logits"], target)
+        return loss + output["aux_loss"] if "aux_loss" in output else loss
+    if isinstance(output, (tuple, list)):
+        return sum(F.cross_entropy(o.float(), target) for o in output)
+    return F.cross_entropy(output.float(), target)
+
+
+def make_step(model: nn.Module, mode: str, batch_size: int, img_size, device: torch.device,
+              precision: str = "fp32", channels_last: bool = False) -> Callable[[], None]:
+    """One benchmark iteration: a no-grad forward ('infer') or forward+backward+SGD step ('train')."""
+    dtype = autocast_dtype(precision, device)
+    x = _input(model, batch_size, img_size, device, channels_last)
+    if mode == "infer":
+        model.eval()
+
+        def infer_step():
+            with torch.no_grad(), _autocast(device, dtype):
+                model(x)
+
+        return infer_step
+    if mode != "train":
+        raise ValueError(f"unknown mode {mode!r}")
+    model.eval()
+    target = torch.randint(0, _num_classes(model, x), (batch_size,), device=device)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
+
+    def train_step():
+        with _autocast(device, dtype):
+            loss = training_loss(model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    return train_step
+
+
+def _read_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory over a region: CUDA allocator on GPU, process peak RSS elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = None
+        self.baseline_mb = None
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            self.kind = "cuda_max_memory_allocated"
+            return
+        gc.collect()
+        self.baseline_mb = (_read_status_kib("VmRSS") or 0) / 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # resets VmHWM to the current RSS
+            self.kind = "process_peak_rss_reset"
+        except OSError:
+            self.kind = "process_peak_rss_lifetime"
+
+    def read(self) -> dict:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.kind == "process_peak_rss_reset" and _read_status_kib("VmHWM") is not None:
+            peak = _read_status_kib("VmHWM") / 1024
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return {"peak_mem_mb": peak, "peak_mem_delta_mb": max(0.0, peak - (self.baseline_mb or 0.0)),
+                "peak_mem_kind": self.kind}
+
+
+def measure_models(models_: Sequence[nn.Module], mode: str, batch_size: int, img_size, device,
+                   precision: str = "fp32", channels_last: bool = False, warmup: int = 10,
+                   rounds: int = 7, iters_per_round: int = 10) -> list[dict]:
+    """Time several models with interleaved rounds (A B, B A, A B, ...); one result per model.
+
+    Peak memory is only reported for a single model (interleaving mixes the peaks).
+    """
+    device = torch.device(device)
+    if warmup < 0 or rounds < 1 or iters_per_round < 1:
+        raise UserError("--warmup must be >= 0 and --rounds, --iters-per-round >= 1")
+    for model in models_:
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+    steps = [make_step(m, mode, batch_size, img_size, device, precision, channels_last) for m in models_]
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    memory = PeakMemory(device) if len(models_) == 1 else None
+    if memory is not None:
+        memory.reset()
+    round_times: list[list[float]] = [[] for _ in steps]
+    for round_index in range(rounds):
+        # rotate who goes first (A B, B A, A B, ...): cancels drift and any first-in-pair advantage
+        shift = round_index % len(steps)
+        for index in list(range(len(steps)))[shift:] + list(range(len(steps)))[:shift]:
+            start = time.perf_counter()
+            for _ in range(iters_per_round):
+                steps[index]()
+            synchronize(device)
+            round_times[index].append(time.perf_counter() - start)
+    memory_info = memory.read() if memory is not None else {}
+    images = batch_size * iters_per_round
+    results = []
+    for times in round_times:
+        throughput = summarize([images / t for t in times])
+        latency = summarize([1000.0 * t / iters_per_round for t in times])
+        results.append({
+            "mode": mode, "batch_size": batch_size, "precision": precision,
+            "autocast_dtype": dtype_name(autocast_dtype(precision, device)),
+            "channels_last": channels_last, "warmup": warmup, "rounds": rounds,
+            "iters_per_round": iters_per_round, "throughput": throughput, "latency_ms": latency,
+            "per_image_ms": 1000.0 / throughput["median"], "round_times_s": times, **memory_info,
+        })
+    return results
+
+
+def measure_inference(model: nn.Module, batch_size: int, img_size, device, precision: str = "fp32",
+                      warmup: int = 10, rounds: int = 7, iters_per_round: int = 10,
+                      channels_last: bool = False) -> dict:
+    """Inference throughput (images/s, median and spread over rounds), latency and peak memory."""
+    return measure_models([model], "infer", batch_size, img_size, device, precision, channels_last,
+                          warmup, rounds, iters_per_round)[0]
+
+
+def measure_train_step(model: nn.Module, batch_size: int, img_size, device, precision: str = "fp32",
+                       warmup: int = 10, rounds: int = 7, iters_per_round: int = 10,
+                       channels_last: bool = False) -> dict:
+    """Training-step throughput (forward, backward, SGD step) like `measure_inference`."""
+    return measure_models([model], "train", batch_size, img_size, device, precision, channels_last,
+                          warmup, rounds, iters_per_round)[0]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_with_backoff(measure: Callable[[int], Any], batch_size: int, enabled: bool = True) -> tuple[Any, int, list[int]]:
+    """Call `measure(batch)`, halving the batch on out-of-memory; (result, batch used, failed sizes).
+
+    Re-raises the out-of-memory error when batch 1 fails too (or when disabled).
+    """
+    failed: list[int] = []
+    batch = batch_size
+    while True:
+        try:
+            return measure(batch), batch, failed
+        except Exception as error:
+            if not is_out_of_memory(error) or not enabled or batch == 1:
+                raise
+            _logger.warning("out of memory at batch %d; retrying with %d", batch, batch // 2)
+            failed.append(batch)
+        # outside the handler, so the traceback's frames (and their tensors) are gone
+        _release_memory()
+        batch //= 2
+
+
+def measure_peak_gflops(device, size: int | None = None, repeats: int = 5) -> dict:
+    """fp32 matmul peak: best of `repeats` timings of square `size` matmuls (2 * n^3 flops each)."""
+    device = torch.device(device)
+    size = size or (4096 if device.type == "cuda" else 2048)
+    per_timing = 10 if device.type == "cuda" else 1
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.matmul(a, b)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(per_timing):
+            torch.matmul(a, b)
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / per_timing)
+    return {"peak_gflops": 2 * size**3 / best / 1e9, "peak_matmul_size": size, "peak_dtype": "float32",
+            "peak_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None}
+
+
+# ---------------------------------------------------------------- records and output
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment_info(device) -> dict:
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "fused_attn": bool(timm.layers.use_fused_attn()),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if cuda else None,
+        "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "fvcore": _version("fvcore"), "torchprofile": _version("torchprofile"),
+            "numpy": _version("numpy"), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        },
+        "platform": platform.platform(), "hostname": platform.node(), "git_commit": _git_commit(),
+    }
+
+
+def make_record(kind: str, spec: ModelSpec, model_kwargs: dict, settings: dict, env: dict,
+                flop_info: dict | None, tokens: list[int] | None, result: dict | None,
+                peak: dict | None = None, **extra) -> dict:
+    """One JSON-serialisable record: every setting, environment, counter and measurement."""
+    flop_info = flop_info or {}
+    result = result or {}
+    gmacs = flop_info.get("gmacs")
+    throughput = (result.get("throughput") or {}).get("median")
+    record = {
+        "record_version": RECORD_VERSION,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kind": kind, "label": spec.label, "model": spec.name, "method_flags": spec.method,
+        "model_kwargs": model_kwargs, **settings, **env,
+        "params": flop_info.get("params"),
+        "gmacs": gmacs, "gflops": flop_info.get("gflops"), "flops_counter": flop_info.get("counter"),
+        "flops_unit": "GMACs (one fused multiply-add = 1; gflops = 2 * gmacs)",
+        "gmacs_fvcore": flop_info.get("gmacs_fvcore"), "gmacs_torchprofile": flop_info.get("gmacs_torchprofile"),
+        "counters_rel_diff": flop_info.get("counters_rel_diff"),
+        "counters_disagree": flop_info.get("counters_disagree"),
+        "skipped_ops": {k[len("skipped_ops_"):]: v for k, v in flop_info.items() if k.startswith("skipped_ops_")},
+        "counter_errors": {k[len("error_"):]: v for k, v in flop_info.items() if k.startswith("error_")},
+        "tokens_per_block": tokens,
+        **result,
+        "peak_gflops": None, "achieved_gflops": None, "pct_of_peak": None,
+        "argv": sys.argv[1:],
+        **extra,
+    }
+    if peak:
+        record.update(peak)
+        if gmacs is not None and throughput is not None and result.get("mode") == "infer":
+            record["achieved_gflops"] = 2 * gmacs * throughput
+            record["pct_of_peak"] = 100.0 * record["achieved_gflops"] / peak["peak_gflops"]
+    record.setdefault("error", None)
+    return record
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+
+
+def csv_row(record: dict) -> dict:
+    row = {field: record.get(field) for field in CSV_FIELDS}
+    for stat in ("median", "q1", "q3", "min", "max"):
+        row[f"throughput_{stat}"] = (record.get("throughput") or {}).get(stat)
+    row["latency_ms_median"] = (record.get("latency_ms") or {}).get("median")
+    row["ratio"] = (record.get("ratio") or {}).get("of_medians") if isinstance(record.get("ratio"), dict) else None
+    return row
+
+
+def append_csv(path: str, record: dict) -> None:
+    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        if new_file:
+            writer.writeheader()
+        writer.writerow(csv_row(record))
+
+
+def plot_throughput_vs_gmacs(records: Sequence[dict], path: str) -> int:
+    """Scatter of median throughput against GMACs, one labelled point per measured run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in records if r.get("gmacs") is not None and (r.get("throughput") or {}).get("median")]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in points:
+        marker = "o" if r.get("mode") == "infer" else "s"
+        tp = r["throughput"]
+        ax.errorbar(r["gmacs"], tp["median"], yerr=[[tp["median"] - tp["q1"]], [tp["q3"] - tp["median"]]],
+                    fmt=marker, capsize=3)
+        ax.annotate(f"{r['label']} ({r['mode']})", (r["gmacs"], tp["median"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    if points:
+        first = points[0]
+        ax.set_title(f"{first.get('device_name')} | {first.get('precision')} | batch {first.get('batch_size')}",
+                     fontsize=9)
+    ax.set_xlabel(f"GMACs per image ({points[0]['flops_counter'] if points else 'counter'})")
+    ax.set_ylabel("throughput (images/s, median; bars: IQR)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return len(points)
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _params_m(record: dict) -> str:
+    return _fmt(record["params"] / 1e6 if record.get("params") is not None else None, ".2f")
+
+
+def format_table(records: Sequence[dict]) -> str:
+    """A fixed-width console table, one row per record (a FLOPs table when nothing was timed)."""
+    if all(r.get("kind") == "flops" for r in records):
+        header = ("model", "params M", "GMACs fvcore", "GMACs torchprofile", "diff %", "tokens per block")
+        rows = [header] + [(
+            r["label"], _params_m(r), _fmt(r.get("gmacs_fvcore"), ".3f"), _fmt(r.get("gmacs_torchprofile"), ".3f"),
+            _fmt(100 * r["counters_rel_diff"] if r.get("counters_rel_diff") is not None else None, ".2f"),
+            ",".join(map(str, r.get("tokens_per_block") or [])) or "-",
+        ) for r in records]
+    else:
+        header = ("model", "mode", "batch", "prec", "img/s", "IQR", "ms/batch", "peak MB", "GMACs",
+                  "tp GMACs", "params M", "%peak")
+        rows = [header]
+        for r in records:
+            tp = r.get("throughput") or {}
+            rows.append((
+                r["label"], r.get("mode") or "-", _fmt(r.get("batch_size"), "d"), r.get("precision") or "-",
+                _fmt(tp.get("median"), ".1f"), _fmt(tp.get("iqr"), ".1f"),
+                _fmt((r.get("latency_ms") or {}).get("median"), ".2f"), _fmt(r.get("peak_mem_mb"), ".0f"),
+                _fmt(r.get("gmacs"), ".3f"), _fmt(r.get("gmacs_torchprofile"), ".3f"), _params_m(r),
+                _fmt(r.get("pct_of_peak"), ".1f"),
+            ))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = []
+    if any(r.get("counters_disagree") for r in records):
+        notes.append("fvcore and torchprofile disagree by > 2% for: "
+                     + ", ".join(r["label"] for r in records if r.get("counters_disagree")))
+    if any(r.get("oom_backoff") for r in records):
+        notes.append("batch halved after out-of-memory for: "
+                     + ", ".join(f"{r['label']} {r['oom_backoff']}" for r in records if r.get("oom_backoff")))
+    if any(r.get("error") for r in records):
+        notes.append("errors: " + "; ".join(f"{r['label']}: {r['error']}" for r in records if r.get("error")))
+    counter = next((r.get("flops_counter") for r in records if r.get("flops_counter")), None)
+    if counter:
+        also = "; torchprofile alongside" if any(r.get("gmacs_torchprofile") is not None for r in records) else ""
+        notes.append(f"GMACs: multiply-accumulates per image (forward, batch 1), counter {counter}{also}")
+    kinds = {r.get("peak_mem_kind") for r in records if r.get("peak_mem_kind")}
+    if kinds:
+        notes.append(f"peak MB: {', '.join(sorted(kinds))}")
+    return "\n".join(lines + notes)
+
+
+def format_compare(record: dict) -> str:
+    ratio = record["ratio"]
+    return (f"{record['label_b']}  vs  {record['label_a']}  [{record['mode']}, batch {record['batch_size']}]: "
+            f"throughput ratio B/A = {ratio['of_medians']:.3f} (per-round ratios: median {ratio['median']:.3f}, "
+            f"IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}, min-max {ratio['min']:.3f}-{ratio['max']:.3f}, "
+            f"{ratio['n']} interleaved rounds); A {record['a']['throughput']['median']:.1f} img/s, "
+            f"B {record['b']['throughput']['median']:.1f} img/s")
+
+
+# ---------------------------------------------------------------- runs
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _settings(args: argparse.Namespace, device: torch.device, img_size) -> dict:
+    return {
+        "img_size": list(img_size), "precision": args.precision,
+        "autocast_dtype": dtype_name(autocast_dtype(args.precision, device)),
+        "channels_last": args.channels_last, "compile": args.compile, "compile_mode": args.compile_mode,
+        "warmup": args.warmup, "rounds": args.rounds, "iters_per_round": args.iters_per_round,
+        "batch_size_requested": args.batch_size, "backoff_enabled": not args.no_backoff,
+        "num_classes": args.num_classes,
+    }
+
+
+def _modes(args) -> list[str]:
+    return ["infer", "train"] if args.mode == "both" else [args.mode]
+
+
+@dataclasses.dataclass
+class Prepared:
+    spec: ModelSpec
+    model: nn.Module
+    kwargs: dict
+    img_size: tuple
+    flop_info: dict | None
+    tokens: list | None
+
+
+def prepare(spec: ModelSpec, args, device: torch.device) -> Prepared:
+    """Build, count (on CPU in fp32, before compile), then move / convert / compile for timing."""
+    model, kwargs = build_model(spec, args.num_classes, args.img_size)
+    img_size = model_img_size(model, args.img_size)
+    flop_info = tokens = None
+    if not args.no_flops:
+        flop_info = flops.count_flops(model, img_size, counter=args.counter)
+        tokens = flops.tokens_per_block(model, img_size)
+        if flop_info.get("counters_disagree"):
+            _logger.warning("%s: fvcore %.4f vs torchprofile %.4f GMACs (%.1f%% apart)", spec.label,
+                            flop_info["gmacs_fvcore"], flop_info["gmacs_torchprofile"],
+                            100 * flop_info["counters_rel_diff"])
+    if not args.flops_only:
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if args.compile:
+            model = torch.compile(model, mode=args.compile_mode)
+    return Prepared(spec, model, kwargs, img_size, flop_info, tokens)
+
+
+def _emit(record: dict, args, records: list) -> None:
+    records.append(record)
+    if args.output:
+        append_jsonl(args.output, record)
+    if args.csv:
+        append_csv(args.csv, record)
+
+
+def _measure_kwargs(args, device, img_size) -> dict:
+    return dict(img_size=img_size, device=device, precision=args.precision, channels_last=args.channels_last,
+                warmup=args.warmup, rounds=args.rounds, iters_per_round=args.iters_per_round)
+
+
+def run_sweep(args, specs: Sequence[ModelSpec], device: torch.device, env: dict, peak: dict | None) -> list[dict]:
+    records: list[dict] = []
+    for spec in specs:
+        _logger.info("%s: building", spec.label)
+        prepared = prepare(spec, args, device)
+        settings = _settings(args, device, prepared.img_size)
+        if args.flops_only:
+            _emit(make_record("flops", spec, prepared.kwargs, settings, env, prepared.flop_info,
+                              prepared.tokens, {"mode": "flops"}), args, records)
+            continue
+        for mode in _modes(args):
+            _logger.info("%s: timing %s", spec.label, mode)
+            measure = lambda batch: measure_models([prepared.model], mode, batch,  # noqa: E731
+                                                   **_measure_kwargs(args, device, prepared.img_size))[0]
+            error = None
+            try:
+                result, used, failed = run_with_backoff(measure, args.batch_size, not args.no_backoff)
+            except Exception as exc:  # one model failing must not end a sweep; recorded and reported
+                if len(specs) == 1 and not is_out_of_memory(exc):
+                    raise
+                _logger.error("%s (%s) failed: %s", spec.label, mode, exc)
+                result, used, failed = {"mode": mode}, None, []
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            result.update(batch_size=used, oom_backoff=failed)
+            _emit(make_record("speed", spec, prepared.kwargs, settings, env, prepared.flop_info,
+                              prepared.tokens, result, peak, error=error), args, records)
+        del prepared
+        _release_memory()
+    return records
+
+
+def run_compare(args, spec_a: ModelSpec, spec_b: ModelSpec, device: torch.device, env: dict) -> list[dict]:
+    """Interleaved rounds of A and B; ratio = median throughput(B) / median throughput(A)."""
+    side_a, side_b = prepare(spec_a, args, device), prepare(spec_b, args, device)
+    if side_a.img_size != side_b.img_size:
+        raise UserError(f"--compare needs one input size, got {side_a.img_size} and {side_b.img_size}; pass --img-size")
+    settings = _settings(args, device, side_a.img_size)
+    records = []
+    for mode in _modes(args):
+        measure = lambda batch: measure_models([side_a.model, side_b.model], mode, batch,  # noqa: E731
+                                               **_measure_kwargs(args, device, side_a.img_size))
+        (res_a, res_b), used, failed = run_with_backoff(measure, args.batch_size, not args.no_backoff)
+        per_round = [ta / tb for ta, tb in zip(res_a["round_times_s"], res_b["round_times_s"])]
+        ratio = dict(summarize(per_round), of_medians=res_b["throughput"]["median"] / res_a["throughput"]["median"])
+        sides = {}
+        for key, side, res in (("a", side_a, res_a), ("b", side_b, res_b)):
+            sides[key] = {"label": side.spec.label, "model": side.spec.name, "model_kwargs": side.kwargs,
+                          "params": (side.flop_info or {}).get("params"), "gmacs": (side.flop_info or {}).get("gmacs"),
+                          "gmacs_torchprofile": (side.flop_info or {}).get("gmacs_torchprofile"),
+                          "tokens_per_block": side.tokens, "throughput": res["throughput"],
+                          "latency_ms": res["latency_ms"], "round_times_s": res["round_times_s"]}
+        record = make_record(
+            "compare", spec_b, side_b.kwargs, settings, env, side_b.flop_info, side_b.tokens,
+            {"mode": mode, "batch_size": used, "oom_backoff": failed, "throughput": res_b["throughput"],
+             "latency_ms": res_b["latency_ms"]},
+            label_a=spec_a.label, label_b=spec_b.label, a=sides["a"], b=sides["b"], ratio=ratio,
+            ratio_definition="throughput(B) / throughput(A); per-round ratios from interleaved rounds")
+        _emit(record, args, records)
+        print(format_compare(record), flush=True)
+    return records
+
+
+def collect_specs(args) -> list[ModelSpec]:
+    defaults = _method_defaults(args)
+    specs: list[ModelSpec] = []
+    for pattern in args.model:
+        specs.extend(ModelSpec(name, dict(defaults)) for name in expand_model_names([pattern]))
+    if args.models_file:
+        specs.extend(read_models_file(args.models_file, defaults))
+    return _unique(specs)
+
+
+def _unique(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
+    unique: list[ModelSpec] = []
+    for spec in specs:
+        if spec not in unique:  # specs hold dicts, so not hashable
+            unique.append(spec)
+    return unique
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as timm's benchmark; recorded in every record
+    if args.batch_size is None:
+        args.batch_size = 256 if device.type == "cuda" else 16
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if args.flops_only and args.no_flops:
+        raise UserError("--flops-only and --no-flops exclude each other; drop one")
+    defaults = _method_defaults(args)
+    if args.compare:
+        pairs = [(parse_spec(args.compare[0], defaults), parse_spec(args.compare[1], defaults))]
+        if args.model or args.models_file or args.compare_baseline:
+            raise UserError("--compare takes its two specs alone; drop --model / --models-file / --compare-baseline")
+    elif args.compare_baseline:
+        baseline = parse_spec(args.compare_baseline, defaults)
+        pairs = [(baseline, [spec]) for spec in collect_specs(args)]
+        if not pairs:
+            raise UserError("--compare-baseline needs --model or --models-file for the models to compare")
+    else:
+        pairs = None
+    if pairs is not None:
+        for side_a, side_b in pairs:
+            if len(side_a) != 1 or len(side_b) != 1:
+                raise UserError("each --compare side must name exactly one model (no glob matching several)")
+        check_method_flags(_unique([spec for pair in pairs for side in pair for spec in side]))
+        if args.flops_only:
+            raise UserError("--compare measures speed; drop --flops-only")
+        env = environment_info(device)
+        records = []
+        for side_a, side_b in pairs:
+            records.extend(run_compare(args, side_a[0], side_b[0], device, env))
+        return records
+
+    specs = collect_specs(args)
+    if not specs:
+        raise UserError("name at least one model: --model NAME [NAME ...], --models-file FILE or --compare A B")
+    check_method_flags(specs)
+    env = environment_info(device)
+    peak = None
+    if args.peak and not args.flops_only:
+        peak = measure_peak_gflops(device, args.peak_size)
+        _logger.info("fp32 matmul peak: %.1f GFLOP/s (n=%d)", peak["peak_gflops"], peak["peak_matmul_size"])
+    records = run_sweep(args, specs, device, env, peak)
+    print(format_table(records), flush=True)
+    if peak:
+        print(f"fp32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s (n={peak['peak_matmul_size']}); "
+              f"achieved = 2 * GMACs * images/s", flush=True)
+    if args.plot:
+        count = plot_throughput_vs_gmacs(records, args.plot)
+        _logger.info("wrote %s (%d points)", args.plot, count)
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+        logging.getLogger().setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
+        records = run(args)
+    except UserError as error:
+        _logger.error("%s", error)
+        return 2
+    return 1 if any(r.get("error") for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
