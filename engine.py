@@ -1,0 +1,243 @@
+"""One training epoch and one evaluation pass (DeiT's engine.py, extended).
+
+Additions over DeiT: gradient accumulation, per-method training hooks, dict outputs
+with an auxiliary loss, bf16 autocast on CPU, a non-finite-loss policy, cooperative
+stopping (Slurm preemption) with a mid-epoch checkpoint, periodic mid-epoch
+checkpoints, and an exact distributed evaluation (no padded duplicates).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.utils import accuracy
+
+from losses import main_logits
+from utils.distributed import all_reduce_sum, any_rank
+from utils.logger import MetricLogger, SmoothedValue
+
+_logger = logging.getLogger("train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf and the --skip-nonfinite budget is spent."""
+
+
+class TrainingInterrupted(Exception):
+    """A stop was requested (SIGTERM/SIGUSR1); a mid-epoch checkpoint has been written."""
+
+    def __init__(self, epoch: int, next_step: int, reason: str):
+        super().__init__(f"stopped by {reason} at epoch {epoch}, step {next_step}")
+        self.epoch, self.next_step, self.reason = epoch, next_step, reason
+
+
+@dataclass
+class RunState:
+    """Counters that survive across epochs and resumes (saved in checkpoints)."""
+    optimizer_steps: int = 0
+    nonfinite_skipped: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, int(value))
+
+
+def autocast(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA (paired with a GradScaler), bf16 elsewhere, or nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _split_outputs(outputs):
+    """(outputs for the criterion, auxiliary loss or None); the aux loss is removed from dicts."""
+    if isinstance(outputs, dict) and "aux_loss" in outputs:
+        outputs = dict(outputs)
+        return outputs, outputs.pop("aux_loss")
+    return outputs, None
+
+
+def _to_float(outputs):
+    """Model outputs in float32, so losses are not computed in bf16/fp16 under autocast."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: _to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_to_float(v) for v in outputs)
+    return outputs
+
+
+def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, parameters, need_update: bool) -> None:
+    if loss_scaler is not None:
+        loss_scaler(loss, optimizer, clip_grad=clip_grad, parameters=parameters, need_update=need_update)
+        return
+    loss.backward()
+    if need_update:
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        optimizer.step()
+
+
+def _log_skipped_files(epoch: int, skipped: list) -> None:
+    if skipped:
+        shown = ", ".join(skipped[:20])
+        _logger.warning(f"epoch {epoch}: {len(skipped)} training files could not be read and were replaced: "
+                        f"{shown}{' ...' if len(skipped) > 20 else ''}")
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, loss_scaler,
+                    clip_grad=None, model_ema=None, mixup_fn=None, hooks=None, args=None, *,
+                    model_without_ddp=None, lr_scheduler=None, run_state: RunState | None = None,
+                    start_step: int = 0, stop_request=None, save_mid_epoch=None,
+                    set_training_mode: bool = True) -> dict:
+    """Train for one epoch (or its remainder from batch `start_step`); return the meters' averages.
+
+    `save_mid_epoch(next_step)` writes a checkpoint that resumes at batch `next_step`
+    of this epoch; it is called every --save-every-iters optimizer steps and when
+    `stop_request` is set, after which TrainingInterrupted is raised.
+    """
+    model.train(set_training_mode)
+    unwrapped = model_without_ddp if model_without_ddp is not None else model
+    run_state = run_state if run_state is not None else RunState()
+    accum_iter = max(int(getattr(args, "accum_iter", 1)), 1)
+    use_amp = bool(getattr(args, "amp", False))
+    channels_last = bool(getattr(args, "channels_last", False))
+    total_batches = start_step + len(data_loader)
+    optimizer_steps_per_epoch = max(total_batches // accum_iter, 1)
+    print_freq = int(getattr(args, "print_freq", 10))
+    params = [p for p in unwrapped.parameters() if p.requires_grad]
+
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    skipped_files: list = []
+
+    optimizer.zero_grad(set_to_none=True)
+    batches = metric_logger.log_every(data_loader, print_freq, header, total=total_batches,
+                                      start_index=start_step, batch_size=getattr(args, "batch_size", None))
+    for i, batch in enumerate(batches, start=start_step):
+        skipped_files.extend(getattr(batch, "skipped", None) or [])
+        samples, targets = batch[0], batch[1]
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            samples = samples.contiguous(memory_format=torch.channels_last)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        first_of_step = i % accum_iter == 0
+        need_update = (i + 1) % accum_iter == 0 or i + 1 == total_batches
+        if hooks is not None and first_of_step:
+            opt_step = i // accum_iter
+            hooks.on_step_start(unwrapped, epoch, opt_step, optimizer_steps_per_epoch)
+            if model_ema is not None:
+                hooks.on_step_start(model_ema.module, epoch, opt_step, optimizer_steps_per_epoch)
+
+        sync_ctx = model.no_sync() if (not need_update and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast(device, use_amp):
+                outputs = _to_float(model(samples))
+                outputs, aux_loss = _split_outputs(outputs)
+                loss = criterion(samples, outputs, targets)
+                if aux_loss is not None:
+                    loss = loss + aux_loss
+            loss_value = loss.item()
+            if any_rank(not math.isfinite(loss_value), device):
+                _handle_nonfinite(loss_value, epoch, i, args, run_state)
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            _backward_and_step(loss / accum_iter, optimizer, loss_scaler, clip_grad, params, need_update)
+
+        if need_update:
+            optimizer.zero_grad(set_to_none=True)
+            run_state.optimizer_steps += 1
+            if model_ema is not None:
+                model_ema.update(unwrapped)
+            if lr_scheduler is not None and getattr(args, "sched_step", "epoch") == "iter":
+                lr_scheduler.step_update(num_updates=epoch * optimizer_steps_per_epoch + i // accum_iter + 1)
+
+        metric_logger.update(loss=loss_value)
+        if aux_loss is not None:
+            metric_logger.update(aux_loss=float(aux_loss.detach().float().item()))
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+
+        if need_update:
+            preempt_at = int(getattr(args, "preempt_at_step", 0) or 0)
+            if stop_request is not None and preempt_at and run_state.optimizer_steps == preempt_at:
+                stop_request.request("--preempt-at-step")
+            if i + 1 < total_batches:  # after the last step the epoch checkpoint follows instead
+                _maybe_stop_or_save(args, run_state, stop_request, save_mid_epoch, epoch, i + 1, device)
+
+    _log_skipped_files(epoch, skipped_files)
+    metric_logger.synchronize_between_processes()
+    _logger.info(f"Averaged stats: {metric_logger}")
+    return metric_logger.global_averages()
+
+
+def _handle_nonfinite(loss_value: float, epoch: int, step: int, args, run_state: RunState) -> None:
+    budget = int(getattr(args, "skip_nonfinite", 0) or 0)
+    if run_state.nonfinite_skipped < budget:
+        run_state.nonfinite_skipped += 1
+        _logger.warning(f"non-finite loss ({loss_value}) at epoch {epoch}, step {step}: step skipped "
+                        f"({run_state.nonfinite_skipped}/{budget} allowed by --skip-nonfinite)")
+        return
+    raise NonFiniteLossError(
+        f"loss is {loss_value} at epoch {epoch}, step {step}: training stopped and the last checkpoint "
+        f"is left untouched; lower --lr, set --clip-grad, or allow skips with --skip-nonfinite K")
+
+
+def _maybe_stop_or_save(args, run_state: RunState, stop_request, save_mid_epoch, epoch: int,
+                        next_step: int, device) -> None:
+    stop = any_rank(stop_request is not None and stop_request.is_set(), device)
+    every = int(getattr(args, "save_every_iters", 0) or 0)
+    if save_mid_epoch is not None and (stop or (every and run_state.optimizer_steps % every == 0)):
+        save_mid_epoch(next_step)
+    if stop:
+        raise TrainingInterrupted(epoch, next_step, getattr(stop_request, "signal_name", None) or "a stop request")
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device, args=None, header: str = "Test:", summary_prefix: str = "*") -> dict:
+    """Top-1/top-5 accuracy and CE loss, summed exactly over ranks (each sample counted once)."""
+    model.eval()
+    use_amp = bool(getattr(args, "amp", False))
+    channels_last = bool(getattr(args, "channels_last", False))
+    metric_logger = MetricLogger(delimiter="  ", logger=logging.getLogger("eval"))
+    # loss sum, correct@1, correct@5, samples
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for batch in metric_logger.log_every(data_loader, int(getattr(args, "print_freq", 10)), header):
+        images = batch[0].to(device, non_blocking=True)
+        target = batch[1].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, use_amp):
+            output = main_logits(model(images))
+        output = output.float()
+        loss = F.cross_entropy(output, target, reduction="sum")
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        n = images.shape[0]
+        # timm's accuracy is a percentage of the batch: back to exact counts
+        totals += torch.tensor([loss.item(), round(acc1.item() * n / 100.0), round(acc5.item() * n / 100.0), n],
+                               dtype=torch.float64, device=device)
+        metric_logger.update(n=n, acc1=acc1.item(), acc5=acc5.item())
+    if getattr(args, "dist_eval", False):  # sharded: each rank saw a disjoint part
+        all_reduce_sum(totals)
+    count = max(totals[3].item(), 1.0)
+    stats = {
+        "loss": totals[0].item() / count,
+        "acc1": 100.0 * totals[1].item() / count,
+        "acc5": 100.0 * totals[2].item() / count,
+    }
+    logging.getLogger("eval").info(
+        f"{summary_prefix} Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({int(count)} images)")
+    return stats

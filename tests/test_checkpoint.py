@@ -1,0 +1,279 @@
+"""Checkpoint safety and reliability, and DeiT's --finetune rules (recipe checks 11.8, 11.9)."""
+import argparse
+import os
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import main
+from utils.checkpoint import (capture_rng_state, extract_state_dict, keep_epoch_copy, load_checkpoint_file,
+                              load_model_weights, restore_rng_state, save_checkpoint)
+from utils.errors import UserError
+
+TINY = dict(depth=1, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
+
+
+def tiny_deit(name="deit_tiny_patch16_224", num_classes=10, **kw):
+    return timm.create_model(name, num_classes=num_classes, **{**TINY, **kw})
+
+
+class _Evil:
+    """Pickles to a call of os.system: loading it must never run that call."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil(marker)}, path)
+    with pytest.raises(UserError) as info:
+        load_checkpoint_file(str(path))
+    message = str(info.value)
+    assert "refusing to load" in message and "contains Python code" in message and "system" in message
+    assert "\n" not in message
+    assert not marker.exists()
+
+
+def test_official_checkpoint_with_namespace_args_loads(tmp_path):
+    model = tiny_deit()
+    path = tmp_path / "official.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 299,
+                "args": argparse.Namespace(model="deit_tiny_patch16_224", lr=5e-4, drop_loc=(3, 6, 9))}, path)
+    ckpt = load_checkpoint_file(str(path))
+    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].drop_loc == (3, 6, 9)
+    other = tiny_deit()
+    load_model_weights(other, extract_state_dict(ckpt))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k])
+
+
+def test_missing_and_truncated_files_give_one_line(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint_file(str(tmp_path / "nope.pth"))
+    path = tmp_path / "ok.pth"
+    save_checkpoint({"model": {"w": torch.ones(100)}}, str(path))
+    truncated = tmp_path / "trunc.pth"
+    truncated.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(UserError, match="truncated") as info:
+        load_checkpoint_file(str(truncated))
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="URL"):
+        load_checkpoint_file("https://example.com/x.pth")
+
+
+def test_save_is_atomic_and_failure_keeps_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    save_checkpoint({"epoch": 1, "args": argparse.Namespace(a=1, t=(1, 2))}, path)
+    loaded = torch.load(path, weights_only=True)  # plain values only: args became a dict
+    assert loaded["epoch"] == 1 and loaded["args"] == {"a": 1, "t": (1, 2)}
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temp file left behind
+
+
+def test_write_checkpoint_logs_instead_of_raising(tmp_path, monkeypatch, caplog):
+    path = str(tmp_path / "checkpoint.pth")
+    save_checkpoint({"epoch": 1}, path)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert main.write_checkpoint({"epoch": 2}, path) is False
+    assert "could not write checkpoint" in caplog.text and "No space left" in caplog.text
+    monkeypatch.undo()
+    assert load_checkpoint_file(path)["epoch"] == 1
+
+
+def test_keep_epoch_copy_prunes_history(tmp_path):
+    path = str(tmp_path / "checkpoint.pth")
+    for epoch in range(5):
+        save_checkpoint({"epoch": epoch}, path)
+        keep_epoch_copy(path, epoch, keep=2)
+    names = sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-"))
+    assert names == ["checkpoint-0003.pth", "checkpoint-0004.pth"]
+    assert load_checkpoint_file(str(tmp_path / "checkpoint-0003.pth"))["epoch"] == 3
+    assert load_checkpoint_file(path)["epoch"] == 4
+
+
+def test_extract_state_dict_variants():
+    sd = {"a.weight": torch.zeros(2)}
+    for wrapped in ({"model": sd}, {"net": sd}, {"state_dict": sd}, sd, {"model": {"module.a.weight": torch.zeros(2)}}):
+        assert list(extract_state_dict(wrapped)) == ["a.weight"]
+    with pytest.raises(UserError):
+        extract_state_dict({"epoch": 3})
+
+
+def test_strict_mismatch_names_keys_and_suggests_model():
+    small = timm.create_model("deit_tiny_patch16_224", num_classes=10)
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10)
+    with pytest.raises(UserError) as info:
+        load_model_weights(small, distilled.state_dict(), model_name="deit_tiny_patch16_224")
+    message = str(info.value)
+    assert "unexpected" in message and "dist_token" in message and "pos_embed" in message
+    assert "deit_tiny_distilled_patch16_224" in message  # the registered model that fits
+    assert "\n" not in message
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    state = capture_rng_state()
+    path = str(tmp_path / "rng.pth")
+    save_checkpoint({"rng": state}, path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(load_checkpoint_file(path)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+# --------------------------------------------------------------------------- --finetune (check 11.8)
+
+def _save(tmp_path, state, name="ft.pth", key="model"):
+    path = tmp_path / name
+    torch.save({key: state} if key else state, path)
+    return str(path)
+
+
+def test_finetune_drops_only_mismatched_head(tmp_path):
+    source = tiny_deit(num_classes=1000)
+    target = tiny_deit(num_classes=10)
+    before_head = target.head.weight.detach().clone()
+    missing, unexpected = main.load_finetune_weights(target, _save(tmp_path, source.state_dict()))
+    assert set(missing) == {"head.weight", "head.bias"} and unexpected == []
+    assert torch.equal(target.head.weight, before_head)
+    assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    # same number of classes: the head is kept
+    target2 = tiny_deit(num_classes=1000)
+    missing, _ = main.load_finetune_weights(target2, _save(tmp_path, source.state_dict(), "b.pth", key="net"))
+    assert missing == [] and torch.equal(target2.head.weight, source.head.weight)
+
+
+def test_pos_embed_identity_at_equal_size_and_bicubic_otherwise(tmp_path):
+    source = tiny_deit()
+    target = tiny_deit()
+    main.load_finetune_weights(target, _save(tmp_path, source.state_dict()))
+    assert torch.allclose(target.pos_embed, source.pos_embed, atol=1e-6)
+
+    bigger = tiny_deit(img_size=64)  # 8x8 grid instead of 4x4
+    main.load_finetune_weights(bigger, _save(tmp_path, source.state_dict(), "c.pth"))
+    assert bigger.pos_embed.shape == (1, 65, 32)
+    assert torch.equal(bigger.pos_embed[:, :1], source.pos_embed[:, :1])  # class token copied
+    grid = source.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
+    assert torch.allclose(bigger.pos_embed[:, 1:], expected.permute(0, 2, 3, 1).flatten(1, 2), atol=1e-6)
+
+
+def test_distilled_checkpoint_into_plain_model(tmp_path):
+    source = tiny_deit("deit_tiny_distilled_patch16_224")
+    target = tiny_deit()
+    missing, unexpected = main.load_finetune_weights(target, _save(tmp_path, source.state_dict()))
+    assert set(unexpected) == {"dist_token", "head_dist.weight", "head_dist.bias"}
+    assert missing == []
+    assert torch.equal(target.pos_embed[:, :1], source.pos_embed[:, :1])
+    assert torch.allclose(target.pos_embed[:, 1:], source.pos_embed[:, 2:], atol=1e-6)
+
+
+def test_shrink_style_partial_load_logs_dropped_attention_keys(tmp_path, caplog):
+    source = tiny_deit(depth=2)
+    target = tiny_deit(depth=2)
+    state = source.state_dict()
+    state["blocks.0.attn.extra.weight"] = torch.zeros(1)
+    caplog.set_level("INFO")
+    _, unexpected = main.load_finetune_weights(target, _save(tmp_path, state))
+    assert unexpected == ["blocks.0.attn.extra.weight"]
+    assert "not in the model (dropped)" in caplog.text and "blocks.0.{attn.extra.weight}" in caplog.text
+
+
+def _training_parts(seed):
+    from timm.utils import ModelEmaV2
+
+    from engine import RunState
+    torch.manual_seed(seed)
+    model = tiny_deit()
+    args = main.parse_args(["--device", "cpu", "--epochs", "10", "--model", "deit_tiny_patch16_224"])
+    optimizer = main.build_optimizer(args, model, 1e-3)
+    scheduler = main.build_scheduler(args, optimizer, updates_per_epoch=2)
+    ema = ModelEmaV2(model, decay=0.5)
+    return args, main.TrainingParts(model, optimizer, scheduler, None, ema, RunState(), None)
+
+
+def test_resume_round_trip_restores_everything(tmp_path):
+    """Check 11.9: optimizer, scheduler, EMA, counters and start_epoch = epoch + 1."""
+    args, parts = _training_parts(0)
+    model = parts.model_without_ddp
+    loss = model(torch.randn(2, 3, 32, 32)).sum()
+    loss.backward()
+    parts.optimizer.step()
+    parts.model_ema.update(model)
+    parts.lr_scheduler.step(3)
+    parts.run_state.optimizer_steps = 7
+    path = str(tmp_path / "checkpoint.pth")
+    assert main.save_training_checkpoint(args, parts, path, epoch=3, epoch_step=0, epoch_complete=True,
+                                         max_accuracy=42.0)
+
+    args2, fresh = _training_parts(1)
+    args2.resume = path
+    point = main.resume_if_possible(args2, fresh)
+    assert (point.start_epoch, point.start_step, point.max_accuracy) == (4, 0, 42.0)
+    for a, b in zip(parts.model_without_ddp.state_dict().values(), fresh.model_without_ddp.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(parts.model_ema.module.state_dict().values(), fresh.model_ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh.optimizer.state_dict()["state"].keys() == parts.optimizer.state_dict()["state"].keys()
+    assert fresh.optimizer.param_groups[0]["lr"] == parts.optimizer.param_groups[0]["lr"]
+    assert fresh.lr_scheduler.state_dict() == parts.lr_scheduler.state_dict()
+    assert fresh.run_state.optimizer_steps == 7
+    assert point.rng_state is not None
+
+
+def test_resume_mid_epoch_and_eval_only(tmp_path):
+    args, parts = _training_parts(0)
+    path = str(tmp_path / "checkpoint.pth")
+    main.save_training_checkpoint(args, parts, path, epoch=2, epoch_step=5, epoch_complete=False, max_accuracy=0)
+    args2, fresh = _training_parts(1)
+    args2.resume = path
+    point = main.resume_if_possible(args2, fresh)
+    assert (point.start_epoch, point.start_step) == (2, 5)
+    args3, fresh3 = _training_parts(2)
+    args3.resume, args3.eval = path, True
+    point = main.resume_if_possible(args3, fresh3)  # --eval: weights only
+    assert point.start_epoch == 0 and fresh3.run_state.optimizer_steps == 0
+
+
+def test_auto_resume_picks_output_dir_checkpoint(tmp_path):
+    args, parts = _training_parts(0)
+    main.save_training_checkpoint(args, parts, str(tmp_path / "checkpoint.pth"), 0, 0, True, 0.0)
+    args2, fresh = _training_parts(1)
+    args2.output_dir, args2.auto_resume = str(tmp_path), True
+    assert main.resume_if_possible(args2, fresh).start_epoch == 1
+    args3, fresh3 = _training_parts(1)
+    args3.output_dir, args3.auto_resume = str(tmp_path / "empty"), True
+    assert main.resume_if_possible(args3, fresh3).start_epoch == 0  # nothing there yet: fresh start
+
+
+def test_auto_resume_falls_back_to_epoch_copy_when_latest_is_corrupt(tmp_path):
+    args, parts = _training_parts(0)
+    path = str(tmp_path / "checkpoint.pth")
+    main.save_training_checkpoint(args, parts, path, 1, 0, True, 0.0)
+    keep_epoch_copy(path, 1, keep=3)
+    main.save_training_checkpoint(args, parts, path, 2, 0, True, 0.0)
+    with open(path, "r+b") as f:  # damage the newest file in place
+        f.truncate(100)
+    args2, fresh = _training_parts(1)
+    args2.output_dir, args2.auto_resume = str(tmp_path), True
+    point = main.resume_if_possible(args2, fresh)
+    assert point.start_epoch == 2 and point.path.endswith("checkpoint-0001.pth")
+    os.unlink(tmp_path / "checkpoint-0001.pth")
+    with pytest.raises(UserError, match="truncated"):
+        main.resume_if_possible(args2, _training_parts(2)[1])

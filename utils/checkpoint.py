@@ -1,0 +1,253 @@
+"""Checkpoint files: atomic writes, safe reads, and weight loading with clear key errors.
+
+Writing: tensors and plain values only, through a temporary file in the same
+directory, fsync, `os.replace`, fsync of the directory; a failed write (disk full)
+leaves the previous file intact. Reading: always `torch.load(weights_only=True)`;
+the official DeiT / EViT / lambda_vit checkpoints pickle an `argparse.Namespace`
+under `args`, so exactly that one class is allow-listed and nothing else, and a
+file that needs any other Python global is refused without running it.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import glob
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+STATE_DICT_KEYS = ("model", "net", "state_dict")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def to_plain(value):
+    """Namespaces become dicts, tuples stay, paths become strings (weights_only-loadable)."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    return value
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write `state` to `path` atomically; on failure the old `path` is untouched and OSError is raised."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=directory)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; checkpoints are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            torch.save(to_plain(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    return f"checkpoint-{epoch:04d}.pth"
+
+
+def keep_epoch_copy(checkpoint_path: str, epoch: int, keep: int) -> None:
+    """Keep `checkpoint-{epoch:04d}.pth` beside `checkpoint_path` and only the last `keep` of them.
+
+    A hard link costs no space and stays valid when `checkpoint.pth` is later replaced
+    (os.replace gives the new file a new inode); copy where links are unsupported.
+    """
+    if keep <= 0:
+        return
+    directory = os.path.dirname(os.path.abspath(checkpoint_path))
+    target = os.path.join(directory, epoch_checkpoint_name(epoch))
+    if os.path.exists(target):
+        os.unlink(target)
+    try:
+        os.link(checkpoint_path, target)
+    except OSError:
+        save_checkpoint(load_checkpoint_file(checkpoint_path), target)
+    history = sorted(glob.glob(os.path.join(directory, "checkpoint-[0-9][0-9][0-9][0-9]*.pth")))
+    for old in history[:-keep]:
+        os.unlink(old)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_checkpoint_file(path: str):
+    """Load a checkpoint safely (weights_only, `argparse.Namespace` allow-listed). UserError if unusable."""
+    if isinstance(path, str) and path.startswith(("http://", "https://")):
+        raise UserError(f"checkpoint {path} is a URL: this project never downloads weights; download it yourself and pass the file path")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise UserError(
+                f"refusing to load {path}: it contains Python code (GLOBAL {found.group(1)}); "
+                "only tensors and plain values are accepted") from None
+        raise UserError(f"cannot read checkpoint {path}: not a loadable tensor file ({_first_line(err)})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise UserError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a checkpoint "
+                        f"({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def extract_state_dict(checkpoint) -> dict:
+    """The model weights of a checkpoint: its `model`, `net` or `state_dict` entry, or the dict itself.
+
+    `module.` prefixes left by DataParallel / DDP are stripped.
+    """
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"checkpoint holds a {type(checkpoint).__name__}, expected a dict of tensors")
+    state = checkpoint
+    for key in STATE_DICT_KEYS:
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"checkpoint has no weights: expected one of {STATE_DICT_KEYS} or a state dict; "
+                        f"top-level keys are {sorted(map(str, checkpoint))[:8]}")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def describe_key_mismatch(model_state: dict, state_dict: dict, shown: int = 4) -> tuple[list, list, list, str]:
+    """(missing, unexpected, shape_mismatched, one-line summary)."""
+    missing = [k for k in model_state if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_state]
+    mismatched = [k for k in state_dict if k in model_state and tuple(state_dict[k].shape) != tuple(model_state[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({', '.join(missing[:shown])}{', ...' if len(missing) > shown else ''})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:shown])}{', ...' if len(unexpected) > shown else ''})")
+    if mismatched:
+        desc = [f"{k} {list(state_dict[k].shape)} vs model {list(model_state[k].shape)}" for k in mismatched[:shown]]
+        parts.append(f"{len(mismatched)} with other shapes ({', '.join(desc)}{', ...' if len(mismatched) > shown else ''})")
+    return missing, unexpected, mismatched, "; ".join(parts)
+
+
+def suggest_model_for_keys(state_dict: dict, model_name: str | None, limit: int = 24) -> str | None:
+    """Registered model of the same family whose state-dict layout fits `state_dict` best.
+
+    Candidates are the models of the same module sharing the name's first two parts
+    ("deit_tiny_*"), built on the meta device (no memory, no init cost), so this stays cheap.
+    """
+    if not model_name:
+        return None
+    import timm
+    try:
+        module = timm.models.model_entrypoint(model_name).__module__.split(".")[-1]
+        prefix = "_".join(model_name.split("_")[:2])
+        candidates = [m for m in timm.list_models(module=module) if m.startswith(prefix)][:limit]
+    except (RuntimeError, KeyError, ValueError):
+        return None
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items()}
+    head = state_dict.get("head.weight")
+    best, best_score = None, None
+    for name in candidates:
+        try:
+            kwargs = {"num_classes": head.shape[0]} if head is not None and head.dim() == 2 else {}
+            with torch.device("meta"):
+                layout = {k: tuple(v.shape) for k, v in timm.create_model(name, **kwargs).state_dict().items()}
+        except Exception:  # noqa: BLE001 - a candidate that cannot be built is simply skipped
+            continue
+        score = len(set(layout.items()) ^ set(wanted.items()))
+        if best_score is None or score < best_score:
+            best, best_score = name, score
+    return best if best is not None and best != model_name and best_score == 0 else None
+
+
+def load_model_weights(model: nn.Module, state_dict: dict, strict: bool = True, model_name: str | None = None):
+    """Load weights; with strict=True a mismatch is one UserError naming the keys (and a better-fitting model)."""
+    model_state = model.state_dict()
+    missing, unexpected, mismatched, summary = describe_key_mismatch(model_state, state_dict)
+    if strict and (missing or unexpected or mismatched):
+        hint = suggest_model_for_keys(state_dict, model_name)
+        fix = f"; these weights fit --model {hint}" if hint else "; check --model and its options, or use --finetune for partial loading"
+        raise UserError(f"checkpoint does not fit the model{f' {model_name}' if model_name else ''}: {summary}{fix}")
+    if mismatched:
+        raise UserError(f"checkpoint tensors have other shapes than the model: {summary}")
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict:
+    """Python, NumPy and torch RNG states as plain values and tensors."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy(), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def close_matches(word: str, options, n: int = 5) -> str:
+    matches = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
+    return ", ".join(matches) if matches else "none"

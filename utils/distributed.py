@@ -1,0 +1,158 @@
+"""Process-group setup for torchrun, torch.distributed.launch and Slurm, and small helpers.
+
+The environment decides the mode (as in DeiT's `init_distributed_mode`):
+torchrun / launch set RANK, WORLD_SIZE and LOCAL_RANK; a Slurm task without them
+uses SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, and MASTER_ADDR defaults to the
+first host of SLURM_NODELIST. One process and no environment: not distributed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
+            hasattr(model, "module") and isinstance(model, nn.DataParallel)
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a compressed Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        return nodelist
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _read_env_layout() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from torchrun or Slurm variables, or None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    # Only inside an srun step (SLURM_STEP_ID is set): the batch script itself also has
+    # SLURM_PROCID=0 and SLURM_NTASKS, and must not wait for ranks that never start.
+    slurm_world = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and slurm_world > 1:
+        rank, world = int(env["SLURM_PROCID"]), slurm_world
+        local = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+        env.setdefault("MASTER_PORT", "29500")
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+        return rank, world, local
+    return None
+
+
+def init_distributed_mode(args) -> None:
+    """Set args.distributed, rank, world_size, gpu, dist_backend; init the process group."""
+    layout = _read_env_layout()
+    if layout is None or layout[1] <= 1:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+    args.rank, args.world_size, args.gpu = layout
+    args.distributed = True
+    on_cuda = str(args.device).startswith("cuda")
+    if args.dist_backend in (None, "auto"):
+        args.dist_backend = "nccl" if on_cuda else "gloo"
+    if on_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    dist.init_process_group(
+        backend=args.dist_backend, init_method=args.dist_url,
+        world_size=args.world_size, rank=args.rank, timeout=timedelta(minutes=30),
+    )
+    dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True when `flag` is True on at least one rank (every rank gets the same answer)."""
+    if not is_dist_avail_and_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def destroy_process_group() -> None:
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: SIGTERM/SIGUSR1 sent to the whole process group (Slurm) must
+    not kill the workers; the main process handles them and shuts the workers down itself."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Set by SIGTERM / SIGUSR1 (Slurm preemption or time limit); polled once per step.
+
+    The handler only records the request: the training loop finishes the current
+    step, writes a mid-epoch checkpoint and exits 0 so that the job can be requeued.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.signal_name = None
+
+    def request(self, signal_name: str = "request") -> None:
+        self.signal_name = signal_name
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def install(self, signals=("SIGTERM", "SIGUSR1")) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in signals:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                signal.signal(signum, lambda num, frame, n=name: self.request(n))
