@@ -365,3 +365,12 @@ def test_posterize_keeping_zero_bits_gives_black_image_not_an_error(aa):
     if aa.startswith("rand"):  # magnitude 10 -> 0 bits kept
         posterize_ops[0].prob = 1.0
         assert np.asarray(posterize_ops[0](image)).max() == 0
+
+
+def test_imnet_keeps_a_1000_way_head_on_a_subset_and_imagefolder_counts_folders(tmp_path):
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            _write(tmp_path / split / cls / "x.jpg", _image_bytes("JPEG", 0))
+    _, imnet_classes = build_dataset(False, make_args(data_set="IMNET", data_path=str(tmp_path)))
+    _, folder_classes = build_dataset(False, make_args(data_set="IMAGEFOLDER", data_path=str(tmp_path)))
+    assert (imnet_classes, folder_classes) == (1000, 2)
