@@ -487,6 +487,12 @@ class _LTMModelMixin:
     def set_return_features(self, enabled: bool) -> None:
         self.return_features = bool(enabled)
 
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        # Below ratio 1 a block whose grid does not shrink at the run-time resolution (e.g. a
+        # 2x2 grid at 0.8) bypasses its mask module, leaving its two parameters without grads.
+        return self.compression_ratio < 1.0
+
     def forward(self, x, *args, **kwargs):
         if not (self.training and self.return_features):
             return super().forward(x, *args, **kwargs)

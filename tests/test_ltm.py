@@ -539,3 +539,10 @@ def test_recipe_keys_are_main_options(path):
     assert defaults["input_size"] == timm.get_pretrained_cfg(defaults["model"]).input_size[-1] or "r288" in path
     if path.endswith("_finetune.yaml"):
         assert defaults["epochs"] == 50 and math.floor(defaults["ib_warmup_ratio"] * defaults["epochs"]) == 15
+
+
+def test_ddp_is_told_about_bypassed_mask_modules_only_below_ratio_one():
+    import timm
+    kwargs = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8, num_classes=4)
+    assert timm.create_model("ltm_vit_small_patch16_224", compression_ratio=0.8, **kwargs).ddp_find_unused_parameters
+    assert not timm.create_model("ltm_vit_small_patch16_224", compression_ratio=1.0, **kwargs).ddp_find_unused_parameters
