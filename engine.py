@@ -88,11 +88,13 @@ def _backward_and_step(loss, optimizer, loss_scaler, clip_grad, parameters, need
         optimizer.step()
 
 
-def _log_skipped_files(epoch: int, skipped: list) -> None:
-    if skipped:
-        shown = ", ".join(skipped[:20])
-        _logger.warning(f"epoch {epoch}: {len(skipped)} training files could not be read and were replaced: "
-                        f"{shown}{' ...' if len(skipped) > 20 else ''}")
+def _log_skipped_files(prefix: str, kind: str, skipped: list) -> None:
+    """One warning for a pass over the data: each unreadable file once (first 20 named) and the total."""
+    unique = list(dict.fromkeys(skipped))  # a file can be skipped again when a neighbour replaces it
+    if unique:
+        shown = ", ".join(unique[:20])
+        _logger.warning(f"{prefix}{len(unique)} {kind} files could not be read and were replaced: "
+                        f"{shown}{' ...' if len(unique) > 20 else ''}")
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, loss_scaler,
@@ -178,7 +180,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             if i + 1 < total_batches:  # after the last step the epoch checkpoint follows instead
                 _maybe_stop_or_save(args, run_state, stop_request, save_mid_epoch, epoch, i + 1, device)
 
-    _log_skipped_files(epoch, skipped_files)
+    _log_skipped_files(f"epoch {epoch}: ", "training", skipped_files)
     metric_logger.synchronize_between_processes()
     _logger.info(f"Averaged stats: {metric_logger}")
     return metric_logger.global_averages()
@@ -215,7 +217,9 @@ def evaluate(data_loader, model, device, args=None, header: str = "Test:", summa
     metric_logger = MetricLogger(delimiter="  ", logger=logging.getLogger("eval"))
     # loss sum, correct@1, correct@5, samples
     totals = torch.zeros(4, dtype=torch.float64, device=device)
+    skipped_files: list = []
     for batch in metric_logger.log_every(data_loader, int(getattr(args, "print_freq", 10)), header):
+        skipped_files.extend(getattr(batch, "skipped", None) or [])
         images = batch[0].to(device, non_blocking=True)
         target = batch[1].to(device, non_blocking=True)
         if channels_last:
@@ -230,6 +234,7 @@ def evaluate(data_loader, model, device, args=None, header: str = "Test:", summa
         totals += torch.tensor([loss.item(), round(acc1.item() * n / 100.0), round(acc5.item() * n / 100.0), n],
                                dtype=torch.float64, device=device)
         metric_logger.update(n=n, acc1=acc1.item(), acc5=acc5.item())
+    _log_skipped_files(f"{header} ", "evaluation", skipped_files)
     if getattr(args, "dist_eval", False):  # sharded: each rank saw a disjoint part
         all_reduce_sum(totals)
     count = max(totals[3].item(), 1.0)

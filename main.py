@@ -701,7 +701,21 @@ def save_training_checkpoint(args, parts: TrainingParts, path: str, epoch: int, 
     if not dist_utils.is_main_process():
         return True
     state = checkpoint_state(args, parts, epoch, epoch_step, epoch_complete, max_accuracy, rng_states)
+    bad = first_nonfinite_key(state["model"]) or first_nonfinite_key(state["model_ema"] or {})
+    if bad:
+        # A step with a finite loss can still leave NaN/Inf weights (an overflowing update);
+        # the last good checkpoint must survive that.
+        _logger.error(f"not writing {path}: the weights have non-finite values ({bad}); "
+                      f"the previous checkpoint is kept")
+        return False
     return write_checkpoint(state, path)
+
+
+def first_nonfinite_key(state_dict: dict) -> str | None:
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return key
+    return None
 
 
 @dataclass
@@ -1041,6 +1055,16 @@ def train(args, run: Run, device, stop_request) -> int:
     return 0
 
 
+def one_line(err: BaseException) -> str:
+    """The error's own message; an error re-raised from a DataLoader worker carries the
+    worker's traceback, whose last line holds the original message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def cli(argv=None) -> int:
     """Command-line wrapper: bad input -> one logged line and exit status 2."""
     setup_logging(None, int(os.environ.get("RANK", 0)))
@@ -1048,10 +1072,10 @@ def cli(argv=None) -> int:
         args = parse_args(argv)
         return main(args)
     except UserError as err:
-        _logger.error(str(err))
+        _logger.error(one_line(err))
         return 2
     except NonFiniteLossError as err:
-        _logger.error(str(err))
+        _logger.error(one_line(err))
         return 1
     finally:
         dist_utils.destroy_process_group()

@@ -277,3 +277,14 @@ def test_auto_resume_falls_back_to_epoch_copy_when_latest_is_corrupt(tmp_path):
     os.unlink(tmp_path / "checkpoint-0001.pth")
     with pytest.raises(UserError, match="truncated"):
         main.resume_if_possible(args2, _training_parts(2)[1])
+
+
+def test_nonfinite_weights_are_not_written(tmp_path, caplog):
+    args, parts = _training_parts(0)
+    path = str(tmp_path / "checkpoint.pth")
+    assert main.save_training_checkpoint(args, parts, path, 0, 3, False, 0.0)
+    with torch.no_grad():
+        parts.model_without_ddp.head.weight[0, 0] = float("nan")
+    assert not main.save_training_checkpoint(args, parts, path, 0, 4, False, 0.0)
+    assert "not writing" in caplog.text and "head.weight" in caplog.text
+    assert load_checkpoint_file(path)["epoch_step"] == 3

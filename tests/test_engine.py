@@ -253,3 +253,11 @@ def test_signal_sets_stop_request():
     finally:
         signal.signal(signal.SIGUSR1, previous)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_worker_error_reduced_to_its_own_line():
+    from utils.errors import UserError
+    err = UserError("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                    "  File \"x.py\", line 1, in f\nutils.errors.UserError: unreadable image a.jpg; drop --strict-data")
+    assert main.one_line(err) == "unreadable image a.jpg; drop --strict-data"
+    assert main.one_line(UserError("plain")) == "plain"
