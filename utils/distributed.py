@@ -90,10 +90,17 @@ def init_distributed_mode(args) -> None:
     if on_cuda:
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
-    dist.init_process_group(
-        backend=args.dist_backend, init_method=args.dist_url,
-        world_size=args.world_size, rank=args.rank, timeout=timedelta(minutes=30),
-    )
+    timeout = timedelta(minutes=30)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and args.dist_url == "env://":
+        # torchrun (--max-restarts) hands every attempt the same key-value store: without a
+        # per-attempt prefix the restarted ranks read the dead ranks' addresses and never connect.
+        store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=timeout))
+        dist.init_process_group(backend=args.dist_backend, store=dist.PrefixStore(f"attempt_{restart}", store),
+                                world_size=args.world_size, rank=args.rank, timeout=timeout)
+    else:
+        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                                world_size=args.world_size, rank=args.rank, timeout=timeout)
     dist.barrier()
 
 
