@@ -53,7 +53,8 @@ _logger = logging.getLogger("main")
 
 DATA_SETS = ("IMNET", "IMAGEFOLDER", "CIFAR10", "CIFAR100", "CIFAR", "FLOWERS102", "CARS",
              "INAT18", "INAT", "INAT19", "SYNTHETIC")
-HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "head_cls.weight", "head_cls.bias")
+HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "head_cls.weight", "head_cls.bias",
+             "classifier.weight", "classifier.bias")
 EVIT_MODULE = "models.evit"
 
 

@@ -159,6 +159,16 @@ def test_finetune_drops_only_mismatched_head(tmp_path):
     assert missing == [] and torch.equal(target2.head.weight, source.head.weight)
 
 
+def test_finetune_drops_a_mismatched_raftmlp_classifier(tmp_path):
+    import timm
+    import models  # noqa: F401  (registers raftmlp_*)
+    layers = [dict(depth=1, dim=16, patch_size=8, raft_size=2, embedding_kernels=[8])]
+    source = timm.create_model("raftmlp_s", layers=layers, pretrained_image_size=32, num_classes=1000)
+    target = timm.create_model("raftmlp_s", layers=layers, pretrained_image_size=32, num_classes=10)
+    missing, unexpected = main.load_finetune_weights(target, _save(tmp_path, source.state_dict()))
+    assert set(missing) == {"classifier.weight", "classifier.bias"} and unexpected == []
+
+
 def test_pos_embed_identity_at_equal_size_and_bicubic_otherwise(tmp_path):
     source = tiny_deit()
     target = tiny_deit()

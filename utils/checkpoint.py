@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.model_match import suggest_model_for_keys
 
 _logger = logging.getLogger(__name__)
 
@@ -173,37 +174,6 @@ def describe_key_mismatch(model_state: dict, state_dict: dict, shown: int = 4) -
         desc = [f"{k} {list(state_dict[k].shape)} vs model {list(model_state[k].shape)}" for k in mismatched[:shown]]
         parts.append(f"{len(mismatched)} with other shapes ({', '.join(desc)}{', ...' if len(mismatched) > shown else ''})")
     return missing, unexpected, mismatched, "; ".join(parts)
-
-
-def suggest_model_for_keys(state_dict: dict, model_name: str | None, limit: int = 24) -> str | None:
-    """Registered model of the same family whose state-dict layout fits `state_dict` best.
-
-    Candidates are the models of the same module sharing the name's first two parts
-    ("deit_tiny_*"), built on the meta device (no memory, no init cost), so this stays cheap.
-    """
-    if not model_name:
-        return None
-    import timm
-    try:
-        module = timm.models.model_entrypoint(model_name).__module__.split(".")[-1]
-        prefix = "_".join(model_name.split("_")[:2])
-        candidates = [m for m in timm.list_models(module=module) if m.startswith(prefix)][:limit]
-    except (RuntimeError, KeyError, ValueError):
-        return None
-    wanted = {k: tuple(v.shape) for k, v in state_dict.items()}
-    head = state_dict.get("head.weight")
-    best, best_score = None, None
-    for name in candidates:
-        try:
-            kwargs = {"num_classes": head.shape[0]} if head is not None and head.dim() == 2 else {}
-            with torch.device("meta"):
-                layout = {k: tuple(v.shape) for k, v in timm.create_model(name, **kwargs).state_dict().items()}
-        except Exception:  # noqa: BLE001 - a candidate that cannot be built is simply skipped
-            continue
-        score = len(set(layout.items()) ^ set(wanted.items()))
-        if best_score is None or score < best_score:
-            best, best_score = name, score
-    return best if best is not None and best != model_name and best_score == 0 else None
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, strict: bool = True, model_name: str | None = None):
