@@ -31,7 +31,6 @@ is the peak minus what was resident/allocated just before the timed rounds.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import csv
 import dataclasses
@@ -58,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flops
+import main as trainer_cli
 import models  # noqa: F401  (registers the project's model families)
 from utils.errors import UserError
 
@@ -82,41 +82,9 @@ CSV_FIELDS = (
 
 # ---------------------------------------------------------------- argument parsing
 
-def _literal(kind: type, name: str):
-    """argparse type: a Python literal (`[0,2,4]`, `(3, 6, 9)`, `3`) turned into `kind` of ints."""
-
-    def parse(text: str):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise argparse.ArgumentTypeError(f"{name} must be a Python literal such as [3, 6, 9], got {text!r}")
-        if isinstance(value, int):
-            value = (value,)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
-            raise argparse.ArgumentTypeError(f"{name} must be a list of ints such as [3, 6, 9], got {text!r}")
-        return kind(value)
-
-    return parse
-
-
 def add_method_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Method flags with the names and types of main.py (INTERFACE.md); None = model default."""
-    group = parser.add_argument_group("method flags (constructor kwargs via the family's CLI_KWARGS)")
-    group.add_argument("--base_keep_rate", "--base-keep-rate", dest="base_keep_rate", type=float, default=None)
-    group.add_argument("--drop_loc", "--drop-loc", dest="drop_loc", type=_literal(tuple, "--drop_loc"), default=None)
-    group.add_argument("--fuse_token", "--fuse-token", dest="fuse_token", action="store_true", default=None)
-    group.add_argument("--prune_layer", "--prune-layer", dest="prune_layer", type=_literal(list, "--prune_layer"),
-                       default=None)
-    group.add_argument("--done_layer", "--done-layer", dest="done_layer", type=_literal(list, "--done_layer"),
-                       default=None)
-    group.add_argument("--compression-ratio", "--compression_ratio", dest="compression_ratio", type=float,
-                       default=None)
-    group.add_argument("--tome-r", "--tome_r", dest="tome_r", type=int, default=None,
-                       help="patch the built model with ToMe, merging r tokens per block")
-    group.add_argument("--tome-start-idx", "--tome_start_idx", dest="tome_start_idx", type=int, default=None)
-    group.add_argument("--no-tome-prop-attn", dest="no_tome_prop_attn", action="store_true", default=None,
-                       help="ToMe without proportional attention")
-    return parser
+    """main.py's method flags, defaults unset (None) so a spec's given flags are known."""
+    return trainer_cli.add_method_args(parser, unset_defaults=True)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

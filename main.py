@@ -100,6 +100,37 @@ def _bool_pair(group, on: str, off: str, dest: str, default: bool, help_on: str,
     group.set_defaults(**{dest: default})
 
 
+def add_method_args(parser: argparse.ArgumentParser, unset_defaults: bool = False) -> argparse.ArgumentParser:
+    """Flags that shape the model: constructor kwargs (via the family's CLI_KWARGS) and the ToMe patch.
+
+    Shared with benchmark.py. With `unset_defaults` every default is None, so a caller can
+    tell a given flag from a default one.
+    """
+    def default(value):
+        return None if unset_defaults else value
+
+    g = parser.add_argument_group("method options (model kwargs and ToMe; also in benchmark.py)")
+    g.add_argument("--base_keep_rate", "--base-keep-rate", dest="base_keep_rate", type=float, default=None,
+                   help="EViT keep rate at the drop locations")
+    g.add_argument("--drop_loc", "--drop-loc", dest="drop_loc", type=literal("int_tuple"), default=None,
+                   help='EViT drop locations, e.g. "(3, 6, 9)"')
+    g.add_argument("--fuse_token", "--fuse-token", dest="fuse_token", action="store_true", default=None,
+                   help="EViT: fuse the dropped tokens into one")
+    g.add_argument("--prune_layer", "--prune-layer", dest="prune_layer", type=literal("int_list"), default=None,
+                   help='attention shrink: blocks being diluted, e.g. "[0,2,4,6]"')
+    g.add_argument("--done_layer", "--done-layer", dest="done_layer", type=literal("int_list"), default=None,
+                   help='attention shrink: blocks without attention, e.g. "[]"')
+    g.add_argument("--compression-ratio", "--compression_ratio", dest="compression_ratio", type=float,
+                   default=None, help="LTM: fraction of tokens each LTM block's FFN processes")
+    g.add_argument("--tome-r", "--tome_r", dest="tome_r", type=int, default=None,
+                   help="ToMe: patch the model, merging r tokens per block")
+    g.add_argument("--tome-start-idx", "--tome_start_idx", dest="tome_start_idx", type=int, default=default(0),
+                   help="ToMe: attention blocks left unpatched at the start")
+    g.add_argument("--no-tome-prop-attn", dest="no_tome_prop_attn", action="store_true", default=default(False),
+                   help="ToMe without proportional attention")
+    return parser
+
+
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DeiT-style training and evaluation", add_help=add_help)
     parser.add_argument("--cfg", default=None, metavar="FILE.yaml",
@@ -252,10 +283,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--preempt-at-step", dest="preempt_at_step", type=int, default=0,
                    help="testing: act as if SIGUSR1 arrived after optimizer step N of the run")
 
-    g = parser.add_argument_group("EViT")
-    g.add_argument("--base_keep_rate", type=float, default=None)
-    g.add_argument("--drop_loc", type=literal("int_tuple"), default=None, help='e.g. "(3, 6, 9)"')
-    g.add_argument("--fuse_token", action="store_true", default=None)
+    add_method_args(parser)
+    g = parser.add_argument_group("EViT training and tools")
     g.add_argument("--shrink_start_epoch", type=int, default=10)
     g.add_argument("--shrink_epochs", type=int, default=0)
     g.add_argument("--test_speed", action="store_true")
@@ -263,20 +292,12 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--visualize_mask", action="store_true")
     g.add_argument("--n_visualization", type=int, default=128)
 
-    g = parser.add_argument_group("attention shrink (lambda_vit)")
-    g.add_argument("--prune_layer", type=literal("int_list"), default=None, help='blocks being diluted, e.g. "[0,2,4,6]"')
-    g.add_argument("--done_layer", type=literal("int_list"), default=None, help='blocks without attention, e.g. "[]"')
+    g = parser.add_argument_group("attention shrink training")
     g.add_argument("--frozen_stages", type=int, default=None)
     g.add_argument("--lambda-decay-epochs", dest="lambda_decay_epochs", type=int, default=299,
                    help="lambda = max(0, 1 - epoch / N) (official hard-coded 299)")
 
-    g = parser.add_argument_group("ToMe")
-    g.add_argument("--tome-r", dest="tome_r", type=int, default=None, help="tokens merged per block")
-    g.add_argument("--tome-start-idx", dest="tome_start_idx", type=int, default=0)
-    g.add_argument("--no-tome-prop-attn", dest="no_tome_prop_attn", action="store_true")
-
-    g = parser.add_argument_group("LTM")
-    g.add_argument("--compression-ratio", dest="compression_ratio", type=float, default=None)
+    g = parser.add_argument_group("LTM training")
     g.add_argument("--ib-weight", dest="ib_weight", type=float, default=0.1)
     g.add_argument("--ib-warmup-ratio", dest="ib_warmup_ratio", type=float, default=0.3)
     g.add_argument("--ib-input-clusters", dest="ib_input_clusters", choices=("none", "kmeans"), default="none")
