@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -492,20 +493,23 @@ def build_model(args, num_classes: int):
     kwargs.update(model_kwargs_from_args(args, module))
     extra = dict(args.model_kwargs or {})
     kwargs.update(extra)
-    wants_img_size = "img_size" not in extra and args.input_size != default_input_size(args.model)
-    if wants_img_size:
+    if "img_size" not in extra and args.input_size != default_input_size(args.model):
         kwargs["img_size"] = args.input_size
-    try:
-        return timm.create_model(args.model, pretrained=False, **kwargs)
-    except TypeError as err:
-        if wants_img_size and "img_size" in str(err):
-            kwargs.pop("img_size")
-            _logger.info(f"{args.model} takes no img_size; building it without (input {args.input_size} px)")
-            try:
-                return timm.create_model(args.model, pretrained=False, **kwargs)
-            except TypeError as err2:
-                err = err2
-        raise UserError(f"--model {args.model} rejected its arguments ({err}); check --model-kwargs and the method flags") from None
+    # Options main.py adds on its own; a model whose constructor lacks one is built without it.
+    optional = {"img_size", "drop_rate", "drop_path_rate"} - set(extra)
+    while True:
+        try:
+            return timm.create_model(args.model, pretrained=False, **kwargs)
+        except TypeError as err:
+            rejected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+            name = rejected.group(1) if rejected else None
+            if name not in optional or name not in kwargs:
+                raise UserError(f"--model {args.model} rejected its arguments ({err}); "
+                                f"check --model-kwargs and the method flags") from None
+            value = kwargs.pop(name)
+            optional.discard(name)
+            log = _logger.warning if name != "img_size" and value else _logger.info
+            log(f"{args.model} takes no {name}; building it without ({name}={value} not applied)")
 
 
 def is_evit_model(model_name: str) -> bool:
