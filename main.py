@@ -188,6 +188,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--decay-rate", "--dr", dest="decay_rate", type=float, default=0.1)
     g.add_argument("--sched-step", dest="sched_step", choices=("epoch", "iter"), default="epoch",
                    help="epoch: scheduler.step(epoch) after each epoch (DeiT); iter: step_update per optimizer step (Swin)")
+    g.add_argument("--warmup-prefix", dest="warmup_prefix", action="store_true",
+                   help="the decay spans the epochs after warm-up (RaftMLP) instead of all --epochs (DeiT)")
     g.add_argument("--resume-lr-quirk", dest="resume_lr_quirk", action="store_true",
                    help="reproduce DeiT's extra scheduler.step(start_epoch) on resume (breaks exact continuation)")
 
@@ -613,6 +615,8 @@ def build_scheduler(args, optimizer, updates_per_epoch: int):
 
     kwargs = scheduler_kwargs(args)
     kwargs["step_on_epochs"] = args.sched_step == "epoch"
+    if args.warmup_prefix:  # timm adds the warm-up on top of num_epochs; the run itself lasts --epochs
+        kwargs["num_epochs"] = args.epochs - args.warmup_epochs
     scheduler, _ = create_scheduler_v2(optimizer, **kwargs, updates_per_epoch=updates_per_epoch)
     return scheduler
 

@@ -162,3 +162,18 @@ def test_bad_command_line_exits_2_and_writes_nothing(tmp_path):
         main.cli(["--epochs", "many", "--output_dir", str(tmp_path / "o")])
     assert info.value.code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_warmup_prefix_spans_the_decay_over_the_epochs_after_warmup():
+    args = main.parse_args(["--cfg", os.path.join(main_dir(), "configs", "raftmlp_s.yaml"), "--epochs", "10"])
+    assert args.warmup_prefix and args.warmup_epochs == 5 and args.sched_step == "iter"
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = main.build_scheduler(args, optimizer, updates_per_epoch=4)
+    lr_at = lambda update: scheduler._get_lr(update)[0]  # noqa: E731
+    assert lr_at(0) == pytest.approx(0.0) and lr_at(5 * 4) == pytest.approx(args.lr)
+    assert lr_at(10 * 4) == pytest.approx(args.min_lr)  # the last update of the run reaches min_lr
+    assert lr_at(7.5 * 4) == pytest.approx((args.lr + args.min_lr) / 2)  # cosine midpoint of epochs 5..10
+
+
+def main_dir():
+    return os.path.dirname(os.path.abspath(main.__file__))
