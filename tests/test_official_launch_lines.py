@@ -1,0 +1,74 @@
+"""The official launch lines quoted in the method specs run unchanged apart from paths.
+
+EViT's `--eval` line and the shrink method's test.sh line run for real on a tiny
+ImageNet-style folder with official-format checkpoints (a dict with `model` and a pickled
+`argparse.Namespace`); the LTM README line is parsed exactly as written (it trains for 300
+epochs on 4 processes, so the short run of `distributed_train.sh` in test_distributed.py
+stands in for executing it).
+"""
+import argparse
+import shlex
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import main
+import models  # noqa: F401
+from e2e_utils import assert_ok, run_main
+
+
+@pytest.fixture(scope="module")
+def imagenet_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01440764", "n01443537"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.JPEG")
+    return root
+
+
+def official_checkpoint(path, model_name, **kwargs):
+    model = timm.create_model(model_name, **kwargs)
+    torch.save({"model": model.state_dict(), "epoch": 299, "args": argparse.Namespace(model=model_name)}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_evit_eval_line(imagenet_folder, tmp_path):
+    ckpt = official_checkpoint(tmp_path / "evit.pth", "deit_small_patch16_shrink_base", fuse_token=True)
+    line = f"--model deit_small_patch16_shrink_base --fuse_token --base_keep_rate 0.7 --eval --resume {ckpt} " \
+           f"--data-path {imagenet_folder}"
+    proc = run_main(shlex.split(line))
+    assert_ok(proc)
+    assert "Accuracy of the network on the 4 test images" in proc.stderr
+
+
+@pytest.mark.slow
+def test_shrink_test_sh_line(imagenet_folder, tmp_path):
+    ckpt = official_checkpoint(tmp_path / "small_0246.pth", "deit_small_patch16_224_copy_lambda",
+                               prune_layer=[0, 2, 4, 6])
+    line = f"--data-set IMNET --data-path {imagenet_folder} --model deit_small_patch16_224_shrink " \
+           f"--prune_layer [] --done_layer [0,2,4,6] --seed 42 --num_workers 10 --batch-size 256 " \
+           f"--finetune {ckpt} --eval --no-model-ema"
+    proc = run_main(shlex.split(line), script="main_lambda.py")
+    assert_ok(proc)
+    assert "24 checkpoint keys not in the model" in proc.stderr  # the 6 attention keys of 4 removed blocks
+    assert "Accuracy of the network on the 4 test images" in proc.stderr
+
+
+def test_ltm_readme_line_parses_as_written():
+    line = ("'your-data-path' --model ltm_mobilevit_s -b 64 --workers 8 --pin-mem "
+            "--sched cosine --epochs 300 --min-lr 0.00002 --lr 0.0002 --warmup-lr 0.0002 --warmup-epochs 5 "
+            "--opt adamw --weight-decay 0.01 --model-ema --model-ema-decay 0.9995 "
+            "--aa rand-m9-mstd0.5 --remode pixel --reprob 0.2 --amp --smoothing 0.1 --checkpoint-hist 20 "
+            "--compression-ratio 0.8 --output 'your-output-path-saving-results'")
+    args = main.parse_args(shlex.split(line))
+    assert (args.data_path, args.model, args.batch_size, args.num_workers) == ("your-data-path", "ltm_mobilevit_s", 64, 8)
+    assert (args.compression_ratio, args.checkpoint_hist, args.output_dir) == (0.8, 20, "your-output-path-saving-results")
+    assert args.model_ema and args.model_ema_decay == 0.9995 and args.amp and args.min_lr == 2e-5
