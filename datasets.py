@@ -64,8 +64,8 @@ WARN_PATHS_SHOWN = 10
 class LoadedSample(tuple):
     """`(image, target)` with `.skipped`: the unreadable paths replaced by this sample."""
 
-    def __new__(cls, sample, target, skipped: Sequence[str] = ()):
-        obj = super().__new__(cls, (sample, target))
+    def __new__(cls, first, second, skipped: Sequence[str] = ()):
+        obj = super().__new__(cls, (first, second))
         obj.skipped = list(skipped)
         return obj
 
@@ -73,19 +73,11 @@ class LoadedSample(tuple):
         return (self[0], self[1], self.skipped)
 
 
-class LoadedBatch(tuple):
+class LoadedBatch(LoadedSample):
     """`(samples, targets)` with `.skipped`: every unreadable path replaced in this batch.
 
     A tuple, so `samples, targets = batch` works as with the default collate.
     """
-
-    def __new__(cls, samples, targets, skipped: Sequence[str] = ()):
-        obj = super().__new__(cls, (samples, targets))
-        obj.skipped = list(skipped)
-        return obj
-
-    def __getnewargs__(self):
-        return (self[0], self[1], self.skipped)
 
     def pin_memory(self):
         # The DataLoader's pin-memory thread rebuilds plain tuples and would drop `.skipped`.
