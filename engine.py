@@ -117,7 +117,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     total_batches = start_step + len(data_loader)
     optimizer_steps_per_epoch = max(total_batches // accum_iter, 1)
     print_freq = int(getattr(args, "print_freq", 10))
-    params = [p for p in unwrapped.parameters() if p.requires_grad]
+    named_params = [(name, p) for name, p in unwrapped.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
 
     metric_logger = MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
@@ -155,7 +156,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
                     loss = loss + aux_loss
             loss_value = loss.item()
             if any_rank(not math.isfinite(loss_value), device):
-                _handle_nonfinite(loss_value, epoch, i, args, run_state)
+                _handle_nonfinite(loss_value, epoch, i, args, run_state, _nonfinite_weight(named_params, device))
                 optimizer.zero_grad(set_to_none=True)
                 continue
             _backward_and_step(loss / accum_iter, optimizer, loss_scaler, clip_grad, params, need_update)
@@ -178,15 +179,50 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             if stop_request is not None and preempt_at and run_state.optimizer_steps == preempt_at:
                 stop_request.request("--preempt-at-step")
             if i + 1 < total_batches:  # after the last step the epoch checkpoint follows instead
-                _maybe_stop_or_save(args, run_state, stop_request, save_mid_epoch, epoch, i + 1, device)
+                _maybe_stop_or_save(args, run_state, stop_request, save_mid_epoch, epoch, i + 1, device,
+                                    named_params)
 
+    # The epoch checkpoint follows: an update with a finite loss may have left NaN/Inf weights.
+    _stop_if_weights_nonfinite(named_params, epoch, total_batches - 1, device)
     _log_skipped_files(f"epoch {epoch}: ", "training", skipped_files)
     metric_logger.synchronize_between_processes()
     _logger.info(f"Averaged stats: {metric_logger}")
     return metric_logger.global_averages()
 
 
-def _handle_nonfinite(loss_value: float, epoch: int, step: int, args, run_state: RunState) -> None:
+def _nonfinite_weight(named_params, device) -> str | None:
+    """Name of the first non-finite parameter (every rank gets an answer when any rank has one), or None.
+
+    One device sync for all parameters; called only where a decision depends on it.
+    """
+    flags = [torch.isfinite(p).all() for _, p in named_params]
+    finite = torch.stack(flags) if flags else torch.ones(1, dtype=torch.bool)
+    bad = not bool(finite.all().item())
+    if not any_rank(bad, device):
+        return None
+    return named_params[int((~finite).nonzero()[0].item())][0] if bad else "on another rank"
+
+
+def _stop_if_weights_nonfinite(named_params, epoch: int, step: int, device) -> None:
+    """Stop before a checkpoint is due when the update of `step` left non-finite weights.
+
+    A CPU may overflow the weights one step before the loss (or the other way round); both
+    orders end in one NonFiniteLossError, so the run stops with a single message.
+    """
+    bad = _nonfinite_weight(named_params, device)
+    if bad:
+        raise NonFiniteLossError(
+            f"weights became non-finite ({bad}) at epoch {epoch}, step {step} while the loss was finite: "
+            f"training stopped and the last checkpoint is left untouched; lower --lr or set --clip-grad")
+
+
+def _handle_nonfinite(loss_value: float, epoch: int, step: int, args, run_state: RunState,
+                      bad_weight: str | None = None) -> None:
+    if bad_weight:  # skipping a step cannot repair weights that are already NaN/Inf
+        raise NonFiniteLossError(
+            f"loss is {loss_value} at epoch {epoch}, step {step} because the weights are already non-finite "
+            f"({bad_weight}): training stopped and the last checkpoint is left untouched; lower --lr or "
+            f"set --clip-grad (--skip-nonfinite cannot help here)")
     budget = int(getattr(args, "skip_nonfinite", 0) or 0)
     if run_state.nonfinite_skipped < budget:
         run_state.nonfinite_skipped += 1
@@ -199,10 +235,11 @@ def _handle_nonfinite(loss_value: float, epoch: int, step: int, args, run_state:
 
 
 def _maybe_stop_or_save(args, run_state: RunState, stop_request, save_mid_epoch, epoch: int,
-                        next_step: int, device) -> None:
+                        next_step: int, device, named_params=()) -> None:
     stop = any_rank(stop_request is not None and stop_request.is_set(), device)
     every = int(getattr(args, "save_every_iters", 0) or 0)
     if save_mid_epoch is not None and (stop or (every and run_state.optimizer_steps % every == 0)):
+        _stop_if_weights_nonfinite(list(named_params), epoch, next_step - 1, device)
         save_mid_epoch(next_step)
     if stop:
         raise TrainingInterrupted(epoch, next_step, getattr(stop_request, "signal_name", None) or "a stop request")
