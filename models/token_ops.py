@@ -13,6 +13,11 @@ Two families of operations:
   alternating split into their most similar partner (`bipartite_soft_matching`,
   `merge_tokens`, `merge_wavg`, `merge_source`, `unmerge_tokens`), with the class
   and distillation tokens protected, and the `r` schedule parser `parse_r`.
+
+Shared by several methods: `attention_with_keys`, a timm attention forward (fused SDPA,
+optional proportional attention) that also returns queries and keys; and LTM's
+neighbourhood merging over a `[N, T]` candidate table (`neighbor_merge`,
+`neighbor_unmerge`, `neighbor_dot` and the differentiable gather/scatter sums).
 """
 from __future__ import annotations
 
@@ -21,12 +26,15 @@ from numbers import Integral, Real
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "keep_count", "class_attention", "keep_topk_tokens", "complement_indices", "fuse_tokens",
     "track_token_positions",
     "BipartiteMatch", "bipartite_soft_matching", "merge_tokens", "unmerge_tokens", "merge_wavg",
     "merge_source", "parse_r",
+    "AttentionWithKeys", "attention_with_keys",
+    "neighbor_dot", "neighbor_gather_sum", "neighbor_scatter_sum", "neighbor_merge", "neighbor_unmerge",
 ]
 
 
@@ -118,6 +126,158 @@ def track_token_positions(positions: torch.Tensor, keep_idx: torch.Tensor, num_t
     ranks = torch.arange(k, device=keep_idx.device).expand(batch, k)
     remap.scatter_(1, keep_idx, ranks)
     return remap.gather(1, torch.where(positions < 0, num_tokens, positions))
+
+
+# ---------------------------------------------------------------------------
+# Attention that also returns its queries and keys (EViT, ToMe, entropy tool)
+# ---------------------------------------------------------------------------
+
+class AttentionWithKeys(NamedTuple):
+    """Result of `attention_with_keys`.
+
+    out: `[B, N, C]` the attention module's output (after `proj` / `proj_drop`).
+    q, k: `[B, H, N, D]` queries and keys after `q_norm` / `k_norm`, not yet scaled.
+    """
+    out: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+
+
+def attention_with_keys(attn, x: torch.Tensor, size: Optional[torch.Tensor] = None) -> AttentionWithKeys:
+    """Forward of a timm `Attention` that also hands back its queries and keys.
+
+    attn: timm `Attention` (`qkv`, `num_heads`, `head_dim`, `attn_dim`, `scale`, `q_norm`,
+    `k_norm`, `norm`, `proj`, optional `gate`); x: `[B, N, C]` its input (a block's `norm1(x)`);
+    size: `[B, N, 1]` how many patches each token stands for (ToMe's proportional attention
+    adds `ln(size)` to every key's logit) or None for plain attention.
+
+    The output goes through fused SDPA, so no `[B, H, N, N]` matrix is materialised. What
+    callers derive from q/k: EViT's class-attention row `class_attention(q[:, :, :1], k,
+    attn.scale)`, ToMe's merge metric `k.mean(dim=1)` `[B, N, D]`, the entropy tool's maps
+    `((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)`.
+    """
+    batch, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)  # [B, 1, 1, N]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.attn_dim))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return AttentionWithKeys(attn.proj_drop(attn.proj(out)), q, k)
+
+
+# ---------------------------------------------------------------------------
+# Neighbourhood merging over a candidate table (LTM)
+#
+# Each of N source tokens feeds T candidate targets among M merged tokens, given by an
+# index table `[N, T]` (LTM: the 3x3 anchors around the source's home anchor). Three
+# sparse products, closed under differentiation, so autograd keeps only the inputs and
+# never a T-fold gathered copy of the tokens. Shapes: src `[B, N, D]` sources, tgt
+# `[B, M, D]` targets, weight `[B, N, T]`, index `[N, T]` long.
+# ---------------------------------------------------------------------------
+
+def _neighbor_dot(src, tgt, index):
+    """out[b, i, t] = <src[b, i], tgt[b, index[i, t]]>  -> `[B, N, T]`."""
+    return torch.stack(
+        [(src * tgt.index_select(1, index[:, t])).sum(-1) for t in range(index.shape[1])], dim=-1)
+
+
+def _neighbor_gather_sum(weight, tgt, index):
+    """out[b, i] = sum_t weight[b, i, t] * tgt[b, index[i, t]]  -> `[B, N, D]`."""
+    out = weight[..., 0:1] * tgt.index_select(1, index[:, 0])
+    for t in range(1, index.shape[1]):
+        out = out + weight[..., t:t + 1] * tgt.index_select(1, index[:, t])
+    return out
+
+
+def _neighbor_scatter_sum(weight, src, index, num_targets: int):
+    """out[b, j] = sum over (i, t) with index[i, t] == j of weight[b, i, t] * src[b, i]  -> `[B, M, D]`."""
+    out = src.new_zeros(src.shape[0], num_targets, src.shape[-1])
+    for t in range(index.shape[1]):
+        out.index_add_(1, index[:, t], weight[..., t:t + 1] * src)
+    return out
+
+
+class _NeighborDot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src, tgt, index):
+        ctx.save_for_backward(src, tgt, index)
+        return _neighbor_dot(src, tgt, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        src, tgt, index = ctx.saved_tensors
+        grad_src = _neighbor_gather_sum(grad, tgt, index) if ctx.needs_input_grad[0] else None
+        grad_tgt = _neighbor_scatter_sum(grad, src, index, tgt.shape[1]) if ctx.needs_input_grad[1] else None
+        return grad_src, grad_tgt, None
+
+
+class _NeighborGatherSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, tgt, index):
+        ctx.save_for_backward(weight, tgt, index)
+        return _neighbor_gather_sum(weight, tgt, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, tgt, index = ctx.saved_tensors
+        grad_weight = _neighbor_dot(grad, tgt, index) if ctx.needs_input_grad[0] else None
+        grad_tgt = _neighbor_scatter_sum(weight, grad, index, tgt.shape[1]) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_tgt, None
+
+
+class _NeighborScatterSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, src, index, num_targets):
+        ctx.save_for_backward(weight, src, index)
+        return _neighbor_scatter_sum(weight, src, index, num_targets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, src, index = ctx.saved_tensors
+        grad_weight = _neighbor_dot(src, grad, index) if ctx.needs_input_grad[0] else None
+        grad_src = _neighbor_gather_sum(weight, grad, index) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_src, None, None
+
+
+def neighbor_dot(src: torch.Tensor, tgt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Dot product of each source with each of its candidates: `[B, N, D]`, `[B, M, D]`, `[N, T]` -> `[B, N, T]`."""
+    return _NeighborDot.apply(src, tgt, index)
+
+
+def neighbor_gather_sum(weight: torch.Tensor, tgt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out_i = sum_t weight[i, t] * tgt[index[i, t]]: `[B, N, T]`, `[B, M, D]`, `[N, T]` -> `[B, N, D]`."""
+    return _NeighborGatherSum.apply(weight, tgt, index)
+
+
+def neighbor_scatter_sum(weight: torch.Tensor, src: torch.Tensor, index: torch.Tensor, num_targets: int) -> torch.Tensor:
+    """Each source spread over its candidates: `[B, N, T]`, `[B, N, D]`, `[N, T]` -> `[B, num_targets, D]`."""
+    return _NeighborScatterSum.apply(weight, src, index, num_targets)
+
+
+def neighbor_merge(tokens: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, num_targets: int) -> torch.Tensor:
+    """Weighted average of the sources feeding each target.
+
+    tokens `[B, N, D]`, weight `[B, N, T]` (LTM: the row-stochastic mask G), index `[N, T]`
+    -> `[B, num_targets, D]`, target j = sum_{(i,t): index[i,t]=j} w[i,t] x_i / sum w[i,t]
+    (a target nobody feeds is 0).
+    """
+    weight = weight.to(tokens.dtype)
+    total = neighbor_scatter_sum(weight, tokens, index, num_targets)
+    mass = weight.new_zeros(weight.shape[0], num_targets).index_add(
+        1, index.reshape(-1), weight.reshape(weight.shape[0], -1))
+    return total / mass.clamp_min(1e-6).unsqueeze(-1)
+
+
+def neighbor_unmerge(merged: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Restore a merged field to the sources: out_i = sum_t weight[i, t] * merged[index[i, t]].
+
+    merged `[B, M, D]`, weight `[B, N, T]`, index `[N, T]` -> `[B, N, D]`.
+    """
+    return neighbor_gather_sum(weight.to(merged.dtype), merged, index)
 
 
 # ---------------------------------------------------------------------------
