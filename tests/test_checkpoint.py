@@ -69,6 +69,50 @@ def test_missing_and_truncated_files_give_one_line(tmp_path):
         load_checkpoint_file("https://example.com/x.pth")
 
 
+@pytest.mark.parametrize("content, named", [
+    (b"epoch 3, acc 71.2\nsecond line\n", "a text file (it starts with 'epoch 3, acc 71.2')"),
+    (b'{"model": {"head.weight": [1, 2]}, "epoch": 3}', "a JSON file"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "neither a zip archive nor a pickle"),
+    (b"", "empty"),
+])
+def test_a_file_that_is_not_a_checkpoint_names_what_it_is(tmp_path, content, named):
+    """A text file once gave a KeyError from the legacy unpickler, a JSON file torch's message
+    cut mid-sentence advising weights_only=False (never safe for a file of unknown origin)."""
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        load_checkpoint_file(str(path))
+    message = str(info.value)
+    assert named in message and str(path) in message and "torch.save" in message
+    assert "\n" not in message and "weights_only" not in message
+
+
+def test_a_pickle_torch_refuses_gets_no_weights_only_advice(tmp_path, monkeypatch):
+    import pickle
+    path = tmp_path / "ok.pth"
+    save_checkpoint({"model": {"w": torch.ones(2)}}, str(path))
+    torch_text = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` "
+                  "argument in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` "
+                  "set to `False` will likely succeed, but it can result in arbitrary code execution.\n"
+                  "Please file an issue with the following so that we can make `weights_only=True` compatible "
+                  "with your use case: WeightsUnpickler error: Unsupported operand 34\n\nCheck the documentation")
+
+    def refuse(*args, **kwargs):
+        raise pickle.UnpicklingError(torch_text)
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(UserError, match=r"not a loadable tensor file \(Unsupported operand 34\)") as info:
+        load_checkpoint_file(str(path))
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_saved_args_reads_dicts_and_namespaces():
+    from utils.checkpoint import saved_args
+    assert saved_args({"args": {"model": "m", "input_size": 32}}) == {"model": "m", "input_size": 32}
+    assert saved_args({"args": argparse.Namespace(model="m")}) == {"model": "m"}
+    assert saved_args({"model": {}}) == {} and saved_args([1]) == {}
+
+
 def test_save_is_atomic_and_failure_keeps_previous(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
     save_checkpoint({"epoch": 1, "args": argparse.Namespace(a=1, t=(1, 2))}, path)

@@ -119,6 +119,7 @@ def load_checkpoint_file(path: str):
         raise UserError(f"checkpoint {path} is a URL: this project never downloads weights; download it yourself and pass the file path")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint file not found: {path}")
+    _check_checkpoint_format(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -128,15 +129,65 @@ def load_checkpoint_file(path: str):
             raise UserError(
                 f"refusing to load {path}: it contains Python code (GLOBAL {found.group(1)}); "
                 "only tensors and plain values are accepted") from None
-        raise UserError(f"cannot read checkpoint {path}: not a loadable tensor file ({_first_line(err)})") from None
+        raise UserError(f"cannot read checkpoint {path}: not a loadable tensor file "
+                        f"({_unpickler_reason(err)}); pass a .pth file written by torch.save") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise UserError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a checkpoint "
                         f"({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - the legacy unpickler fails on garbage with any error type
+        raise UserError(f"cannot read checkpoint {path}: the file is corrupt or not a checkpoint "
+                        f"({type(err).__name__} while unpickling); pass a .pth file written by torch.save") from None
+
+
+# torch.save writes a zip archive; files from torch < 1.6 are a pickle (protocol 2: 0x80 0x02).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"
+
+
+def _check_checkpoint_format(path: str) -> None:
+    """UserError naming what the file is when it is neither of torch.save's two formats."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror}") from None
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO):
+        return
+    if not head:
+        raise UserError(f"cannot read checkpoint {path}: the file is empty (truncated); pass a .pth file written by torch.save")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        kind = "neither a zip archive nor a pickle"
+    else:
+        stripped = text.lstrip()
+        kind = "a JSON file" if stripped[:1] in ("{", "[") else "a text file"
+        kind += f" (it starts with {stripped.splitlines()[0][:40]!r})" if stripped else ""
+    raise UserError(f"cannot read checkpoint {path}: it is {kind}, not a PyTorch checkpoint; "
+                    "pass the .pth file written by torch.save (e.g. output_dir/checkpoint.pth of main.py)")
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """torch's reason without its advice to retry with weights_only=False (never safe for an unknown file)."""
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", str(err))
+    if found:
+        return found.group(1).strip()[:200]
+    line = _first_line(err)
+    return "unsupported content" if "weights_only" in line else line
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__
+
+
+def saved_args(checkpoint) -> dict:
+    """The `args` a checkpoint was trained with, as a dict (main.py stores a dict, the official
+    DeiT / EViT / lambda_vit code an argparse.Namespace); {} when there are none."""
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    return dict(args) if isinstance(args, dict) else {}
 
 
 def extract_state_dict(checkpoint) -> dict:
