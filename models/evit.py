@@ -9,10 +9,14 @@ their class attention. Changes relative to timm's `VisionTransformer`:
   state dict is timm DeiT's and DeiT checkpoints load strictly);
 * `forward(x, keep_rate=None, tokens=None, get_idx=False)` as in the official code,
   plus `set_keep_rate(v)` for the training warm-up (section 4 of the spec);
+* per-forward settings and kept indices live in one `EViTState` made by the model's
+  forward; blocks keep timm's `Tensor -> Tensor` signature and are called through
+  `__call__`, so forward hooks fire and timm's `forward_intermediates` works
+  (`output_fmt="NLC"`: token counts fall after each drop location);
 * pruning blocks compute the full attention with fused SDPA and the class-token
   attention row separately, so no `[B, H, N, N]` matrix is materialised (the row is
   taken before attention dropout; the official code takes it after, which only
-  differs when `attn_drop_rate > 0`).
+  differs when `attn_drop_rate > 0`). Gradient checkpointing is not supported.
 
 Distilled variants (new semantics; the official distilled path cannot run): the class
 and distillation tokens are both protected and never pruned, the class-token
@@ -22,60 +26,97 @@ appended after the kept tokens (last), exactly as without a distillation token.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from numbers import Integral, Real
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
 from .hooks import TrainingHooks
-from .token_ops import class_attention, keep_count, keep_topk_tokens
+from .token_ops import attention_with_keys, class_attention, keep_count, keep_topk_tokens
+from .errors import ModelConfigError
 
-__all__ = ["EViT", "EViTDistilled", "EViTBlock", "keep_rate_schedule", "training_hooks", "CLI_KWARGS"]
+__all__ = ["EViT", "EViTDistilled", "EViTBlock", "EViTState", "keep_rate_schedule", "training_hooks", "CLI_KWARGS"]
 
 CLI_KWARGS = ("base_keep_rate", "drop_loc", "fuse_token")
 
 PerBlock = Union[None, float, int, Sequence[Optional[float]]]
 
 
+@dataclass
+class EViTState:
+    """One forward's call-time settings and what the pruning blocks kept.
+
+    keep_rates / tokens: one entry per block (by block index), None = the block's own
+    configured rate; kept: the `[B, K]` kept-index tensors of the blocks that pruned, in
+    call order.
+    """
+    keep_rates: List[Optional[float]]
+    tokens: List[Optional[int]]
+    kept: List[torch.Tensor] = field(default_factory=list)
+
+
+class _StateSlot:
+    """Holds the EViTState of the forward in progress: one per model, shared with its blocks."""
+    __slots__ = ("state",)
+
+    def __init__(self):
+        self.state: Optional[EViTState] = None
+
+
 class EViTBlock(Block):
     """timm `Block` that may prune tokens between attention and MLP.
 
-    `keep_rate` is this block's configured rate (1 = never prunes). Prunes iff
-    (configured < 1 and call-time rate < 1) or a token count is given, as the
-    official code does.
+    Modifications relative to timm's Block (its `Tensor -> Tensor` forward is kept):
+
+    * `keep_rate` is this block's configured rate (1 = never prunes); the call-time rate
+      and token count come from the model's `EViTState` (none: the configured rate).
+      Prunes iff (configured < 1 and call-time rate < 1) or a token count is given, as
+      the official code does;
+    * a pruning block runs its attention through `token_ops.attention_with_keys` (fused
+      SDPA plus the class-attention row) and keeps the top tokens before its MLP.
     """
 
+    prunes_tokens = True
+
     def __init__(self, *args, keep_rates: Sequence[float] = (), fuse_token: bool = False,
-                 num_prefix_tokens: int = 1, depth: int = 0, **kwargs):
+                 num_prefix_tokens: int = 1, depth: int = 0, state_slot: Optional[_StateSlot] = None, **kwargs):
         super().__init__(*args, depth=depth, **kwargs)
         self.keep_rate = float(keep_rates[depth]) if keep_rates else 1.0
         self.fuse_token = fuse_token
         self.num_prefix_tokens = num_prefix_tokens
+        self.block_index = depth
+        self._state_slot = state_slot
 
-    def forward_prune(
-            self,
-            x: torch.Tensor,
-            keep_rate: Optional[float] = None,
-            tokens: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x `[B, N, C]` -> (x `[B, N', C]`, idx `[B, K]` or None if nothing was pruned)."""
+    def keep_count(self, candidates: int, keep_rate: Optional[float] = None,
+                   tokens: Optional[int] = None) -> Optional[int]:
+        """Non-prefix tokens this block keeps out of `candidates`, or None when it does not prune."""
         rate = self.keep_rate if keep_rate is None else keep_rate
-        candidates = x.shape[1] - self.num_prefix_tokens
         if not ((self.keep_rate < 1 and rate < 1) or tokens is not None):
-            return super().forward(x), None
+            return None
         keep = tokens if tokens is not None else keep_count(rate, candidates)
         if keep == candidates:
-            return super().forward(x), None
+            return None
         if not 1 <= keep < candidates:
             raise ValueError(f"EViT block keeps {keep} of {candidates} tokens; pass a keep rate/tokens giving 1..{candidates}.")
-        attn_out, cls_attn = _attention_with_class_row(self.attn, self.norm1(x))
+        return keep
+
+    def _prune(self, x: torch.Tensor, keep_rate: Optional[float], tokens: Optional[int]
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x `[B, N, C]` -> (x `[B, N', C]`, idx `[B, K]` or None if nothing was pruned)."""
+        keep = self.keep_count(x.shape[1] - self.num_prefix_tokens, keep_rate, tokens)
+        if keep is None:
+            return super().forward(x), None
+        attn_out, q, k = attention_with_keys(self.attn, self.norm1(x))
         x = x + self.drop_path1(self.ls1(attn_out))
+        # the class-token row before attention dropout (the official code takes it after)
+        cls_attn = class_attention(q[:, :, :1], k, self.attn.scale)
         x, idx = keep_topk_tokens(x, cls_attn[:, self.num_prefix_tokens:], keep,
                                   num_prefix=self.num_prefix_tokens, fuse=self.fuse_token)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -84,25 +125,18 @@ class EViTBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self.forward_prune(x)[0]
+        state = self._state_slot.state if self._state_slot is not None else None
+        if state is None:
+            return self._prune(x, None, None)[0]
+        x, idx = self._prune(x, state.keep_rates[self.block_index], state.tokens[self.block_index])
+        if idx is not None:
+            state.kept.append(idx)
+        return x
 
-
-def _attention_with_class_row(attn, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm `Attention` forward that also returns the class token's attention row.
-
-    x `[B, N, C]` -> (output `[B, N, C]`, head-mean class attention `[B, N]`,
-    pre-dropout probabilities).
-    """
-    batch, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    cls_attn = class_attention(q[:, :, :1], k, attn.scale)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.attn_dim))
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out)), cls_attn
+    def forward_prune(self, x: torch.Tensor, keep_rate: Optional[float] = None, tokens: Optional[int] = None
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Compatibility alias (runs outside `__call__`, so no hooks fire): one block with explicit settings."""
+        return self._prune(x, keep_rate, tokens)
 
 
 def _per_block_rates(depth: int, base_keep_rate: float, drop_loc: Sequence[int],
@@ -113,7 +147,7 @@ def _per_block_rates(depth: int, base_keep_rate: float, drop_loc: Sequence[int],
         if len(rates) == 1:
             rates = rates * depth
         if len(rates) != depth:
-            raise ValueError(f"EViT keep_rate has {len(rates)} entries for {depth} blocks; give 1 or {depth} values.")
+            raise ModelConfigError(f"EViT keep_rate has {len(rates)} entries for {depth} blocks; give 1 or {depth} values.")
     else:
         _check_keep_rate(base_keep_rate, "base_keep_rate")
         if isinstance(drop_loc, Integral):
@@ -121,7 +155,8 @@ def _per_block_rates(depth: int, base_keep_rate: float, drop_loc: Sequence[int],
         rates = [1.0] * depth
         for loc in drop_loc:
             if isinstance(loc, bool) or not isinstance(loc, Integral) or not 0 <= loc < depth:
-                raise ValueError(f"EViT drop_loc entry {loc!r} is outside blocks 0..{depth - 1}; e.g. drop_loc=(3, 6, 9).")
+                raise ModelConfigError(
+                    f"EViT drop_loc entry {loc!r} is outside blocks 0..{depth - 1}; e.g. drop_loc=(3, 6, 9).")
             rates[int(loc)] = float(base_keep_rate)
     for rate in rates:
         _check_keep_rate(rate, "keep_rate")
@@ -130,21 +165,28 @@ def _per_block_rates(depth: int, base_keep_rate: float, drop_loc: Sequence[int],
 
 def _check_keep_rate(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= 1:
-        raise ValueError(f"EViT {name} must be in (0, 1], got {value!r}; e.g. {name}=0.7.")
+        raise ModelConfigError(f"EViT {name} must be in (0, 1], got {value!r}; e.g. {name}=0.7.")
 
 
 class EViT(VisionTransformer):
-    """DeiT with EViT token reorganisation (see module docstring)."""
+    """DeiT with EViT token reorganisation (see module docstring).
+
+    `forward`, `forward_features` and `forward_intermediates` make one `EViTState` per
+    call from their `keep_rate` / `tokens` arguments (default: the run-time rate of
+    `set_keep_rate`, else the configured rates); blocks are called through `__call__`.
+    """
 
     def __init__(self, *args, base_keep_rate: float = 0.7, drop_loc: Sequence[int] = (3, 6, 9),
                  fuse_token: bool = False, keep_rate: Optional[Sequence[float]] = None,
                  depth: int = 12, **kwargs):
         rates = _per_block_rates(depth, base_keep_rate, drop_loc, keep_rate)
+        slot = _StateSlot()
         kwargs.setdefault("block_fn", partial(EViTBlock, keep_rates=rates, fuse_token=fuse_token,
-                                              num_prefix_tokens=self._num_protected_tokens()))
+                                              num_prefix_tokens=self._num_protected_tokens(), state_slot=slot))
         super().__init__(*args, depth=depth, **kwargs)
         if self.cls_token is None or self.global_pool != "token":
-            raise ValueError("EViT needs a class token and token pooling; drop class_token/global_pool overrides.")
+            raise ModelConfigError("EViT needs a class token and token pooling; drop class_token/global_pool overrides.")
+        self._state_slot = slot
         self.keep_rates = rates
         self.base_keep_rate = float(base_keep_rate)
         self.fuse_token = fuse_token
@@ -171,6 +213,24 @@ class EViT(VisionTransformer):
             raise ValueError(f"EViT {name} has {len(values)} entries for {depth} blocks; give a scalar or {depth} values.")
         return values
 
+    @contextmanager
+    def _forward_state(self, keep_rate: PerBlock, tokens: PerBlock) -> Iterator[EViTState]:
+        """This call's EViTState, visible to the blocks until the outermost forward returns."""
+        slot = self._state_slot
+        if slot.state is not None:  # nested call (forward -> forward_features)
+            yield slot.state
+            return
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # re-run blocks would see no state (and hence other rates) after the forward
+            raise ValueError("EViT does not support gradient checkpointing; call set_grad_checkpointing(False).")
+        if keep_rate is None:
+            keep_rate = self.runtime_keep_rate
+        slot.state = EViTState(self._broadcast(keep_rate, "keep_rate"), self._broadcast(tokens, "tokens"))
+        try:
+            yield slot.state
+        finally:
+            slot.state = None
+
     def forward_features_with_idx(
             self,
             x: torch.Tensor,
@@ -178,27 +238,36 @@ class EViT(VisionTransformer):
             tokens: PerBlock = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Features `[B, N', C]` and the kept-index tensors of the blocks that pruned."""
-        if keep_rate is None:
-            keep_rate = self.runtime_keep_rate
-        rates = self._broadcast(keep_rate, "keep_rate")
-        counts = self._broadcast(tokens, "tokens")
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        idxs = []
-        for block, rate, count in zip(self.blocks, rates, counts):
-            x, idx = block.forward_prune(x, rate, count)
-            if idx is not None:
-                idxs.append(idx)
-        return self.norm(x), idxs
+        with self._forward_state(keep_rate, tokens) as state:
+            return super().forward_features(x), list(state.kept)
 
     def forward_features(self, x: torch.Tensor, keep_rate: PerBlock = None, tokens: PerBlock = None,
-                         **unused) -> torch.Tensor:
-        return self.forward_features_with_idx(x, keep_rate, tokens)[0]
+                         **kwargs) -> torch.Tensor:
+        with self._forward_state(keep_rate, tokens):
+            return super().forward_features(x, **kwargs)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, keep_rate: PerBlock = None, tokens: PerBlock = None,
+                              output_fmt: str = "NCHW", **kwargs):
+        """timm's `forward_intermediates`; once tokens are pruned only `output_fmt="NLC"` can hold them."""
+        with self._forward_state(keep_rate, tokens) as state:
+            if output_fmt == "NCHW" and self._prunes(x, state):
+                raise ValueError("EViT prunes tokens, so its intermediates do not fill the patch grid; "
+                                 "pass output_fmt='NLC'.")
+            return super().forward_intermediates(x, *args, output_fmt=output_fmt, **kwargs)
+
+    def _prunes(self, x: torch.Tensor, state: EViTState) -> bool:
+        """Whether any block prunes an input `x` `[B, C, H, W]` under `state`."""
+        # blocks up to the first pruning one all see the full patch grid
+        candidates = math.prod(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        return any(block.keep_count(candidates, state.keep_rates[block.block_index],
+                                    state.tokens[block.block_index]) is not None
+                   for block in self.blocks)
 
     def forward(self, x: torch.Tensor, keep_rate: PerBlock = None, tokens: PerBlock = None,
                 get_idx: bool = False):
-        features, idxs = self.forward_features_with_idx(x, keep_rate, tokens)
-        logits = self.forward_head(features)
-        return (logits, idxs) if get_idx else logits
+        with self._forward_state(keep_rate, tokens) as state:
+            logits = self.forward_head(self.forward_features(x))
+            return (logits, list(state.kept)) if get_idx else logits
 
 
 class EViTDistilled(EViT, VisionTransformerDistilled):

@@ -11,6 +11,7 @@ from torch import nn
 
 import models  # noqa: F401  (registers the models)
 from models import evit
+from models.errors import ModelConfigError
 from models.hooks import build_training_hooks
 
 
@@ -87,15 +88,10 @@ COUNTS = {  # tokens after blocks 3, 6, 9 for 197 input tokens: (fused, not fuse
 
 
 def record_lengths(model):
+    """Tokens leaving each block, recorded by plain forward hooks (blocks run through __call__)."""
     lengths = []
     for block in model.blocks:
-        original = block.forward_prune
-
-        def wrapped(x, *args, _original=original, **kwargs):
-            out, idx = _original(x, *args, **kwargs)
-            lengths.append(out.shape[1])
-            return out, idx
-        block.forward_prune = wrapped
+        block.register_forward_hook(lambda module, args, out: lengths.append(out.shape[1]))
     return lengths
 
 
@@ -160,7 +156,7 @@ def test_fused_token_is_attention_weighted_sum():
     block.mlp = Zero()  # block output == its pre-MLP state
     x = torch.randn(2, 17, 48)
     with torch.no_grad():
-        out, idx = block.forward_prune(x)
+        out, idx = block.forward_prune(x)  # the compatibility alias: one block, explicit settings
         h = block.norm1(x)
         qkv = block.attn.qkv(h).reshape(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
         attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * 16 ** -0.5).softmax(-1)
@@ -312,8 +308,8 @@ def test_other_resolution_and_dynamic_size():
     dict(base_keep_rate=0.0), dict(base_keep_rate=1.2), dict(drop_loc=(3, 12)), dict(drop_loc=(-1,)),
     dict(keep_rate=(0.5,) * 5), dict(keep_rate=(1.0, 0.0) * 6),
 ])
-def test_bad_kwargs_raise_value_error(kwargs):
-    with pytest.raises(ValueError) as info:
+def test_bad_kwargs_raise_model_config_error(kwargs):
+    with pytest.raises(ModelConfigError) as info:
         timm.create_model("deit_small_patch16_shrink_base", img_size=32, **TINY, **kwargs)
     assert "\n" not in str(info.value)
 
@@ -372,3 +368,48 @@ def test_visualize_mask_writes_pngs(tmp_path):
     assert result["written"] == 4 and files == [f"img_{n}.png" for n in range(4)]
     width, height = Image.open(tmp_path / "visualize_mask" / "img_0.png").size
     assert (width, height) == (3 * 32 + 4 * 2, 32 + 2 * 2)  # original + 2 drop locations, 2 px padding
+
+
+# ---------------------------------------------------------------------------
+# Per-forward state: blocks run through __call__, the state lives for one call
+# ---------------------------------------------------------------------------
+
+def test_forward_intermediates_follow_the_pruning():
+    model = timm.create_model("deit_small_patch16_shrink_base", img_size=64, base_keep_rate=0.5,
+                              drop_loc=(1, 3), depth=4, fuse_token=True, **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, output_fmt="NLC")
+        assert [y.shape[1] for y in inter] == [16, 8 + 1, 9, 5 + 1]  # 16 -> keep 8 (+ fused) -> keep 5 (+ fused)
+        torch.testing.assert_close(final, model.forward_features(x))
+        _, at_full_rate = model.forward_intermediates(x, output_fmt="NLC", keep_rate=1.0)
+    assert [y.shape[1] for y in at_full_rate] == [16] * 4
+    with pytest.raises(ValueError, match="NLC"):
+        model.forward_intermediates(x)
+    assert model._state_slot.state is None
+
+
+def test_state_is_dropped_after_the_forward_even_on_error():
+    model = timm.create_model("deit_small_patch16_shrink_base", img_size=64, drop_loc=(1,), depth=2, **TINY).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="keeps 40 of 16"):
+        model(torch.randn(1, 3, 64, 64), tokens=40)
+    assert model._state_slot.state is None
+    with torch.no_grad():
+        _, idxs = model(torch.randn(1, 3, 64, 64), get_idx=True)
+    assert len(idxs) == 1
+
+
+def test_blocks_alone_use_their_configured_rate():
+    model = timm.create_model("deit_small_patch16_shrink_base", img_size=64, base_keep_rate=0.5,
+                              drop_loc=(0,), depth=2, **TINY).eval()
+    x = torch.randn(1, 17, 48)
+    with torch.no_grad():
+        assert model.blocks[0](x).shape == (1, 1 + 8, 48)
+        assert model.blocks[1](x).shape == (1, 17, 48)
+
+
+def test_gradient_checkpointing_is_refused():
+    model = timm.create_model("deit_small_patch16_shrink_base", img_size=32, depth=2, drop_loc=(1,), **TINY)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(torch.randn(1, 3, 32, 32))
