@@ -457,3 +457,123 @@ def parse_r(num_layers: int, r: RSchedule) -> list:
 def _check_merge_count(value: int) -> None:
     if value < 0:
         raise ValueError(f"ToMe r must be >= 0 (tokens merged per block), got {value}.")
+
+
+# ---------------------------------------------------------------------------
+# ToFu fusion rules and group maps for hybrid backbones (models/tofu.py, models/tome.py)
+# ---------------------------------------------------------------------------
+
+__all__ += ["prune_tokens", "MLERP_FORMS", "mlerp_merge", "merged_index", "compose_groups",
+            "unmerge_groups", "merge_groups"]
+
+
+def prune_tokens(x: torch.Tensor, match: Optional[BipartiteMatch]) -> torch.Tensor:
+    """ToFu's pruned merge: `[B, T, C]` -> `[B, T - r, C]`, the r matched A tokens dropped.
+
+    Same output layout as `merge_tokens`; kept A tokens and all B tokens are the inputs unchanged.
+    """
+    if match is None:
+        return x
+    src, dst = x[:, ::2], x[:, 1::2]
+    batch, t1, channels = src.shape
+    unm = src.gather(1, match.unm_idx.expand(batch, t1 - match.r, channels))
+    if match.distill_token:
+        return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+    return torch.cat([unm, dst], dim=1)
+
+
+MLERP_FORMS = ("paper", "opentome")
+
+
+def mlerp_merge(x: torch.Tensor, match: Optional[BipartiteMatch], form: str = "paper") -> torch.Tensor:
+    """ToFu's MLERP merge (Kim et al., WACV 2024): `[B, T, C]` -> `[B, T - r, C]`.
+
+    Each destination and the sources matched to it form a group of K tokens; with the
+    unweighted mean `m = (1/K) sum_k x_k` (sizes are not used):
+
+    * form "paper": `m / ||m|| * max_k ||x_k||` (direction of the mean, norm of the largest
+      member); destinations without sources are returned unchanged;
+    * form "opentome": `m / ||x_dst|| * max_k ||x_k||`, dividing by the norm of the original
+      destination as OpenToMe's and PiToMe's `mode == 'tofu'` do, applied to every destination.
+
+    Kept A tokens pass unchanged; layout as `merge_tokens`.
+    """
+    if form not in MLERP_FORMS:
+        raise ValueError(f"MLERP form must be one of {', '.join(MLERP_FORMS)}, got {form!r}.")
+    if match is None:
+        return x
+    src, dst = x[:, ::2], x[:, 1::2]
+    batch, t1, channels = src.shape
+    r = match.r
+    unm = src.gather(1, match.unm_idx.expand(batch, t1 - r, channels))
+    moved = src.gather(1, match.src_idx.expand(batch, r, channels))
+    dst_norm = dst.norm(dim=-1)  # [B, t2]
+    max_norm = dst_norm.scatter_reduce(1, match.dst_idx[..., 0], moved.norm(dim=-1), reduce="amax")
+    mean = dst.scatter_reduce(1, match.dst_idx.expand(batch, r, channels), moved, reduce="mean")
+    if form == "opentome":
+        dst = mean / dst_norm[..., None] * max_norm[..., None]
+    else:
+        has_src = torch.zeros_like(dst_norm, dtype=torch.bool).scatter_(1, match.dst_idx[..., 0], True)
+        mean_norm = mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
+        dst = torch.where(has_src[..., None], mean / mean_norm * max_norm[..., None], dst)
+    if match.distill_token:
+        return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+    return torch.cat([unm, dst], dim=1)
+
+
+def merged_index(match: Optional[BipartiteMatch], num_tokens: int, device=None) -> Optional[torch.Tensor]:
+    """Where each of the T input tokens goes in `merge_tokens`' output (no distillation token).
+
+    Returns `[B, T]` long, entries in `[0, T - r)`: a kept A token goes to its rank in
+    `unm_idx`, a B token to its place after the kept A tokens, a merged (or pruned) A token
+    to its destination. It is the index form of `merge_source` for one merge:
+    `merge_source(match, x)[b, merged_index[b, t], t] == 1`. None for no matching.
+    """
+    if match is None:
+        return None
+    if match.distill_token:
+        raise ValueError("merged_index does not support a distillation token.")
+    batch, kept, _ = match.unm_idx.shape
+    r = match.r
+    t1, t2 = kept + r, num_tokens - kept - r
+    device = match.unm_idx.device if device is None else device
+    index_a = torch.empty(batch, t1, dtype=torch.long, device=device)
+    index_a.scatter_(1, match.unm_idx[..., 0], torch.arange(kept, device=device).expand(batch, kept))
+    index_a.scatter_(1, match.src_idx[..., 0], kept + match.dst_idx[..., 0])
+    out = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    out[:, ::2] = index_a
+    out[:, 1::2] = kept + torch.arange(t2, device=device)
+    return out
+
+
+def compose_groups(group: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Follow one more merge: group `[B, T0]` (current token of each original token, None =
+    identity) and index `[B, T]` (from `merged_index`) -> `[B, T0]`."""
+    if index is None:
+        return group
+    return index if group is None else index.gather(1, group)
+
+
+def unmerge_groups(x: torch.Tensor, group: Optional[torch.Tensor]) -> torch.Tensor:
+    """Unmerge through the group map: x `[B, G, C]`, group `[B, T0]` -> `[B, T0, C]`.
+
+    Every original token receives a copy of its group's token (ToMe for Stable Diffusion's
+    unmerge); identity when group is None.
+    """
+    if group is None:
+        return x
+    return x.gather(1, group[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def merge_groups(x: torch.Tensor, group: Optional[torch.Tensor], num_groups: int) -> torch.Tensor:
+    """Re-merge a full-length tensor into the current groups by the member mean.
+
+    x `[B, T0, C]`, group `[B, T0]` -> `[B, num_groups, C]`; inverse of `unmerge_groups`
+    (`merge_groups(unmerge_groups(t, g), g, G) == t`); identity when group is None.
+    """
+    if group is None:
+        return x
+    batch, _, channels = x.shape
+    sums = x.new_zeros(batch, num_groups, channels).scatter_add_(1, group[..., None].expand(-1, -1, channels), x)
+    counts = x.new_zeros(batch, num_groups).scatter_add_(1, group, torch.ones_like(group, dtype=x.dtype))
+    return sums / counts[..., None]

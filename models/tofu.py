@@ -1,0 +1,97 @@
+"""ToFu: "Token Fusion: Bridging the Gap between Token Pruning and Token Merging"
+(Kim et al., WACV 2024, arXiv 2312.01026). No official code; spec: shared/methods/tofu.md.
+
+ToFu keeps ToMe's bipartite soft matching (which tokens go) and changes what happens to
+the matched tokens, by depth:
+
+* blocks in `prune_layers` (default: the first `L // 2` transformer blocks, the paper's
+  "the first d layers prune" with d = 6 for a 12-block ViT) drop the r matched A tokens
+  (`token_ops.prune_tokens`); every surviving token is an input token unchanged;
+* the other blocks merge each destination with its sources by MLERP
+  (`token_ops.mlerp_merge`): `mlerp="paper"` is the paper's `mean / ||mean|| * max ||x_k||`,
+  `mlerp="opentome"` the third-party OpenToMe / PiToMe variant that divides by the original
+  destination's norm instead of the mean's, `mlerp="mean"` plain unweighted averaging
+  (the paper's "ToFu AVG").
+
+The mean is unweighted and sizes are never updated (the paper's formula and both
+references), so `prop_attn` has no effect; it is accepted for the same signature as ToMe.
+
+This module only supplies the fusion rule: patching, per-forward state, `model.r`,
+`start_idx`, shrink/lambda handling and the hybrid backbones (MobileViT, EfficientViT,
+unmerge through the group map before convolutions; docs/hybrid_merging.md) are ToMe's
+machinery in `models/tome.py`, shared as is. On hybrids a pruned token's grid positions
+receive its destination's value when the stage unmerges.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+from typing import FrozenSet, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from . import tome
+from .errors import ModelConfigError
+from .token_ops import BipartiteMatch, RSchedule, merge_tokens, mlerp_merge, prune_tokens
+
+__all__ = ["patch", "unpatch", "is_patched", "prune_layer_indices", "MLERP_MODES", "ToFuFusion"]
+
+MLERP_MODES = ("paper", "opentome", "mean")
+
+
+@dataclass(frozen=True)
+class ToFuFusion:
+    """ToFu's fusion step for `tome.apply_patch`: prune in `prune_layers`, merge elsewhere."""
+    prune_layers: FrozenSet[int]
+    mlerp: str
+
+    def __call__(self, block_index: int, match: BipartiteMatch, x: torch.Tensor, size: Optional[torch.Tensor]):
+        if block_index in self.prune_layers:
+            return prune_tokens(x, match), size
+        if self.mlerp == "mean":
+            return merge_tokens(x, match, mode="mean"), size
+        return mlerp_merge(x, match, form=self.mlerp), size
+
+
+def _prune_set(prune_layers: Optional[Iterable[int]], num_layers: int) -> FrozenSet[int]:
+    if prune_layers is None:
+        return frozenset(range(num_layers // 2))
+    if isinstance(prune_layers, (str, bytes)) or not isinstance(prune_layers, Iterable):
+        raise ModelConfigError(f"ToFu prune_layers must be a list of block indices, got {prune_layers!r}; "
+                               f"e.g. prune_layers=range(6).")
+    layers = list(prune_layers)
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < num_layers]
+    if bad:
+        raise ModelConfigError(f"ToFu prune_layers entries must be block indices in [0, {num_layers}), "
+                               f"got {bad[0]!r}.")
+    return frozenset(int(i) for i in layers)
+
+
+def patch(model: nn.Module, r: RSchedule = 0, prune_layers: Optional[Iterable[int]] = None, mlerp: str = "paper",
+          prop_attn: bool = True, start_idx: int = 0, trace_source: bool = False) -> nn.Module:
+    """Apply ToFu to `model` in place (replacing any ToMe/ToFu patch); returns the model.
+
+    r: ToMe's schedule (int, (r, inflect) or per-block list), changeable later via `model.r`.
+    prune_layers: transformer-block indices that prune (None: `range(L // 2)`, L the number of
+    transformer blocks; `range(L // 2 + 1)` with mlerp="opentome" is OpenToMe's / PiToMe's rule).
+    mlerp: "paper", "opentome" or "mean".
+    """
+    if mlerp not in MLERP_MODES:
+        raise ModelConfigError(f"ToFu mlerp must be one of {', '.join(MLERP_MODES)}, got {mlerp!r}.")
+    num_layers = len(tome.transformer_blocks(model, tome.model_family(model)))
+    fusion = ToFuFusion(_prune_set(prune_layers, num_layers), mlerp)
+    return tome.apply_patch(model, r=r, prop_attn=prop_attn, start_idx=start_idx, trace_source=trace_source,
+                            method="tofu", fusion=fusion)
+
+
+unpatch = tome.unpatch
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, tome.ToMeModelMixin) and model._tome_cfg.method == "tofu"
+
+
+def prune_layer_indices(model: nn.Module) -> List[int]:
+    """Transformer-block indices that prune in a ToFu-patched model (the others merge)."""
+    return sorted(model._tome_cfg.fusion.prune_layers)
