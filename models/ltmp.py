@@ -1,0 +1,889 @@
+"""LTMP: "Learned Thresholds Token Merging and Pruning for Vision Transformers"
+(Bonnaerens & Dambre, TMLR 2023, arXiv 2307.10780).
+
+Two forwards over the same timm `VisionTransformer` (same modules, same state dict: timm
+ViT keys plus `blocks.{i}.merge_masker.threshold` and `blocks.{i}.prune_masker.threshold`,
+fp32 parameters of shape [1]):
+
+* `LTMPVisionTransformer` (`ltmp_*`, the masked training model): nothing is removed; every
+  block merges and prunes by multiplying a `[B, N]` mask into the attention, with
+  straight-through (STE) threshold decisions so the thresholds learn. `model.masks` holds
+  one post-block mask per block after each forward (the FLOPs regulariser reads them).
+* `InferenceLTMPVisionTransformer` (`inference_ltmp_*`): tokens are really merged and
+  removed. Unlike the official code (correct only when every sample keeps the same number
+  of tokens, hence its batch size 1), samples that keep different numbers are padded at
+  the end of the sequence and the padding is masked out of attention, importance and
+  matching, so each sample's logits equal those of the sample run alone.
+
+Changes of a block relative to timm's `Block` (both forwards):
+
+* attention is computed explicitly (the importance score needs the probabilities), with
+  the proportional-attention bias `log(size)` per key, `q` scaled before `q k^T`;
+* between the attention residual and the MLP, A tokens (even positions) whose best cosine
+  match among the B tokens (odd positions; head-mean keys as metric) exceeds the merge
+  threshold are merged into it size-weighted (any number per block, several into one B
+  token), then tokens whose importance (mean attention received over heads and query rows;
+  class token +inf) is not above the prune threshold are dropped;
+* LayerScale is applied as in timm.
+
+Per-forward state (sizes, masks, padding) lives in one `LTMPState` made by the model's
+forward; blocks keep timm's `Tensor -> Tensor` signature. A block called outside an LTMP
+forward runs as a plain timm block. Spec: `shared/methods/ltmp.md`.
+
+Training support used by the trainer: `flops_ratio`, `LTMPCriterion`,
+`threshold_param_groups`, `clamp_thresholds`, `inference_twin` and `realised_flops_ratio`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from functools import partial
+from numbers import Real
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn
+from torch import nn
+
+from .errors import ModelConfigError
+
+__all__ = [
+    "LTMPVisionTransformer", "InferenceLTMPVisionTransformer", "LTMPBlock", "InferenceLTMPBlock",
+    "ThresholdMasker", "LTMPState", "softmax_with_mask", "ltmp_attention", "masked_merge", "merge_prune_compact",
+    "flops_ratio", "LTMPCriterion", "threshold_param_groups", "clamp_thresholds", "inference_twin",
+    "realised_flops_ratio", "checkpoint_filter_fn", "is_threshold_key", "CLI_KWARGS",
+]
+
+_logger = logging.getLogger(__name__)
+
+CLI_KWARGS = ("tau",)
+
+THRESHOLD_KEYS = ("merge_masker.threshold", "prune_masker.threshold")
+MASKED_MERGE_INIT = 0.9  # official: "if we set it 1. it only learns to prune"
+INFERENCE_MERGE_INIT = 1.0
+PRUNE_INIT = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Thresholds
+# ---------------------------------------------------------------------------------------------
+
+class ThresholdMasker(nn.Module):
+    """One learned threshold (Parameter `[1]`) and its two decisions.
+
+    `forward(values)`: straight-through mask, forward value exactly 0/1
+    (`sigmoid((v - theta) / tau) > 0.5`), gradient of the sigmoid. `hard(values)`: the
+    inference decision `values > theta` (bool).
+    """
+
+    def __init__(self, init: float, tau: float):
+        super().__init__()
+        self.threshold = nn.Parameter(torch.full((1,), float(init)))
+        self.tau = float(tau)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        soft = torch.sigmoid((values - self.threshold) / self.tau)
+        hard = (soft > 0.5).to(soft.dtype)
+        return soft + (hard - soft).detach()
+
+    def hard(self, values: torch.Tensor) -> torch.Tensor:
+        return values > self.threshold
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau:g}"
+
+
+def is_threshold_key(key: str) -> bool:
+    return key.endswith(THRESHOLD_KEYS)
+
+
+def _check_threshold(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
+        raise ModelConfigError(f"LTMP {name} must be a number in [0, 1] (training clamps thresholds there), "
+                               f"got {value!r}; e.g. {name}=0.9")
+    return float(value)
+
+
+def _check_tau(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, Real) or not float(tau) > 0 or not math.isfinite(tau):
+        raise ModelConfigError(f"LTMP tau (sigmoid temperature) must be a positive number, got {tau!r}; e.g. tau=0.5")
+    return float(tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (pure functions on [B, N, C])
+# ---------------------------------------------------------------------------------------------
+
+def softmax_with_mask(logits: torch.Tensor, mask: torch.Tensor, training: bool, eps: float = 1e-5) -> torch.Tensor:
+    """Softmax over keys with masked keys removed; logits `[B, H, N, N]`, mask `[B, N]` (0/1).
+
+    The max runs over all keys (masked ones included), as in the official code. Eval:
+    masked keys get exactly 0. Training: `(e + eps / N) / (sum e + eps)` with N the full key
+    count, so rows stay finite and every key keeps a small gradient path.
+    """
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * mask[:, None, None, :].to(logits.dtype)
+    if training:
+        return (e + eps / logits.shape[-1]) / (e.sum(dim=-1, keepdim=True) + eps)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def ltmp_attention(
+        attn: nn.Module,
+        x: torch.Tensor,
+        size: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        valid: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm `Attention` with proportional attention, importance and the merge metric.
+
+    x `[B, N, C]` (normed), size `[B, N, 1]`; either `mask` `[B, N]` (masked model:
+    `softmax_with_mask`, importance averaged over all N query rows) or `valid` `[B, N]` bool
+    (inference padding: padded keys get probability 0, padded query rows are left out of the
+    importance mean, padded tokens get importance -inf). Returns (output `[B, N, C]`,
+    metric `[B, N, head_dim]` = keys averaged over heads, importance `[B, N]` with the class
+    token at +inf).
+    """
+    batch, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1) + size.log()[:, None, None, :, 0].to(q.dtype)
+    if mask is not None:
+        probs = softmax_with_mask(logits, mask, attn.training)
+    else:
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :], -math.inf)
+        probs = logits.softmax(dim=-1)
+    # official: importance from the probabilities after attention dropout (identity in eval)
+    probs = attn.attn_drop(probs)
+    if valid is None:
+        importance = probs.mean(dim=(1, 2))
+    else:
+        rows = valid.to(probs.dtype)
+        importance = (probs * rows[:, None, :, None]).sum(dim=(1, 2)) / (rows.sum(-1, keepdim=True) * attn.num_heads)
+        importance = importance.masked_fill(~valid, -math.inf)
+    importance = torch.cat([torch.full_like(importance[:, :1], math.inf), importance[:, 1:]], dim=1)
+    out = (probs @ v).transpose(1, 2).reshape(batch, n, attn.attn_dim)
+    out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1), importance
+
+
+def _best_partner(metric: torch.Tensor, b_valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity of every A token (even) to its best B token (odd); the class row is -inf.
+
+    metric `[B, N, c]` (already normalised and masked by the caller); b_valid `[B, N // 2]`.
+    Returns (node_max `[B, ceil(N/2)]`, node_idx `[B, ceil(N/2)]`).
+    """
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    if b_valid is not None:
+        scores = scores.masked_fill(~b_valid[:, None, :], -math.inf)
+    scores[:, 0, :] = -math.inf
+    return scores.max(dim=-1)
+
+
+def masked_merge(
+        x: torch.Tensor,
+        size: torch.Tensor,
+        mask: torch.Tensor,
+        importance: torch.Tensor,
+        metric: torch.Tensor,
+        decide: Callable[[torch.Tensor], torch.Tensor],
+        source: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The masked model's threshold merge; nothing is removed.
+
+    x `[B, N, C]`, size `[B, N, 1]`, mask `[B, N]` (0/1), importance `[B, N]`, metric
+    `[B, N, c]`, decide: node_max `[B, A]` -> STE merge decision (0/1), source `[B, N, N0]` or
+    None. Output order [all A tokens, all B tokens] (cls stays first): merged A tokens keep
+    their own value and size but are masked; each B token holds the size-weighted sum of
+    itself and its merged A tokens, its size the sum of theirs, its importance the max.
+    Returns (x, size, mask, importance, source) in the new order.
+    """
+    channels = x.shape[-1]
+    x = x * size
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = metric * mask[..., None].detach()  # masked tokens get a zero metric
+    node_max, node_idx = _best_partner(metric)
+    merge = decide(node_max)
+    src_mask, dst_mask = mask[:, ::2], mask[:, 1::2]
+    unmerged = torch.where(src_mask.bool(), 1 - merge, src_mask)
+    weight = merge.detach()[..., None]
+
+    packed = torch.cat([x, size], dim=-1)
+    src, dst = packed[:, ::2], packed[:, 1::2]
+    dst = dst.scatter_reduce(1, node_idx[..., None].expand(-1, -1, channels + 1), src * weight, reduce="sum")
+    src_imp = (importance[:, ::2] * weight[..., 0])
+    src_imp = torch.cat([torch.zeros_like(src_imp[:, :1]), src_imp[:, 1:]], dim=1)  # cls: inf * 0
+    dst_imp = importance[:, 1::2].scatter_reduce(1, node_idx, src_imp, reduce="amax")
+    if source is not None:
+        dst_src = source[:, 1::2].scatter_reduce(1, node_idx[..., None].expand(-1, -1, source.shape[-1]),
+                                                 source[:, ::2] * weight, reduce="amax")
+        source = torch.cat([source[:, ::2], dst_src], dim=1)
+
+    packed = torch.cat([src, dst], dim=1)
+    x, size = packed[..., :channels], packed[..., channels:]
+    mask = torch.cat([unmerged, dst_mask], dim=1)
+    importance = torch.cat([importance[:, ::2], dst_imp], dim=1)
+    return x / size, size, mask, importance, source
+
+
+def merge_prune_compact(
+        x: torch.Tensor,
+        size: torch.Tensor,
+        importance: torch.Tensor,
+        metric: torch.Tensor,
+        merge_threshold: torch.Tensor,
+        prune_threshold: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+        source: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """The inference model's merge and prune with real token removal, per sample.
+
+    x `[B, T, C]`, size `[B, T, 1]`, importance `[B, T]`, metric `[B, T, c]`, thresholds `[1]`,
+    valid `[B, T]` bool (None: no padding), source `[B, T, N0]` or None. Each sample merges the
+    A tokens whose best B match exceeds `merge_threshold` into it (size-weighted sum,
+    importance max), then keeps the tokens whose importance exceeds `prune_threshold`, in the
+    order [unmerged A, B]. Samples keeping fewer tokens than the longest are padded at the end
+    (valid False, size 1, zeros). Returns (x `[B, T', C]`, size `[B, T', 1]`, valid or None,
+    pruned size `[B]` (patches dropped here), source).
+    """
+    batch, tokens, channels = x.shape
+    num_a, num_b = (tokens + 1) // 2, tokens // 2
+    a_valid = None if valid is None else valid[:, ::2]
+    b_valid = None if valid is None else valid[:, 1::2]
+    if num_b > 0:
+        node_max, node_idx = _best_partner(metric / metric.norm(dim=-1, keepdim=True), b_valid)
+        merge = node_max > merge_threshold
+        if a_valid is not None:
+            merge = merge & a_valid
+    else:
+        node_idx = torch.zeros(batch, num_a, dtype=torch.long, device=x.device)
+        merge = torch.zeros(batch, num_a, dtype=torch.bool, device=x.device)
+    # unmerged A tokens go to a sink slot past the B tokens, dropped afterwards
+    target = torch.where(merge, node_idx, torch.full_like(node_idx, num_b))
+
+    def into_b(values: torch.Tensor, reduce: str) -> torch.Tensor:
+        src, dst = values[:, ::2], values[:, 1::2]
+        sink = torch.zeros_like(src[:, :1]) if reduce == "sum" else torch.full_like(src[:, :1], -math.inf)
+        index = target.view(batch, num_a, *([1] * (values.dim() - 2))).expand_as(src)
+        dst = torch.cat([dst, sink], dim=1).scatter_reduce(1, index, src, reduce=reduce)
+        return torch.cat([src, dst[:, :num_b]], dim=1)
+
+    packed = into_b(torch.cat([x * size, size], dim=-1), "sum")
+    importance = into_b(importance, "amax")
+    keep = importance > prune_threshold
+    keep[:, :num_a] &= ~merge
+    if valid is not None:
+        keep &= torch.cat([a_valid, b_valid], dim=1)
+    in_sequence = ~torch.cat([merge, torch.zeros_like(merge[:, :num_b])], dim=1)
+    if valid is not None:
+        in_sequence &= torch.cat([a_valid, b_valid], dim=1)
+    pruned_size = (packed[..., -1] * (in_sequence & ~keep).to(packed.dtype)).sum(dim=1)
+
+    counts = keep.sum(dim=1)
+    longest = int(counts.max())
+    if source is not None:
+        source = into_b(source, "amax")
+    if bool(keep.all()):
+        new_valid = None
+    else:
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
+        packed = packed.gather(1, order[..., None].expand(-1, -1, packed.shape[-1]))
+        if source is not None:
+            source = source.gather(1, order[..., None].expand(-1, -1, source.shape[-1]))
+        new_valid = torch.arange(longest, device=x.device)[None, :] < counts[:, None]
+        if bool(new_valid.all()):
+            new_valid = None
+    x, size = packed[..., :channels], packed[..., channels:]
+    x = x / size
+    if new_valid is not None:
+        x = x.masked_fill(~new_valid[..., None], 0.0)
+        size = size.masked_fill(~new_valid[..., None], 1.0)
+        if source is not None:
+            source = source.masked_fill(~new_valid[..., None], 0.0)
+    return x, size, new_valid, pruned_size, source
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks and per-forward state
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LTMPState:
+    """One forward's state. size `[B, T, 1]`; masked model: mask `[B, N]`; inference model:
+    valid `[B, T]` bool or None (no padding); source `[B, T, N0]` when traced."""
+    size: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+    masks: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    sources: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    token_counts: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    pruned_size: Optional[torch.Tensor] = None
+
+
+class _LTMPContext:
+    """Shared by a model and its blocks; `state` is set only during the model's forward."""
+    state: Optional[LTMPState] = None
+
+
+class _ThresholdBlock(Block):
+    """timm `Block` with the two LTMP thresholds (`merge_masker`, `prune_masker`)."""
+
+    merge_init = MASKED_MERGE_INIT
+
+    def __init__(self, *args, tau: float = 0.1, merge_threshold: Optional[float] = None,
+                 prune_threshold: Optional[float] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.merge_masker = ThresholdMasker(self.merge_init if merge_threshold is None else merge_threshold, tau)
+        self.prune_masker = ThresholdMasker(PRUNE_INIT if prune_threshold is None else prune_threshold, tau)
+        self._ltmp_ctx = _LTMPContext()
+
+    def _state(self, attn_mask, is_causal) -> Optional[LTMPState]:
+        state = self._ltmp_ctx.state
+        if state is not None and (attn_mask is not None or is_causal):
+            raise ModelConfigError("LTMP models take no attention mask (tokens are merged and removed); "
+                                   "call them without attn_mask/is_causal")
+        return state
+
+
+class LTMPBlock(_ThresholdBlock):
+    """Masked (training) block: merge and prune by updating the state's mask, shape kept."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        state = self._state(attn_mask, is_causal)
+        if state is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        attn_out, metric, importance = ltmp_attention(self.attn, self.norm1(x), state.size, mask=state.mask)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x, state.size, mask, importance, state.source = masked_merge(
+            x, state.size, state.mask, importance, metric, self.merge_masker, state.source)
+        # only still-active tokens take the prune decision (merged/masked keep theirs)
+        state.mask = torch.where(mask.bool(), self.prune_masker(importance), mask)
+        state.masks.append(state.mask)
+        if state.source is not None:
+            state.sources.append(state.source)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class InferenceLTMPBlock(_ThresholdBlock):
+    """Inference block: tokens really merged and removed (padded per sample, see module docstring)."""
+
+    merge_init = INFERENCE_MERGE_INIT
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        state = self._state(attn_mask, is_causal)
+        if state is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        attn_out, metric, importance = ltmp_attention(self.attn, self.norm1(x), state.size, valid=state.valid)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x, state.size, state.valid, pruned, state.source = merge_prune_compact(
+            x, state.size, importance, metric, self.merge_masker.threshold, self.prune_masker.threshold,
+            state.valid, state.source)
+        state.pruned_size = pruned if state.pruned_size is None else state.pruned_size + pruned
+        state.token_counts.append(torch.full((x.shape[0],), x.shape[1], device=x.device) if state.valid is None
+                                  else state.valid.sum(dim=1))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class _LTMPModelMixin:
+    """Constructor checks, the shared context and the LTMP `forward_features`."""
+
+    block_cls: type = LTMPBlock
+    trace_source = False
+
+    def _ltmp_init(self, kwargs: dict, tau: float, merge_threshold: Optional[float],
+                   prune_threshold: Optional[float]) -> dict:
+        """Checked constructor kwargs (with tau and the threshold inits) for `_ltmp_finish`."""
+        tau = _check_tau(tau)
+        if merge_threshold is not None:
+            merge_threshold = _check_threshold(merge_threshold, "merge_threshold")
+        if prune_threshold is not None:
+            prune_threshold = _check_threshold(prune_threshold, "prune_threshold")
+        if "block_fn" in kwargs:
+            raise ModelConfigError("LTMP models set their own block_fn; drop the block_fn argument")
+        if not kwargs.get("class_token", True) or kwargs.get("global_pool", "token") != "token":
+            raise ModelConfigError("LTMP needs a class token and token pooling (global_pool='token'); "
+                                   "drop class_token/global_pool overrides")
+        if kwargs.get("reg_tokens", 0):
+            raise ModelConfigError("LTMP does not support register tokens; use reg_tokens=0")
+        if kwargs.get("patch_drop_rate", 0.0):
+            raise ModelConfigError("LTMP does not apply patch dropout (official forward); use patch_drop_rate=0")
+        return dict(kwargs, tau=tau, merge_threshold=merge_threshold, prune_threshold=prune_threshold)
+
+    def _ltmp_finish(self, record: dict) -> None:
+        self.ltmp_kwargs = record  # constructor kwargs, to build the other twin (`inference_twin`)
+        self.tau = record["tau"]
+        self._ltmp_ctx = _LTMPContext()
+        for block in self.blocks:
+            _check_attention(block.attn)
+            block._ltmp_ctx = self._ltmp_ctx
+
+    def thresholds(self) -> Dict[str, List[float]]:
+        """Current thresholds per block: {"merge": [...], "prune": [...]}."""
+        return {"merge": [b.merge_masker.threshold.item() for b in self.blocks],
+                "prune": [b.prune_masker.threshold.item() for b in self.blocks]}
+
+    def set_thresholds(self, merge: Union[None, float, Sequence[float]] = None,
+                       prune: Union[None, float, Sequence[float]] = None) -> None:
+        """Set thresholds (a number for every block or one per block), each in [0, 1]."""
+        for name, values in (("merge_threshold", merge), ("prune_threshold", prune)):
+            if values is None:
+                continue
+            values = [values] * len(self.blocks) if isinstance(values, Real) else list(values)
+            if len(values) != len(self.blocks):
+                raise ModelConfigError(f"LTMP {name} has {len(values)} values for {len(self.blocks)} blocks; "
+                                       f"give one number or {len(self.blocks)}")
+            masker = "merge_masker" if name.startswith("merge") else "prune_masker"
+            with torch.no_grad():
+                for block, value in zip(self.blocks, values):
+                    getattr(block, masker).threshold.fill_(_check_threshold(value, name))
+
+    def _new_state(self, x: torch.Tensor) -> LTMPState:
+        raise NotImplementedError
+
+    def _store(self, state: LTMPState) -> None:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ModelConfigError("LTMP models take no attention mask; call them without attn_mask/is_causal")
+        if self.grad_checkpointing and self.training:
+            raise ModelConfigError("LTMP cannot train with gradient checkpointing (blocks would re-run and "
+                                   "record their masks twice); disable it")
+        x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
+        state = self._new_state(x)
+        self._ltmp_ctx.state = state
+        try:
+            x = self.blocks(x)
+        finally:
+            self._ltmp_ctx.state = None
+        self._store(state)
+        return self.norm(x)
+
+
+def _check_attention(attn: nn.Module) -> None:
+    needed = ("qkv", "num_heads", "head_dim", "attn_dim", "scale", "proj", "q_norm", "k_norm", "attn_drop")
+    missing = [name for name in needed if not hasattr(attn, name)]
+    if missing:
+        raise ModelConfigError(f"LTMP needs timm's Attention layout; {type(attn).__name__} lacks {', '.join(missing)}")
+
+
+class LTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
+    """Masked (training) LTMP ViT. After each forward `model.masks` holds one `[B, N]` 0/1 mask per
+    block (post-block, in that block's output order) and, with `trace_source`, `model.vizs` the
+    `[B, N, N]` source maps. With `set_return_masks(True)` (used by `LTMPCriterion`) a training
+    forward returns `{"logits", "masks"}`; eval always returns logits.
+    """
+
+    block_cls = LTMPBlock
+    return_masks = False
+
+    def __init__(self, *args, tau: float = 0.1, merge_threshold: Optional[float] = None,
+                 prune_threshold: Optional[float] = None, **kwargs):
+        if args:
+            raise ModelConfigError("LTMP models take keyword arguments only")
+        record = self._ltmp_init(kwargs, tau, merge_threshold, prune_threshold)
+        super().__init__(**kwargs, block_fn=partial(self.block_cls, tau=record["tau"],
+                                                    merge_threshold=record["merge_threshold"],
+                                                    prune_threshold=record["prune_threshold"]))
+        self._ltmp_finish(record)
+        self.masks: List[torch.Tensor] = []
+        self.vizs: List[torch.Tensor] = []
+
+    def set_return_masks(self, enabled: bool) -> None:
+        self.return_masks = bool(enabled)
+
+    def _new_state(self, x: torch.Tensor) -> LTMPState:
+        batch, tokens, _ = x.shape
+        source = None
+        if self.trace_source:
+            source = torch.eye(tokens, device=x.device, dtype=x.dtype)[None].expand(batch, tokens, tokens)
+        return LTMPState(size=torch.ones_like(x[..., :1]), mask=torch.ones_like(x[..., 0]), source=source)
+
+    def _store(self, state: LTMPState) -> None:
+        self.masks = state.masks
+        self.vizs = state.sources
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        logits = self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
+        if self.training and self.return_masks:
+            return {"logits": logits, "masks": list(self.masks)}
+        return logits
+
+
+class InferenceLTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
+    """Inference LTMP ViT (tokens removed, exact for any batch). After each forward
+    `model.ltmp_info` holds `tokens` (per block, tokens each sample keeps `[B]`), `size`
+    (final token sizes `[B, T, 1]`), `valid` (`[B, T]` bool or None), `pruned_size` (`[B]`
+    patches dropped) and, with `trace_source`, `source` (`[B, T, N]`).
+    """
+
+    block_cls = InferenceLTMPBlock
+
+    def __init__(self, *args, tau: float = 0.1, merge_threshold: Optional[float] = None,
+                 prune_threshold: Optional[float] = None, **kwargs):
+        if args:
+            raise ModelConfigError("LTMP models take keyword arguments only")
+        record = self._ltmp_init(kwargs, tau, merge_threshold, prune_threshold)
+        super().__init__(**kwargs, block_fn=partial(self.block_cls, tau=record["tau"],
+                                                    merge_threshold=record["merge_threshold"],
+                                                    prune_threshold=record["prune_threshold"]))
+        self._ltmp_finish(record)
+        self.ltmp_info: dict = {}
+
+    def _new_state(self, x: torch.Tensor) -> LTMPState:
+        batch, tokens, _ = x.shape
+        source = None
+        if self.trace_source:
+            source = torch.eye(tokens, device=x.device, dtype=x.dtype)[None].expand(batch, tokens, tokens)
+        return LTMPState(size=torch.ones_like(x[..., :1]), source=source,
+                         pruned_size=torch.zeros_like(x[:, 0, 0]))
+
+    def _store(self, state: LTMPState) -> None:
+        self.ltmp_info = {"tokens": state.token_counts, "size": state.size, "valid": state.valid,
+                          "pruned_size": state.pruned_size, "source": state.source}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: FLOPs regulariser, parameter groups, clamping, realised FLOPs
+# ---------------------------------------------------------------------------------------------
+
+def flops_ratio(masks: Sequence[torch.Tensor], num_tokens: int, embed_dim: int) -> torch.Tensor:
+    """The FLOPs ratio of spec section 6 (tools/train.py of the official code).
+
+    masks: L post-block masks `[B, N]`; `m_0 = 1`, `m_{i+1} = mean(masks[i])` over batch and
+    tokens. Per block: qkv + proj and attention on the tokens entering it, the MLP on the
+    tokens leaving it, relative to the unreduced block, averaged over the L blocks.
+    """
+    if not masks:
+        raise ModelConfigError("flops_ratio needs the masks of at least one block (run the masked model first)")
+    layers, n, d = len(masks), float(num_tokens), float(embed_dim)
+    kept = [torch.ones((), device=masks[0].device, dtype=masks[0].dtype)] + [m.mean() for m in masks]
+    total = torch.zeros((), device=masks[0].device, dtype=masks[0].dtype)
+    for i in range(layers):
+        block = 2 * (kept[i] * n) * d ** 2 + (kept[i] * n) ** 2 * d + 4 * (kept[i + 1] * n) * d ** 2
+        total = total + (1 / layers) * block / (6 * n * d ** 2 + n ** 2 * d)
+    return total
+
+
+def _check_fraction(value, name: str, low_open: bool = True) -> float:
+    ok = isinstance(value, Real) and not isinstance(value, bool) and (0 < value <= 1 if low_open else 0 <= value <= 1)
+    if not ok:
+        raise ModelConfigError(f"LTMP {name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}; "
+                               f"e.g. --reduction-target 0.75")
+    return float(value)
+
+
+class LTMPCriterion(nn.Module):
+    """`cls_scale * base + reg_scale * (flops_ratio - reduction_target) ** 2` (official train.py).
+
+    Called as `criterion(samples, outputs, targets)`. The masks come from the output dict
+    (`{"logits", "masks"}`: construction switches the model to returning it in training) or,
+    for other output forms, from `model.masks`. With `reg_scale == 0` the loss is the base loss
+    alone, as in the official code. `last` holds the detached terms of the latest call
+    (`cls_loss`, `reg_loss`, `flops_ratio`) for logging.
+    """
+
+    def __init__(self, base_criterion: nn.Module, model: nn.Module, reduction_target: float = 0.75,
+                 reg_scale: float = 10.0, cls_scale: float = 1.0):
+        super().__init__()
+        self.base_criterion = base_criterion
+        self.reduction_target = _check_fraction(reduction_target, "reduction_target")
+        for name, value in (("reg_scale", reg_scale), ("cls_scale", cls_scale)):
+            if isinstance(value, bool) or not isinstance(value, Real) or value < 0 or not math.isfinite(value):
+                flag = name.replace("_", "-")
+                raise ModelConfigError(f"LTMP {name} must be a number >= 0, got {value!r}; e.g. --{flag} 10")
+        self.reg_scale = float(reg_scale)
+        self.cls_scale = float(cls_scale)
+        if not hasattr(model, "masks"):
+            raise ModelConfigError(f"the LTMP loss needs a masked ltmp_* model, got {type(model).__name__}")
+        # a plain reference, not a submodule (the criterion must not own the model's parameters)
+        self._masks_of = partial(getattr, model, "masks")
+        self.embed_dim = int(model.embed_dim)
+        if hasattr(model, "set_return_masks"):
+            model.set_return_masks(True)
+        self.last: Dict[str, float] = {}
+
+    def forward(self, samples, outputs, targets):
+        base_loss = self.base_criterion(samples, outputs, targets)
+        if self.reg_scale <= 0:
+            return base_loss
+        masks = outputs["masks"] if isinstance(outputs, dict) and "masks" in outputs else self._masks_of()
+        ratio = flops_ratio(masks, masks[0].shape[-1], self.embed_dim)
+        reg_loss = (ratio - self.reduction_target) ** 2
+        self.last = {"cls_loss": float(base_loss.detach()), "reg_loss": float(reg_loss.detach()),
+                     "flops_ratio": float(ratio.detach())}
+        return self.cls_scale * base_loss + self.reg_scale * reg_loss
+
+
+def threshold_param_groups(model: nn.Module, lrs: Sequence[float], weight_decay: float = 0.0) -> List[dict]:
+    """Optimizer groups of the official recipe; sets `requires_grad` accordingly.
+
+    lrs: 1 value (both thresholds), 2 (prune, merge) or 3 (prune, merge, every other
+    non-norm weight, which is then trained). Parameters whose name contains "norm" are frozen
+    and left out; the backbone is frozen and left out unless 3 values are given.
+    """
+    lrs = [lrs] if isinstance(lrs, Real) else list(lrs)
+    if not 1 <= len(lrs) <= 3 or not all(isinstance(v, Real) and not isinstance(v, bool) and v >= 0 for v in lrs):
+        raise ModelConfigError(f"LTMP takes 1-3 learning rates (--lr PRUNE_LR MERGE_LR [REST_LR]), got {lrs!r}; "
+                               f"e.g. --lr 0.000005 0.005")
+    prune_lr, merge_lr = (lrs[0], lrs[0]) if len(lrs) == 1 else (lrs[0], lrs[1])
+    train_rest = len(lrs) == 3
+    groups = {"prune": [], "merge": [], "rest": []}
+    for name, param in model.named_parameters():
+        if "masker" in name:
+            param.requires_grad_(True)
+            groups["prune" if "prune" in name else "merge"].append(param)
+        elif "norm" in name:
+            param.requires_grad_(False)
+        else:
+            param.requires_grad_(train_rest)
+            if train_rest:
+                groups["rest"].append(param)
+    if not groups["prune"] or not groups["merge"]:
+        raise ModelConfigError(f"{type(model).__name__} has no LTMP thresholds; use an ltmp_* model")
+    result = [dict(params=groups["prune"], lr=float(prune_lr), weight_decay=weight_decay, name="prune_thresholds"),
+              dict(params=groups["merge"], lr=float(merge_lr), weight_decay=weight_decay, name="merge_thresholds")]
+    if train_rest:
+        result.append(dict(params=groups["rest"], lr=float(lrs[2]), weight_decay=weight_decay, name="backbone"))
+    return result
+
+
+@torch.no_grad()
+def clamp_thresholds(model: nn.Module) -> None:
+    """Clamp every threshold to [0, 1] (after each optimizer step when reg_scale > 0)."""
+    for name, param in model.named_parameters():
+        if "masker" in name:
+            param.clamp_(0.0, 1.0)
+
+
+def inference_twin(model: nn.Module) -> InferenceLTMPVisionTransformer:
+    """The `inference_` model with `model`'s architecture and weights (strict load), in eval mode."""
+    kwargs = getattr(model, "ltmp_kwargs", None)
+    if kwargs is None:
+        raise ModelConfigError(f"{type(model).__name__} is not an LTMP model; pass an ltmp_* model")
+    twin = InferenceLTMPVisionTransformer(**dict(kwargs, weight_init="skip"))
+    param = next(model.parameters())
+    twin.to(device=param.device, dtype=param.dtype)
+    twin.load_state_dict(model.state_dict(), strict=True)
+    twin.pretrained_cfg = copy.deepcopy(getattr(model, "pretrained_cfg", {}))
+    return twin.eval()
+
+
+def _plain_twin(model: nn.Module) -> VisionTransformer:
+    """The unreduced timm ViT with `model`'s backbone weights (thresholds dropped)."""
+    kwargs = {k: v for k, v in model.ltmp_kwargs.items() if k not in ("tau", "merge_threshold", "prune_threshold")}
+    plain = VisionTransformer(**dict(kwargs, weight_init="skip"))
+    param = next(model.parameters())
+    plain.to(device=param.device, dtype=param.dtype)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not is_threshold_key(k)}, strict=True)
+    return plain.eval()
+
+
+def _images(source, max_images: int) -> Iterable[torch.Tensor]:
+    """One `[1, C, H, W]` image at a time from a tensor `[B, C, H, W]` or a loader of (images, ...)."""
+    seen = 0
+    batches = [source] if isinstance(source, torch.Tensor) else source
+    for batch in batches:
+        images = batch if isinstance(batch, torch.Tensor) else batch[0]
+        for image in images:
+            if seen >= max_images:
+                return
+            seen += 1
+            yield image[None]
+
+
+@torch.no_grad()
+def realised_flops_ratio(model: nn.Module, images, device=None, max_images: int = 1000) -> dict:
+    """Realised FLOPs of the inference twin of a (trained) masked LTMP model.
+
+    images: a tensor `[B, C, H, W]` or a loader yielding `(images, targets)`; up to
+    `max_images` are counted one at a time (batch 1, as the official end-of-training report).
+    MACs are counted with the project's fvcore counter (`flops.py`) on the real images, and
+    compared with the unreduced timm ViT of the same weights. Returns `gmacs` (mean over the
+    images), `gmacs_unreduced`, `flops_ratio` (their quotient), `images`, `counter` and
+    `tokens_after_block` (mean tokens each block keeps).
+    """
+    import flops  # the project's counter; imported here so models do not need it at import time
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    twin = inference_twin(model).to(device)
+    plain = _plain_twin(model).to(device)
+    macs, tokens = [], []
+    example = None
+    for image in _images(images, max_images):
+        image = image.to(device=device, dtype=next(twin.parameters()).dtype)
+        example = image if example is None else example
+        count, _ = flops._fvcore_macs(twin, image)
+        macs.append(count)
+        twin(image)
+        tokens.append([int(t[0]) for t in twin.ltmp_info["tokens"]])
+    if not macs:
+        raise ModelConfigError("realised_flops_ratio got no images; pass a non-empty loader or tensor")
+    unreduced, _ = flops._fvcore_macs(plain, example)
+    mean_macs = sum(macs) / len(macs)
+    depth = len(tokens[0])
+    return {
+        "gmacs": mean_macs / 1e9,
+        "gmacs_unreduced": unreduced / 1e9,
+        "flops_ratio": mean_macs / unreduced,
+        "images": len(macs),
+        "counter": "fvcore",
+        "tokens_after_block": [sum(t[i] for t in tokens) / len(tokens) for i in range(depth)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and registration
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """timm ViT checkpoints (and LTMP ones) -> this model: timm's ViT filter (npz, resized
+    position embeddings), then thresholds the checkpoint lacks take the model's init values."""
+    thresholds = {k: v for k, v in state_dict.items() if is_threshold_key(k)}
+    state_dict = vit_filter_fn({k: v for k, v in state_dict.items() if not is_threshold_key(k)}, model)
+    own = model.state_dict()
+    for key, value in own.items():
+        if is_threshold_key(key):
+            state_dict[key] = thresholds.get(key, value.detach().clone())
+    return state_dict
+
+
+_BASES = {
+    "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "deit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "deit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "deit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "deit_base_patch16_384": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, img_size=384),
+}
+
+
+def _inherited_cfg(name: str, base: str) -> Tuple[str, dict]:
+    """("<name>.<tag>", cfg): the base model's preprocessing and hub weights (`--pretrained`
+    starts from the timm ViT/DeiT, thresholds at their init values, as the official code)."""
+    cfg = get_pretrained_cfg(base)
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("architecture", "tag")}
+    return f"{name}.{cfg.tag}", fields
+
+
+default_cfgs = generate_default_cfgs(dict(
+    [_inherited_cfg(f"ltmp_{base}", base) for base in _BASES if base != "deit_base_patch16_384"]
+    + [_inherited_cfg(f"inference_ltmp_{base}", base) for base in _BASES]))
+
+
+def _create(model_cls, variant: str, pretrained: bool = False, **kwargs):
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+@register_model
+def ltmp_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> LTMPVisionTransformer:
+    model_args = dict(_BASES["vit_tiny_patch16_224"])
+    return _create(LTMPVisionTransformer, "ltmp_vit_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ltmp_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> LTMPVisionTransformer:
+    model_args = dict(_BASES["vit_small_patch16_224"])
+    return _create(LTMPVisionTransformer, "ltmp_vit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ltmp_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> LTMPVisionTransformer:
+    model_args = dict(_BASES["vit_base_patch16_224"])
+    return _create(LTMPVisionTransformer, "ltmp_vit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ltmp_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> LTMPVisionTransformer:
+    model_args = dict(_BASES["vit_large_patch16_224"])
+    return _create(LTMPVisionTransformer, "ltmp_vit_large_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ltmp_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> LTMPVisionTransformer:
+    model_args = dict(_BASES["deit_tiny_patch16_224"])
+    return _create(LTMPVisionTransformer, "ltmp_deit_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ltmp_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> LTMPVisionTransformer:
+    model_args = dict(_BASES["deit_small_patch16_224"])
+    return _create(LTMPVisionTransformer, "ltmp_deit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ltmp_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> LTMPVisionTransformer:
+    model_args = dict(_BASES["deit_base_patch16_224"])
+    return _create(LTMPVisionTransformer, "ltmp_deit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def inference_ltmp_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> InferenceLTMPVisionTransformer:
+    model_args = dict(_BASES["vit_tiny_patch16_224"])
+    return _create(InferenceLTMPVisionTransformer, "inference_ltmp_vit_tiny_patch16_224", pretrained,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def inference_ltmp_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> InferenceLTMPVisionTransformer:
+    model_args = dict(_BASES["vit_small_patch16_224"])
+    return _create(InferenceLTMPVisionTransformer, "inference_ltmp_vit_small_patch16_224", pretrained,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def inference_ltmp_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> InferenceLTMPVisionTransformer:
+    model_args = dict(_BASES["vit_base_patch16_224"])
+    return _create(InferenceLTMPVisionTransformer, "inference_ltmp_vit_base_patch16_224", pretrained,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def inference_ltmp_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> InferenceLTMPVisionTransformer:
+    model_args = dict(_BASES["vit_large_patch16_224"])
+    return _create(InferenceLTMPVisionTransformer, "inference_ltmp_vit_large_patch16_224", pretrained,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def inference_ltmp_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> InferenceLTMPVisionTransformer:
+    model_args = dict(_BASES["deit_tiny_patch16_224"])
+    return _create(InferenceLTMPVisionTransformer, "inference_ltmp_deit_tiny_patch16_224", pretrained,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def inference_ltmp_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> InferenceLTMPVisionTransformer:
+    model_args = dict(_BASES["deit_small_patch16_224"])
+    return _create(InferenceLTMPVisionTransformer, "inference_ltmp_deit_small_patch16_224", pretrained,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def inference_ltmp_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> InferenceLTMPVisionTransformer:
+    model_args = dict(_BASES["deit_base_patch16_224"])
+    return _create(InferenceLTMPVisionTransformer, "inference_ltmp_deit_base_patch16_224", pretrained,
+                   **dict(model_args, **kwargs))
+
+
+@register_model
+def inference_ltmp_deit_base_patch16_384(pretrained: bool = False, **kwargs) -> InferenceLTMPVisionTransformer:
+    model_args = dict(_BASES["deit_base_patch16_384"])
+    return _create(InferenceLTMPVisionTransformer, "inference_ltmp_deit_base_patch16_384", pretrained,
+                   **dict(model_args, **kwargs))
