@@ -15,7 +15,7 @@ no selection code, only disabled entropy probes, so this tool is a RECONSTRUCTIO
    `head` (sum log2 std of the logits, float32, ddof 1) - the Gaussian approximation of
    differential entropy used by the official probes.
 
-    python -m tools.attention_entropy --model deit_small_patch16_224 --checkpoint deit_small.pth \
+    python -m tools.attention_entropy --model deit_small_patch16_224 --checkpoint deit_small.pth \\
         --data-set IMNET --data-path /data/imagenet --num-images 5000 --ratio 0.3 --plot entropy.png
 
 Cost: 1 + sum_{j < k} (n - j) passes over the data for budget k and n candidates.
@@ -30,7 +30,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-import timm
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -56,11 +55,9 @@ LAMBDA_MODELS = ("deit_tiny_patch16_224_copy_lambda", "deit_small_patch16_224_co
 
 def attention_probabilities(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Softmax attention maps `[B, H, N, N]` of a timm `Attention` module for its input `x` `[B, N, C]`."""
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    from models.token_ops import attention_with_keys
+    found = attention_with_keys(attn, x)
+    return ((found.q * attn.scale) @ found.k.transpose(-2, -1)).softmax(dim=-1)
 
 
 def distribution_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -145,30 +142,17 @@ class AttentionEntropyMeter:
 
 def build_analysis_model(args) -> LambdaVisionTransformer:
     """Lambda model with every candidate block in `prune_layer`, at lambda 1 (== DeiT)."""
-    name = LAMBDA_MODEL_FOR.get(args.model, args.model)
-    if name not in LAMBDA_MODELS:
-        raise UserError(f"--model {args.model} is not supported; use one of "
-                        f"{', '.join(list(LAMBDA_MODEL_FOR) + list(LAMBDA_MODELS))}")
-    kwargs = dict(args.model_kwargs)
-    state_dict = None
-    if args.checkpoint:
-        from utils.checkpoint import extract_state_dict, load_checkpoint_file
-        state_dict = extract_state_dict(load_checkpoint_file(args.checkpoint))
-        kwargs.setdefault("weight_init", "skip")  # loaded strictly below
-        if "head.weight" in state_dict and "num_classes" not in kwargs:
-            kwargs["num_classes"] = state_dict["head.weight"].shape[0]
-    depth = kwargs.get("depth", 12)
-    candidates = list(range(depth)) if args.candidates is None else list(args.candidates)
-    try:
-        model = timm.create_model(name, prune_layer=candidates, **kwargs)
-    except ValueError as err:
-        raise UserError(str(err).splitlines()[0]) from None
-    if state_dict is None:
+    from tools import _common
+
+    def prune_candidates(name: str, kwargs: dict) -> dict:
+        depth = kwargs.get("depth", 12)
+        return {"prune_layer": list(range(depth)) if args.candidates is None else list(args.candidates)}
+
+    loaded = _common.build_model(args, DEFAULT_MODEL, supported=list(LAMBDA_MODEL_FOR) + list(LAMBDA_MODELS),
+                                 rename=LAMBDA_MODEL_FOR, extra_kwargs=prune_candidates)
+    if loaded.checkpoint is None:
         _logger.warning("no --checkpoint: random weights, a dry run only")
-    else:
-        from utils.checkpoint import load_model_weights
-        load_model_weights(model, state_dict, strict=True, model_name=name)
-    return model.eval()
+    return loaded.model.eval()
 
 
 def build_loader(args, img_size: int) -> DataLoader:
@@ -240,44 +224,59 @@ def _literal(kind: type, flag: str):
     return parse
 
 
+DEFAULT_MODEL = "deit_small_patch16_224"
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "attention_entropy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deit_small_patch16_224",
-                        help="DeiT (timm name) or lambda model whose blocks are analysed")
-    parser.add_argument("--checkpoint", default="", help="DeiT checkpoint; without it random weights (dry run)")
-    parser.add_argument("--model-kwargs", type=_literal(dict, "--model-kwargs"), default={},
-                        help="extra constructor kwargs, e.g. \"{'depth': 4, 'img_size': 32}\"")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--budget", type=int, default=None, help="number of attention layers to remove")
+    from tools import _common
+    flag = _common.spellings
+    parser = _common.ToolParser("attention_entropy", __doc__)
+    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="DeiT or lambda-model checkpoint",
+                           method_flags=False, model_help="DeiT (timm name) or lambda model whose blocks are analysed")
+    g = parser.add_argument_group("selection")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=int, default=None,
+                        help=f"number of attention layers to remove (default: from --ratio, else {DEFAULT_RATIO})")
     budget.add_argument("--ratio", type=float, default=None,
                         help="fraction of blocks to remove, rounded half up (0.25/0.3 small and tiny, "
                              f"0.4/0.5 base; default {DEFAULT_RATIO} when --budget is not given)")
-    parser.add_argument("--candidates", type=_literal(list, "--candidates"), default=None,
-                        help="blocks that may be removed, e.g. [0,1,2,3] (default: all)")
-    parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default="feature")
-    parser.add_argument("--plot", default="", help="save a per-block attention entropy plot (PNG)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num_workers", "--workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    g.add_argument("--candidates", type=_literal(list, "--candidates"), default=None,
+                   help="blocks that may be removed, e.g. [0,1,2,3] (default: all)")
+    g.add_argument("--estimator", choices=sorted(ESTIMATORS), default="feature", help="output entropy estimator")
+    g.add_argument("--plot", default="", help="save a per-block attention entropy plot (PNG) (default: none)")
+    g.add_argument("--device", default="cpu", help="torch device")
+    g.add_argument(*flag("--batch-size"), "-b", dest="batch_size", type=int, default=64, help="images per pass")
+    g.add_argument(*flag("--num_workers", "--workers"), dest="num_workers", type=int, default=2,
+                   help="data loader workers")
+    g.add_argument("--seed", type=int, default=0, help="seed of --random-data and of torch")
     data = parser.add_argument_group("data (datasets.build_dataset, evaluation transforms)")
-    data.add_argument("--data-set", default="SYNTHETIC")
-    data.add_argument("--data-path", default="")
-    data.add_argument("--num-images", type=int, default=0, help="use only the first N images (0: all)")
-    data.add_argument("--random-data", type=int, default=0, help="use N Gaussian-noise images instead")
-    data.add_argument("--eval-crop-ratio", type=float, default=0.875)
-    data.add_argument("--eval-interpolation", default="bicubic")
-    data.add_argument("--synthetic-val-size", type=int, default=256)
-    data.add_argument("--synthetic-train-size", type=int, default=256)
-    data.add_argument("--synthetic-classes", type=int, default=10)
-    data.add_argument("--inat-category", default="name")
-    data.add_argument("--download", action="store_true")
-    data.add_argument("--strict-data", action="store_true")
+    data.add_argument(*flag("--data-set"), dest="data_set", default="SYNTHETIC", help="main.py's --data-set")
+    data.add_argument(*flag("--data-path"), dest="data_path", default="", help="dataset root (main.py's --data-path)")
+    data.add_argument(*flag("--num-images"), dest="num_images", type=int, default=0,
+                      help="use only the first N images (default: 0, all)")
+    data.add_argument(*flag("--random-data"), dest="random_data", type=int, default=0,
+                      help="use N Gaussian-noise images instead (default: 0, off)")
+    data.add_argument(*flag("--eval-crop-ratio"), dest="eval_crop_ratio", type=float, default=0.875,
+                      help="centre-crop ratio of the evaluation transform")
+    data.add_argument(*flag("--eval-interpolation"), dest="eval_interpolation", default="bicubic",
+                      help="resize interpolation of the evaluation transform")
+    data.add_argument(*flag("--synthetic-val-size"), dest="synthetic_val_size", type=int, default=256,
+                      help="images of the SYNTHETIC validation set")
+    data.add_argument(*flag("--synthetic-train-size"), dest="synthetic_train_size", type=int, default=256,
+                      help="images of the SYNTHETIC training set")
+    data.add_argument(*flag("--synthetic-classes"), dest="synthetic_classes", type=int, default=10,
+                      help="classes of the SYNTHETIC data set")
+    data.add_argument(*flag("--inat-category"), dest="inat_category", default="name",
+                      help="iNaturalist label level (main.py's --inat-category)")
+    data.add_argument("--download", action="store_true", help="let torchvision data sets download themselves")
+    data.add_argument(*flag("--strict-data"), dest="strict_data", action="store_true",
+                      help="fail on unreadable images instead of replacing them")
     return parser
 
 
 def analyse(args) -> dict:
+    from tools._common import check_output_file
+    check_output_file(args.plot, "--plot")  # before the analysis, which can take hours
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model = build_analysis_model(args).to(device)
@@ -322,19 +321,18 @@ def format_report(result: dict, estimator: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = get_args_parser().parse_args(argv)
-    try:
-        result = analyse(args)
-    except UserError as err:
-        _logger.error("%s", err)
-        return 2
+def run(args) -> int:
+    result = analyse(args)
     print(format_report(result, args.estimator))
     if args.plot:
         save_plot(args.plot, result["layer_entropy"], result["selected"])
         _logger.info("saved %s", args.plot)
     return 0
+
+
+def main(argv=None) -> int:
+    from tools import _common
+    return _common.run_cli(get_args_parser(), run, argv)
 
 
 if __name__ == "__main__":

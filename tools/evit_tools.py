@@ -4,8 +4,11 @@ Both are called from `main.py` (`--test_speed` / `--only_test_speed`,
 `--visualize_mask --n_visualization N`) and also run standalone:
 
     python -m tools.evit_tools speed --model deit_small_patch16_shrink_base --fuse_token --output_dir out
-    python -m tools.evit_tools visualize --model deit_small_patch16_shrink_base --fuse_token \
-        --checkpoint evit.pth [--data-path IMAGENET_VAL_FOLDER] --n_visualization 8 --output_dir out
+    python -m tools.evit_tools visualize --resume output_dir/checkpoint.pth \\
+        [--data-path IMAGENET_VAL_FOLDER] --n_visualization 8 --output_dir out
+
+The model name and its options (--base_keep_rate, --drop_loc, --fuse_token, --model-kwargs)
+default to those a main.py checkpoint's saved args hold.
 
 Speed test (evit.md section 6): three runs of `passes` forward passes on a random
 batch in eval mode (without `no_grad`, like the official code); the first run is a
@@ -179,64 +182,87 @@ def visualize_mask(model: nn.Module, data_loader, args, device) -> dict:
 # CLI
 # ---------------------------------------------------------------------------
 
+DEFAULT_MODEL = "deit_small_patch16_shrink_base"
+
+
 def _build_model(args) -> nn.Module:
+    from tools import _common
     import timm
 
     import models  # noqa: F401  (registers the models)
-    kwargs = {k: getattr(args, k) for k in ("base_keep_rate", "drop_loc", "fuse_token") if getattr(args, k) is not None}
-    model = timm.create_model(args.model, img_size=args.input_size, num_classes=args.num_classes, **kwargs)
-    if args.checkpoint:
-        from utils.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
-        load_model_weights(model, extract_state_dict(load_checkpoint_file(args.checkpoint)), model_name=args.model)
-    return model
+    evit_models = timm.list_models("*_shrink_base")
+    return _common.build_model(args, DEFAULT_MODEL, supported=evit_models).model
 
 
-def _loader(args):
+def _loader(args, img_size: int):
     from torch.utils.data import DataLoader, TensorDataset
     if args.data_path:
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
-        dataset = ImageFolder(args.data_path, transform=create_transform(args.input_size, is_training=False))
+        dataset = ImageFolder(args.data_path, transform=create_transform(img_size, is_training=False))
     else:
         generator = torch.Generator().manual_seed(0)
-        images = torch.randn(args.n_visualization, 3, args.input_size, args.input_size, generator=generator)
+        images = torch.randn(args.n_visualization, 3, img_size, img_size, generator=generator)
         dataset = TensorDataset(images, torch.zeros(args.n_visualization, dtype=torch.long))
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
 
 
+class _DropLocAction(argparse.Action):
+    """--drop_loc "(3, 6, 9)" as main.py takes it, or the old tool spelling --drop_loc 3 6 9."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+        joined = " ".join(values)
+        for text in (joined, ", ".join(values)):
+            try:
+                value = ast.literal_eval(text.strip())
+            except (ValueError, SyntaxError):
+                continue
+            value = (value,) if isinstance(value, int) else value
+            if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                setattr(namespace, self.dest, tuple(value))
+                return
+        parser.error(f"{option_string} {joined!r} is not a tuple of block indices such as \"(3, 6, 9)\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("speed", "visualize"))
-    parser.add_argument("--model", default="deit_small_patch16_shrink_base")
-    parser.add_argument("--base_keep_rate", type=float, default=None)
-    parser.add_argument("--drop_loc", type=int, nargs="+", default=None)
-    parser.add_argument("--fuse_token", action="store_true", default=None)
-    parser.add_argument("--input-size", dest="input_size", type=int, default=224)
-    parser.add_argument("--num-classes", dest="num_classes", type=int, default=1000)
-    parser.add_argument("--checkpoint", default=None, help="weights to load (strict)")
-    parser.add_argument("--data-path", dest="data_path", default=None, help="image folder; random images if omitted")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    parser.add_argument("--n_visualization", type=int, default=8)
-    parser.add_argument("--output_dir", default="evit_tools_out")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from tools import _common
+    parser = _common.ToolParser("evit_tools", __doc__)
+    parser.add_argument("command", choices=("speed", "visualize"), help="speed/MACs test or kept-patch pictures")
+    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="weights to load strictly",
+                           model_help="an EViT model (*_shrink_base)")
+    parser.add_argument(*_common.spellings("--drop_loc"), dest="drop_loc", nargs="+", action=_DropLocAction,
+                        default=None, metavar="LOC",
+                        help='EViT drop locations, "(3, 6, 9)" as in main.py or 3 6 9 '
+                             "(default: the checkpoint's, else the model's)")
+    g = parser.add_argument_group("run")
+    g.add_argument(*_common.spellings("--data-path"), dest="data_path", default=None,
+                   help="image folder (default: random images)")
+    g.add_argument(*_common.spellings("--batch-size"), "-b", dest="batch_size", type=int, default=8,
+                   help="visualisation batch size")
+    g.add_argument(*_common.spellings("--n_visualization"), dest="n_visualization", type=int, default=8,
+                   help="images to visualise")
+    g.add_argument(*_common.spellings("--output_dir"), dest="output_dir", default="evit_tools_out",
+                   help="where speed_macs.txt and visualize_mask/ go")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return parser
 
 
-def main(argv: Optional[list] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        model = _build_model(args).to(args.device)
-    except ValueError as err:
-        _logger.error("%s", err)
-        return 2
+def run(args) -> int:
+    model = _build_model(args).to(args.device)
     if args.command == "speed":
         result = run_speed_test(model, args, args.device)
         print(f"inference_speed: {result['inference_speed']:.2f} GMACs: {result['gmacs']:.4f}")
     else:
-        result = visualize_mask(model, _loader(args), args, torch.device(args.device))
+        img_size = args.input_size or int(_unwrap(model).patch_embed.img_size[0])
+        result = visualize_mask(model, _loader(args, img_size), args, torch.device(args.device))
         print(f"wrote {result['written']} images to {result['output_dir']}")
     return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    from tools import _common
+    return _common.run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ averaged.
     python -m tools.ltm_visualize --model ltm_mobilevit_s --checkpoint ltm_mvit_s.pth \\
         --images a.jpg b.jpg --out merge_weights.png
 
+The model, --compression-ratio, num_classes and model kwargs default to those a main.py
+checkpoint's saved args hold.
+
 Without --images, random noise images are used (a smoke test of the pipeline).
 """
 from __future__ import annotations
@@ -19,6 +22,8 @@ import sys
 from typing import List, Optional, Sequence
 
 import torch
+
+from utils.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
@@ -125,43 +130,41 @@ def load_images(paths: Sequence[str], model: torch.nn.Module, size: Optional[int
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
 
 
+DEFAULT_MODEL = "ltm_mobilevit_s"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ltm_mobilevit_s")
-    parser.add_argument("--checkpoint", default="", help="LTM checkpoint (model weights); random init if empty")
-    parser.add_argument("--compression-ratio", dest="compression_ratio", type=float, default=0.8)
-    parser.add_argument("--block", default="", help="LTM block name (default: the first one)")
-    parser.add_argument("--images", nargs="*", default=[], help="image files (default: 2 random images)")
-    parser.add_argument("--num-targets", dest="num_targets", type=int, default=4)
-    parser.add_argument("--input-size", dest="input_size", type=int, default=None)
-    parser.add_argument("--num-classes", dest="num_classes", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="ltm_merge_weights.png")
+    from tools import _common
+    parser = _common.ToolParser("ltm_visualize", __doc__)
+    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="LTM checkpoint (model weights), loaded strictly",
+                           model_help="an ltm_* model")
+    g = parser.add_argument_group("visualisation")
+    g.add_argument("--block", default="", help="LTM block name (default: the first one)")
+    g.add_argument("--images", nargs="*", default=[], help="image files (default: 2 random images)")
+    g.add_argument(*_common.spellings("--num-targets"), dest="num_targets", type=int, default=4,
+                   help="merged tokens whose source weights are drawn")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random images and weights")
+    g.add_argument("--out", "--output", dest="out", default="ltm_merge_weights.png", help="output PNG")
     return parser
 
 
 def run(args) -> str:
     import timm
 
-    import models  # noqa: F401  (registers the LTM models)
     from models.ltm import ltm_blocks
-    from utils.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
-    from utils.errors import UserError
+    from tools import _common
 
+    _common.check_output_file(args.out, "--out")
     torch.manual_seed(args.seed)
-    if not args.model.startswith("ltm_"):
-        raise UserError(f"--model {args.model} is not an LTM model; use one of the ltm_* models")
-    try:
-        model = timm.create_model(args.model, num_classes=args.num_classes,
-                                  compression_ratio=args.compression_ratio)
-    except ValueError as err:
-        raise UserError(str(err).splitlines()[0]) from None
-    if args.checkpoint:
-        load_model_weights(model, extract_state_dict(load_checkpoint_file(args.checkpoint)), strict=True,
-                           model_name=args.model)
+    import models  # noqa: F401  (registers the LTM models)
+    ltm_models = [name for name in timm.list_models("ltm_*")]
+    loaded = _common.build_model(args, DEFAULT_MODEL, supported=ltm_models)
+    model = loaded.model
     if args.images:
-        images = load_images(args.images, model, args.input_size)
+        try:
+            images = load_images(args.images, model, args.input_size)
+        except OSError as err:
+            raise UserError(f"cannot read --images file: {err}") from None
     else:
         size = args.input_size or model.pretrained_cfg["input_size"][-1]
         images = torch.rand(2, 3, size, size)
@@ -172,22 +175,14 @@ def run(args) -> str:
         result = target_weight_maps(model, images, block, targets)
     except ValueError as err:
         raise UserError(str(err)) from None
-    plot_weight_maps(images, result, args.out, title=f"{args.model} {block}: G {result['grid']} -> {result['merged']}")
+    plot_weight_maps(images, result, args.out, title=f"{loaded.name} {block}: G {result['grid']} -> {result['merged']}")
     _logger.info(f"wrote {args.out}")
     return args.out
 
 
 def main(argv=None) -> int:
-    from utils.errors import UserError
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as err:
-        _logger.error(str(err))
-        return 2
-    return 0
+    from tools import _common
+    return _common.run_cli(build_parser(), lambda args: run(args) and 0, argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ never writes such a file (it loads non-strictly and drops the keys silently); th
 removes exactly those keys, says which, loads the result strictly into the `*_shrink`
 model and checks on random inputs that its logits equal the lambda model's at lambda 0.
 
-    python -m tools.shrink_convert --input checkpoint.pth --output shrink.pth \
-        --model deit_small_patch16_224_shrink [--prune_layer [0,2,4,6] --done_layer []]
+    python -m tools.shrink_convert --input checkpoint.pth --output shrink.pth \\
+        --model deit_small_patch16_224_shrink [--prune_layer [0,2,4,6] --done_layer []] \\
+        [--model-kwargs "{'depth': 4}"]
+
+Model kwargs a main.py checkpoint saved (`args["model_kwargs"]`) are applied to both models.
 """
 from __future__ import annotations
 
@@ -19,12 +22,12 @@ import math
 import sys
 from typing import Optional
 
-import timm
 import torch
 
 import models  # noqa: F401  (registers the shrink models)
 from models.shrink import lambda_at_epoch, remove_attention_keys
-from utils.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights, save_checkpoint
+from models.factory import create_model
+from utils.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights, saved_args, save_checkpoint
 from utils.errors import UserError
 
 _logger = logging.getLogger("shrink_convert")
@@ -53,21 +56,27 @@ def block_list(text: str) -> list[int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "shrink_convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="lambda-model checkpoint (this project's or official lambda_vit)")
-    parser.add_argument("--output", required=True, help="where to write the deployed checkpoint")
-    parser.add_argument("--model", required=True, choices=sorted(LAMBDA_MODEL_FOR),
-                        help="deployed model the result must load into strictly")
-    parser.add_argument("--prune_layer", "--prune-layer", type=block_list, default=None,
+    from tools import _common
+    parser = _common.ToolParser("shrink_convert", __doc__)
+    parser.add_argument("--input", *_common.spellings("--checkpoint", "--resume"), dest="input", required=True,
+                        help="lambda-model checkpoint (this project's or official lambda_vit); required, no default")
+    parser.add_argument("--output", required=True, help="where to write the deployed checkpoint; required, no default")
+    parser.add_argument("--model", required=True, choices=sorted(LAMBDA_MODEL_FOR), metavar="MODEL",
+                        help=f"deployed model the result must load into strictly: {', '.join(sorted(LAMBDA_MODEL_FOR))}"
+                             "; required, no default")
+    parser.add_argument(*_common.spellings("--prune_layer"), dest="prune_layer", type=block_list, default=None,
                         help="blocks that were diluted to lambda 0 (default: from the checkpoint)")
-    parser.add_argument("--done_layer", "--done-layer", type=block_list, default=None,
+    parser.add_argument(*_common.spellings("--done_layer"), dest="done_layer", type=block_list, default=None,
                         help="blocks that were already at lambda 0 (default: from the checkpoint)")
-    parser.add_argument("--lambda_model", "--lambda-model", default=None,
+    parser.add_argument(*_common.spellings("--lambda_model"), dest="lambda_model", default=None,
                         help="lambda model used for the equivalence check (default: the one of --model's size)")
-    parser.add_argument("--verify-batch", type=int, default=2, help="random images for the equivalence check")
+    parser.add_argument(*_common.spellings("--model-kwargs"), dest="model_kwargs", type=_common.dict_literal,
+                        default=None, help="extra constructor kwargs of both models, e.g. \"{'depth': 4}\" "
+                                           "(default: the checkpoint's saved --model-kwargs, else none)")
+    parser.add_argument(*_common.spellings("--verify-batch"), dest="verify_batch", type=int, default=2,
+                        help="random images for the equivalence check")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="largest accepted |logit difference|")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the equivalence check's images")
     return parser
 
 
@@ -150,6 +159,8 @@ def max_logit_difference(deployed: torch.nn.Module, reference: torch.nn.Module, 
 
 def convert(args: argparse.Namespace) -> dict:
     """Run the conversion; returns a summary dict. Raises UserError on any refusal."""
+    from tools._common import check_output_file
+    check_output_file(args.output, "--output")
     checkpoint = load_checkpoint_file(args.input)
     state_dict = extract_state_dict(checkpoint)
     prune_layer, done_layer = resolve_layers(checkpoint if isinstance(checkpoint, dict) else {},
@@ -163,10 +174,12 @@ def convert(args: argparse.Namespace) -> dict:
 
     # Both models are loaded strictly below, so timm's (slow) weight init is skipped.
     kwargs = dict(_model_kwargs(state_dict), weight_init="skip")
+    kwargs.update(saved_args(checkpoint).get("model_kwargs") or {})
+    kwargs.update(args.model_kwargs or {})
+    lambda_name = args.lambda_model or LAMBDA_MODEL_FOR[args.model]
     try:
-        deployed = timm.create_model(args.model, done_layer=removed, **kwargs)
-        lambda_name = args.lambda_model or LAMBDA_MODEL_FOR[args.model]
-        reference = timm.create_model(lambda_name, prune_layer=prune_layer, done_layer=done_layer, **kwargs)
+        deployed = create_model(args.model, model_kwargs=dict(kwargs, done_layer=removed))
+        reference = create_model(lambda_name, model_kwargs=dict(kwargs, prune_layer=prune_layer, done_layer=done_layer))
     except ValueError as err:
         raise UserError(str(err).splitlines()[0]) from None
     load_model_weights(deployed, deployed_state, strict=True, model_name=args.model)
@@ -186,14 +199,8 @@ def convert(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = get_args_parser().parse_args(argv)
-    try:
-        summary = convert(args)
-    except UserError as err:
-        _logger.error("%s", err)
-        return 2
+def run(args) -> int:
+    summary = convert(args)
     print(f"dropped {len(summary['dropped_keys'])} keys (blocks {summary['removed_blocks']}):")
     for key in summary["dropped_keys"]:
         print(f"  {key}")
@@ -201,6 +208,11 @@ def main(argv=None) -> int:
           f"max |logit diff| vs {summary['lambda_model']} at lambda 0: {summary['max_abs_diff']:.3g}")
     print(f"wrote {args.output}")
     return 0
+
+
+def main(argv=None) -> int:
+    from tools import _common
+    return _common.run_cli(get_args_parser(), run, argv)
 
 
 if __name__ == "__main__":

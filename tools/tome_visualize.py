@@ -6,8 +6,11 @@ by a binary erosion of the group mask) with a random colour per group
 (`random.seed(0)`, one RGB triple per group id).
 
     python -m tools.tome_visualize --model deit_small_patch16_224 --tome-r 13 --out groups.png
-    python -m tools.tome_visualize --model deit_small_patch16_224 --checkpoint deit_s.pth \
+    python -m tools.tome_visualize --checkpoint output_dir/checkpoint.pth \\
         --tome-r "[25] * 8" --images cat.jpg dog.jpg --out groups.png
+
+The model name, num_classes and model kwargs default to those the checkpoint's saved
+args hold (main.py's flag names: --model, --resume/--checkpoint, --input-size, --model-kwargs).
 
 Without `--images` a synthetic test image is used. The output shows the input and
 its visualisation side by side; several images give `<out stem>_<i>.png`.
@@ -26,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import binary_erosion
+
+from utils.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
@@ -127,44 +132,49 @@ def _parse_r(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--checkpoint", default=None, help="weights to load strictly (random weights if omitted)")
-    parser.add_argument("--tome-r", dest="tome_r", type=_parse_r, default=13,
-                        help="int, '(r, inflect)' or a list such as '[25] * 8'")
-    parser.add_argument("--tome-start-idx", dest="tome_start_idx", type=int, default=0)
-    parser.add_argument("--images", nargs="*", default=[], help="image files (a synthetic image if none)")
-    parser.add_argument("--img-size", dest="img_size", type=int, default=224)
-    parser.add_argument("--model-kwargs", dest="model_kwargs", type=ast.literal_eval, default={},
-                        help="extra timm.create_model kwargs, e.g. \"{'done_layer': [0, 2, 4]}\"")
-    parser.add_argument("--out", default="tome_groups.png")
+    from tools import _common
+    parser = _common.ToolParser("tome_visualize", __doc__)
+    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="weights to load strictly", method_flags=False)
+    g = parser.add_argument_group("ToMe and output")
+    g.add_argument(*_common.spellings("--tome-r"), dest="tome_r", type=_parse_r, default=13,
+                   help="tokens merged per block: int, '(r, inflect)' or a list such as '[25] * 8'")
+    g.add_argument(*_common.spellings("--tome-start-idx"), dest="tome_start_idx", type=int, default=0,
+                   help="attention blocks left unpatched at the start")
+    g.add_argument("--images", nargs="*", default=[], help="image files (default: one synthetic image)")
+    g.add_argument("--out", "--output", dest="out", default="tome_groups.png",
+                   help="output PNG; several images give <stem>_<i>.png")
     return parser
 
 
-def main(argv: Optional[list] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    import timm
+DEFAULT_MODEL = "deit_small_patch16_224"
 
-    import models  # noqa: F401  (registers the models)
+
+def run(args) -> int:
+    from tools import _common
+    _common.check_output_file(args.out, "--out")
+    loaded = _common.build_model(args, DEFAULT_MODEL, apply_patches=False)
+    model = loaded.model
+    size = int(model.patch_embed.img_size[0])
     try:
-        model = timm.create_model(args.model, img_size=args.img_size, **args.model_kwargs)
-        if args.checkpoint:
-            from utils.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
-            load_model_weights(model, extract_state_dict(load_checkpoint_file(args.checkpoint)), model_name=args.model)
-        images = [load_image(p, args.img_size) for p in args.images] or [synthetic_image(args.img_size)]
+        images = [load_image(p, size) for p in args.images] or [synthetic_image(size)]
+    except OSError as err:
+        raise UserError(f"cannot read --images file: {err}") from None
+    try:
         pictures = visualize(model, images, args.tome_r, args.tome_start_idx)
-    except (ValueError, OSError) as err:
-        _logger.error("%s", str(err).splitlines()[0] if str(err) else type(err).__name__)
-        return 2
+    except ValueError as err:
+        raise UserError(f"--tome-r {args.tome_r!r}: {str(err).splitlines()[0]}") from None
     stem, ext = os.path.splitext(args.out)
     paths = [args.out] if len(pictures) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(pictures))]
     for picture, path in zip(pictures, paths):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         picture.save(path)
         _logger.info("wrote %s", path)
     print("\n".join(paths))
     return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    from tools import _common
+    return _common.run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
