@@ -4,4 +4,5 @@
     model = timm.create_model("deit_small_patch16_shrink_base", base_keep_rate=0.7)
 """
 from . import dwnet, evit, ltm, ltmp, raftmlp, shrink, tofu, tome  # noqa: F401  (registration side effects)
-from .hooks import TrainingHooks, build_training_hooks  # noqa: F401
+from . import family  # noqa: F401  (the method-family registry)
+from .hooks import TrainingHooks  # noqa: F401

@@ -457,3 +457,16 @@ def iddwnet_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> DWNet
 def iddwnet_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> DWNet:
     model_args = dict(_BASE, dynamic=True, inhomogeneous=True, inhomo_heads=(4, 8, 16, 32))
     return _create_dwnet("iddwnet_base_patch4_window7_224", pretrained, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Method family: no method flags (timm's kwargs suffice)
+# ---------------------------------------------------------------------------
+
+from . import family as _family  # noqa: E402
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="dwnet",
+    title="DWNet",
+    owns=_family.models_of(__name__),
+))

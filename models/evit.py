@@ -38,6 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
+from . import family
 from .hooks import TrainingHooks
 from .token_ops import attention_with_keys, class_attention, keep_count, keep_topk_tokens
 from .errors import ModelConfigError
@@ -397,3 +398,69 @@ def deit_small_distilled_patch16_shrink_base(pretrained: bool = False, **kwargs)
 def deit_base_distilled_patch16_shrink_base(pretrained: bool = False, **kwargs) -> EViTDistilled:
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_evit("deit_base_distilled_patch16_shrink_base", pretrained, distilled=True, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Method family: flags, hooks and commands the trainer, benchmark and tools discover
+# ---------------------------------------------------------------------------
+
+def _family_hooks(model, options) -> Optional[TrainingHooks]:
+    if not isinstance(model, EViT):
+        return None
+    base = model.base_keep_rate if options.base_keep_rate is None else float(options.base_keep_rate)
+    return KeepRateWarmup(base, int(options.shrink_start_epoch), int(options.shrink_epochs))
+
+
+def _family_log_state(model) -> dict:
+    if not isinstance(model, EViT):
+        return {}
+    rate = model.runtime_keep_rate
+    return {"keep_rate": model.base_keep_rate if rate is None else rate}
+
+
+def _run_speed_test(model, context) -> None:
+    from tools import evit_tools
+    evit_tools.run_speed_test(model, context, context.device)
+
+
+def _visualize_mask(model, context) -> None:
+    from tools import evit_tools
+    evit_tools.visualize_mask(model, context.data_loader, context, context.device)
+
+
+def _search_keep_rate(build, target, gmacs_of):
+    return family.search_continuous(0.05, 1.0, lambda rate: build(rate), target, gmacs_of, decimals=3)
+
+
+FAMILY = family.register_family(family.MethodFamily(
+    name="evit",
+    title="EViT: keep the attentive tokens, fuse the rest",
+    owns=family.models_of(__name__),
+    flags=(
+        family.Flag("--base_keep_rate", type=family.auto_or(float), kwarg="base_keep_rate",
+                    metavar="RATE", help="keep rate at the drop locations (model default 0.7; 'auto' with --target-gmacs)"),
+        family.Flag("--drop_loc", type=family.literal("int_tuple"), kwarg="drop_loc", metavar="BLOCKS",
+                    help='drop locations, e.g. "(3, 6, 9)" (model default)'),
+        family.Flag("--fuse_token", action="store_true", default=None, kwarg="fuse_token",
+                    help="fuse the dropped tokens into one (inattentive token fusion)"),
+        family.Flag("--shrink_start_epoch", type=int, default=10, help="first epoch of the keep-rate warm-up"),
+        family.Flag("--shrink_epochs", type=int, default=0,
+                    help="epochs of the cosine keep-rate warm-up from 1 to --base_keep_rate (0: none)"),
+        family.Flag("--test_speed", action="store_true", default=False,
+                    help="log throughput and GMACs (speed_macs.txt in --output_dir) before running"),
+        family.Flag("--only_test_speed", action="store_true", default=False,
+                    help="only the speed test of --test_speed, then exit"),
+        family.Flag("--visualize_mask", action="store_true", default=False,
+                    help="save images of the kept tokens of --n_visualization validation images, then exit"),
+        family.Flag("--n_visualization", type=int, default=128, help="images for --visualize_mask"),
+    ),
+    training_hooks=_family_hooks,
+    train_mode_when_finetuning=False,
+    commands=(
+        family.Command("only_test_speed", _run_speed_test, exits=True, needs_data=False),
+        family.Command("test_speed", _run_speed_test, exits=False, needs_data=False),
+        family.Command("visualize_mask", _visualize_mask, exits=True, needs_data=True),
+    ),
+    log_state=_family_log_state,
+    reduction=family.Reduction("base_keep_rate", _search_keep_rate),
+))

@@ -1,18 +1,16 @@
 """Per-method training hooks: how schedules and checkpoint rules reach the engine.
 
-A family module may define `training_hooks(model, args) -> TrainingHooks | None`.
-The engine never computes a method's schedule itself; it calls these hooks on the
-unwrapped model, and the hooks apply values through explicit setters
-(`model.set_lambda(v)`, `model.set_keep_rate(v)`).
+A method family (`models/family.py`) may give `training_hooks(model, options)`; the
+registry combines the hooks of the model's active families (with their `log_state` and
+`after_optimizer_step` callbacks) into one `CombinedHooks`. The engine never computes a
+method's schedule itself; it calls these hooks on the unwrapped model, and the hooks apply
+values through explicit setters (`model.set_lambda(v)`, `model.set_keep_rate(v)`).
 """
 from __future__ import annotations
 
-import importlib
+from typing import Callable, Optional
 
 from torch import nn
-
-# Family modules asked for hooks, in this order.
-_HOOK_FAMILIES = ("models.shrink", "models.evit", "models.ltm")
 
 
 class TrainingHooks:
@@ -29,6 +27,28 @@ class TrainingHooks:
 
     def checkpoint_state(self, model: nn.Module) -> dict:
         return {}
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        pass
+
+    def log_state(self, model: nn.Module) -> dict:
+        """The method's current state for progress lines and log.txt ({name: number})."""
+        return {}
+
+
+class CallbackHooks(TrainingHooks):
+    """A family's `log_state` / `after_optimizer_step` callbacks as hooks."""
+
+    def __init__(self, log_state: Optional[Callable] = None, after_optimizer_step: Optional[Callable] = None):
+        self._log_state = log_state
+        self._after_step = after_optimizer_step
+
+    def after_optimizer_step(self, model):
+        if self._after_step is not None:
+            self._after_step(model)
+
+    def log_state(self, model):
+        return dict(self._log_state(model)) if self._log_state is not None else {}
 
 
 class CombinedHooks(TrainingHooks):
@@ -54,15 +74,27 @@ class CombinedHooks(TrainingHooks):
             state.update(hook.checkpoint_state(model))
         return state
 
+    def after_optimizer_step(self, model):
+        for hook in self.hooks:
+            hook.after_optimizer_step(model)
+
+    def log_state(self, model):
+        state = {}
+        for hook in self.hooks:
+            state.update(hook.log_state(model))
+        return state
+
 
 def build_training_hooks(model: nn.Module, args) -> TrainingHooks:
-    """Collect the hooks every family module offers for `model` (unwrapped, not DDP)."""
+    """The hooks of every registered family that recognises `model` (families ignore other
+    models), from an argparse-like namespace of flag values. The trainer uses
+    `models.family.training_hooks(model, name, args)`, which also knows the model's name."""
+    from .family import families, options_for
+
     found = []
-    for module_name in _HOOK_FAMILIES:
-        factory = getattr(importlib.import_module(module_name), "training_hooks", None)
-        if factory is None:
-            continue
-        hook = factory(model, args)
-        if hook is not None:
-            found.append(hook)
+    for family in families():
+        if family.training_hooks is not None:
+            hook = family.training_hooks(model, options_for(family, args))
+            if hook is not None:
+                found.append(hook)
     return CombinedHooks(found)

@@ -460,3 +460,18 @@ def raftmlp_l(pretrained: bool = False, **kwargs) -> RaftMLP:
 def raftmlp_org_mixer(pretrained: bool = False, **kwargs) -> RaftMLP:
     model_args = dict(layers=[dict(depth=12, dim=768, patch_size=16)], token_mixing_type="original_tm")
     return _create_raftmlp("raftmlp_org_mixer", pretrained, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Method family: no method flags; the classifier is `classifier`, the size fixed by the grid
+# ---------------------------------------------------------------------------
+
+from . import family as _family  # noqa: E402
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="raftmlp",
+    title="RaftMLP",
+    owns=_family.models_of(__name__),
+    head_keys=("classifier.weight", "classifier.bias"),
+    unsupported_kwargs=("img_size",),
+))

@@ -40,6 +40,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from utils.errors import UserError
 
+from . import family
 from .hooks import TrainingHooks
 
 _logger = logging.getLogger(__name__)
@@ -497,3 +498,52 @@ def deit_small_patch16_224_shrink(pretrained: bool = False, **kwargs) -> ShrinkV
 def deit_base_patch16_224_shrink(pretrained: bool = False, **kwargs) -> ShrinkVisionTransformer:
     model_args = dict(_VIT_MODELS, embed_dim=768, num_heads=12)
     return _create_shrink("deit_base_patch16_224_shrink", pretrained, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Method family: flags, hooks and evaluation state the trainer discovers
+# ---------------------------------------------------------------------------
+
+def _family_hooks(model: nn.Module, options) -> Optional[TrainingHooks]:
+    if _lambda_model(model) is None:
+        return None
+    if options.lambda_decay_epochs <= 0:
+        raise family.ModelConfigError(f"--lambda-decay-epochs={options.lambda_decay_epochs} must be positive "
+                                      f"(official value {OFFICIAL_LAMBDA_DECAY_EPOCHS})")
+    return LambdaScheduleHooks(options.lambda_decay_epochs)
+
+
+def _family_prepare_eval(model: nn.Module, options) -> None:
+    # lambda_vit evaluates at epoch = epochs - 1 (lambda 0 for the dilution models).
+    hooks = _family_hooks(model, options)
+    if hooks is not None:
+        hooks.on_epoch_start(model, int(options.epochs or 1) - 1)
+
+
+def _family_log_state(model: nn.Module) -> dict:
+    lambda_model = _lambda_model(model)
+    if lambda_model is None:
+        return {}
+    return {f"lambda_b{i}": lambda_model.blocks[i].attention_weight() for i in lambda_model.prune_layer}
+
+
+FAMILY = family.register_family(family.MethodFamily(
+    name="shrink",
+    title="attention shrink (lambda dilution and deployed models)",
+    owns=family.models_of(__name__),
+    flags=(
+        family.Flag("--prune_layer", type=family.literal("int_list"), kwarg="prune_layer", metavar="BLOCKS",
+                    help='blocks being diluted, e.g. "[0,2,4,6]" (model default: none)'),
+        family.Flag("--done_layer", type=family.literal("int_list"), kwarg="done_layer", metavar="BLOCKS",
+                    help='blocks already without attention, e.g. "[0,2]" (model default: none)'),
+        family.Flag("--frozen_stages", type=int, kwarg="frozen_stages", metavar="N",
+                    help="freeze the patch embedding and the first N blocks (model default: none)"),
+        family.Flag("--lambda-decay-epochs", type=int, default=OFFICIAL_LAMBDA_DECAY_EPOCHS,
+                    help="lambda = max(0, 1 - epoch / N) (official hard-coded 299)"),
+    ),
+    training_hooks=_family_hooks,
+    prepare_eval=_family_prepare_eval,
+    ddp_find_unused_parameters=lambda model: bool(getattr(model, "ddp_find_unused_parameters", False)),
+    log_state=_family_log_state,
+    checkpoint_filter_fn=shrink_checkpoint_filter_fn,
+))

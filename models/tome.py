@@ -504,3 +504,58 @@ def _check_attention(attn: nn.Module) -> None:
     missing = [name for name in needed if not hasattr(attn, name)]
     if missing:
         raise ModelConfigError(f"ToMe needs timm's Attention layout; {type(attn).__name__} lacks {', '.join(missing)}.")
+
+
+# ---------------------------------------------------------------------------
+# Method family: ToMe is a patch family, applied after any supported model is built
+# ---------------------------------------------------------------------------
+
+from . import family as _family  # noqa: E402  (the declaration below is the module's public contract)
+from .errors import ModelConfigError  # noqa: E402
+
+
+def _family_active(options) -> bool:
+    return options.tome_r is not None
+
+
+def _family_check(options) -> None:
+    if options.tome_r is None and (options.tome_start_idx or options.no_tome_prop_attn):
+        raise ModelConfigError("--tome-start-idx / --no-tome-prop-attn need --tome-r R")
+
+
+def _family_patch(model: nn.Module, options) -> None:
+    patch(model, r=options.tome_r, start_idx=int(options.tome_start_idx or 0),
+          prop_attn=not options.no_tome_prop_attn)
+
+
+def _family_log_state(model: nn.Module) -> dict:
+    if not is_patched(model):
+        return {}
+    r = model._tome_cfg.r
+    return {"tome_r": r if isinstance(r, int) else float(sum(r)) / max(len(r), 1)}
+
+
+def _search_r(build, target, gmacs_of):
+    model = build(0)
+    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    return _family.search_merge_schedule(build, target, gmacs_of, len(model.blocks), max(tokens // 2, 1))
+
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="tome",
+    title="ToMe: token merging (a patch applied to supported models)",
+    flags=(
+        _family.Flag("--tome-r", type=_family.r_schedule, metavar="R",
+                     help="patch the model with ToMe, merging R tokens per block (an int, a per-block list "
+                          "\"[8,8,6]\", or 'auto' with --target-gmacs); default: no ToMe"),
+        _family.Flag("--tome-start-idx", type=int, default=0,
+                     help="attention blocks left unpatched at the start"),
+        _family.Flag("--no-tome-prop-attn", action="store_true", default=False,
+                     help="ToMe without proportional attention"),
+    ),
+    patch=_family_patch,
+    active=_family_active,
+    check_options=_family_check,
+    log_state=_family_log_state,
+    reduction=_family.Reduction("tome_r", _search_r, parse=_family.r_schedule),
+))

@@ -1,0 +1,506 @@
+"""Method families: how a method plugs into the trainer, the benchmark and the tools.
+
+A family declares, in its own module, everything the rest of the project needs to know
+about the method; `main.py`, `engine.py`, `benchmark.py` and `tools/` ask this registry
+and name no method. There are two kinds:
+
+* a **model family** owns registered model names (EViT owns `deit_*_patch16_shrink_base`):
+  its flags that carry `kwarg=` become constructor kwargs of those models;
+* a **patch family** (ToMe, ToFu) has `owns=None` and a `patch`: it is applied, after the
+  model is built and its weights loaded, to a model of any family when `active(options)`.
+
+A declaration sits at the bottom of the family module (a researcher's own file works the
+same way: import it before parsing, e.g. `python main.py --plugin my_method ...`):
+
+    FAMILY = register_family(MethodFamily(
+        name="evit",
+        title="EViT: keep the attentive tokens, fuse the rest",
+        owns=models_of(__name__),
+        flags=(
+            Flag("--base_keep_rate", "--base-keep-rate", type=float, kwarg="base_keep_rate",
+                 help="keep rate at the drop locations (model default 0.7)"),
+            Flag("--shrink_start_epoch", "--shrink-start-epoch", type=int, default=10,
+                 help="first epoch of the keep-rate warm-up"),
+        ),
+        training_hooks=lambda model, options: KeepRateWarmup(...),
+    ))
+
+Every callback receives the model and an `Options` namespace that holds this family's
+own flag values (by dest) plus the run-level values in `RUN_FIELDS` (`epochs`, `lr`,
+`weight_decay`, `input_size`), never the trainer's full argument namespace.
+Flags with `kwarg=` default to None ("use the model's default") and are passed only when
+given. Callbacks raise `models.errors.ModelConfigError` for bad user input.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import re
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .errors import ModelConfigError
+
+from .hooks import CallbackHooks, CombinedHooks, TrainingHooks
+
+__all__ = [
+    "Flag", "Command", "literal", "auto_or", "AUTO", "check_all_options", "import_plugins", "Reduction", "MethodFamily", "Options", "RUN_FIELDS",
+    "register_family", "unregister_family", "families", "get_family", "family_of_model",
+    "patch_families", "active_families", "search_continuous", "search_sequence", "search_merge_schedule", "r_schedule", "models_of", "add_family_args", "family_dests",
+    "options_for", "model_kwargs", "apply_patches", "training_hooks", "model_family_for_module",
+]
+
+# Run-level values every callback may read from its Options (besides its own flags).
+RUN_FIELDS = ("epochs", "lr", "weight_decay", "input_size", "seed")
+
+Options = SimpleNamespace
+
+_LITERAL_HELP = {"int_list": "a list such as [0,2,4]", "int_tuple": "a tuple such as (3, 6, 9)",
+                 "dict": "a dict such as \"{'depth': 2}\""}
+
+
+def literal(kind: str) -> Callable[[Any], Any]:
+    """argparse type: a Python literal read with ast.literal_eval (never eval), checked for `kind`.
+
+    kind: 'int_list' -> list of ints, 'int_tuple' -> tuple of ints, 'dict' -> dict. A single
+    int is a one-element list/tuple; space-separated ints ("3 6 9") are accepted too.
+    """
+    def parse(text):
+        value = text
+        if isinstance(text, str):
+            stripped = text.strip()
+            if kind != "dict" and re.fullmatch(r"-?\d+(\s+-?\d+)+", stripped):
+                stripped = "[" + ",".join(stripped.split()) + "]"
+            try:
+                value = ast.literal_eval(stripped)
+            except (ValueError, SyntaxError):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a Python literal (expected {_LITERAL_HELP[kind]})")
+        if kind == "dict":
+            if not isinstance(value, dict):
+                raise argparse.ArgumentTypeError(f"{text!r} is not {_LITERAL_HELP[kind]}")
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_LITERAL_HELP[kind]} of integers")
+        return list(value) if kind == "int_list" else tuple(value)
+    parse.__name__ = kind
+    return parse
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line option of a family: argparse names and keywords, and the kwarg it feeds.
+
+    `kwarg`: the constructor kwarg of the family's models this option becomes when given
+    (not None). The default is shown in `--help`.
+    """
+    names: Tuple[str, ...]
+    dest: str
+    help: str
+    type: Optional[Callable] = None
+    default: Any = None
+    action: Optional[str] = None
+    nargs: Any = None
+    choices: Optional[Sequence] = None
+    metavar: Optional[str] = None
+    kwarg: Optional[str] = None
+
+    def __init__(self, *names: str, help: str, dest: Optional[str] = None, type=None, default=None,
+                 action=None, nargs=None, choices=None, metavar=None, kwarg=None):
+        if not names or not all(n.startswith("--") for n in names):
+            raise ValueError(f"Flag needs long option names, got {names!r}")
+        spellings = list(names)
+        for name in names:  # every flag is accepted with '-' and with '_'
+            for other in (name[:2] + name[2:].replace("_", "-"), name[:2] + name[2:].replace("-", "_")):
+                if other not in spellings:
+                    spellings.append(other)
+        object.__setattr__(self, "names", tuple(spellings))
+        object.__setattr__(self, "dest", dest or names[0][2:].replace("-", "_"))
+        for key, value in dict(help=help, type=type, default=default, action=action, nargs=nargs,
+                               choices=choices, metavar=metavar, kwarg=kwarg).items():
+            object.__setattr__(self, key, value)
+
+    def add_to(self, group) -> None:
+        keywords: Dict[str, Any] = dict(dest=self.dest, default=self.default, help=self.help)
+        if self.action:
+            keywords["action"] = self.action
+        else:
+            keywords.update({k: v for k, v in dict(type=self.type, nargs=self.nargs, choices=self.choices,
+                                                    metavar=self.metavar).items() if v is not None})
+        group.add_argument(*self.names, **keywords)
+
+
+@dataclass(frozen=True)
+class Command:
+    """An extra action a family offers instead of (or before) training, switched on by a flag.
+
+    `run(model, context)` gets a `SimpleNamespace` with `data_loader` (validation), `device`,
+    `output_dir`, `batch_size`, `input_size`, `options`. With `exits=True` the run ends
+    after the command (status 0); otherwise training or evaluation continues.
+    """
+    dest: str
+    run: Callable[[nn.Module, SimpleNamespace], None]
+    exits: bool = True
+    main_process_only: bool = True
+    needs_data: bool = True
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The family's reduction parameter, for `--target-gmacs` (the value `auto`).
+
+    `dest`: the flag whose value `auto` asks for a search; `search(build, target_gmacs, gmacs_of)`
+    returns (value, gmacs) where `build(value) -> model` builds the model with that value and
+    `gmacs_of(model) -> float` counts it. The family knows its granularity (a keep rate, an r
+    schedule, a ratio) and returns the closest value it can reach.
+    """
+    dest: str
+    search: Callable[[Callable[[Any], nn.Module], float, Callable[[nn.Module], float]], Tuple[Any, float]]
+    parse: Callable[[str], Any] = float
+
+
+@dataclass
+class MethodFamily:
+    """Everything the trainer, benchmark and tools need from one method (see the module docstring)."""
+    name: str
+    title: str
+    flags: Tuple[Flag, ...] = ()
+    owns: Optional[Callable[[str], bool]] = None
+    # Post-build patch (patch families): patch(model, options); applied when active(options).
+    patch: Optional[Callable[[nn.Module, Options], None]] = None
+    active: Optional[Callable[[Options], bool]] = None
+    # Checks of flag combinations before anything is built (raise ModelConfigError).
+    check_options: Optional[Callable[[Options], None]] = None
+    training_hooks: Optional[Callable[[nn.Module, Options], Optional[TrainingHooks]]] = None
+    # criterion -> criterion wrapping the loss (LTM's IB loss, LTMP's FLOPs regulariser).
+    wrap_criterion: Optional[Callable[[nn.Module, nn.Module, Options], nn.Module]] = None
+    # Optimizer parameter groups (LTMP: thresholds only); None = the trainer's default groups.
+    param_groups: Optional[Callable[[nn.Module, Options, List[float]], Optional[list]]] = None
+    after_optimizer_step: Optional[Callable[[nn.Module, Options], None]] = None
+    # Evaluation-time state for --eval (the dilution models evaluate at lambda 0).
+    prepare_eval: Optional[Callable[[nn.Module, Options], None]] = None
+    # State dict keys of the classifier, dropped by --finetune when their shape differs.
+    head_keys: Tuple[str, ...] = ()
+    # The state-dict filter for --finetune/--pretrained; default: the filter of timm's
+    # module that defines the base architecture (found from the registering module).
+    checkpoint_filter_fn: Optional[Callable[[dict, nn.Module], dict]] = None
+    ddp_find_unused_parameters: Optional[Callable[[nn.Module], bool]] = None
+    # None: the trainer's --train-mode decides; False: fine-tuning runs with model.train(False).
+    train_mode_when_finetuning: Optional[bool] = None
+    commands: Tuple[Command, ...] = ()
+    # One-line method state for progress lines and log.txt: {name: number}.
+    log_state: Optional[Callable[[nn.Module], Dict[str, float]]] = None
+    # End-of-training report: report(model, options, context) -> {name: value}, logged and
+    # written to log.txt (LTMP: the realised FLOPs ratio of the inference model).
+    report: Optional[Callable[[nn.Module, Options, SimpleNamespace], Dict[str, Any]]] = None
+    reduction: Optional[Reduction] = None
+    # Defaults (dest -> value) for this family's models, applied below --cfg and the command
+    # line: the official recipe when the official code is not DeiT's main.py (LTMP's train.py).
+    recipe: Dict[str, Any] = field(default_factory=dict)
+    # Constructor kwargs the trainer passes to every model (img_size, drop_rate, drop_path_rate)
+    # that this family's models do not take.
+    unsupported_kwargs: Tuple[str, ...] = ()
+    module: str = field(default="")
+
+    def is_patch(self) -> bool:
+        return self.owns is None
+
+    def kwarg_flags(self) -> List[Flag]:
+        return [flag for flag in self.flags if flag.kwarg]
+
+
+# The registry: family name -> family. Filled by imports, like timm's model registry.
+_FAMILIES: Dict[str, MethodFamily] = {}
+
+
+def register_family(family: MethodFamily) -> MethodFamily:
+    """Add `family` (re-registering the same name replaces it, so a reloaded module stays valid)."""
+    if not family.module:
+        family.module = _caller_module()
+    dests = {flag.dest: name for name, other in _FAMILIES.items() if name != family.name for flag in other.flags}
+    for flag in family.flags:
+        if flag.dest in dests:
+            raise ValueError(f"family {family.name!r}: flag dest {flag.dest!r} is already declared by "
+                             f"family {dests[flag.dest]!r}")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def unregister_family(name: str) -> None:
+    _FAMILIES.pop(name, None)
+
+
+def _caller_module() -> str:
+    import inspect
+    frame = inspect.currentframe()
+    try:
+        caller = frame.f_back.f_back if frame and frame.f_back else None
+        return caller.f_globals.get("__name__", "") if caller else ""
+    finally:
+        del frame
+
+
+def families() -> List[MethodFamily]:
+    return list(_FAMILIES.values())
+
+
+def get_family(name: str) -> MethodFamily:
+    return _FAMILIES[name]
+
+
+def models_of(module_name: str) -> Callable[[str], bool]:
+    """`owns` predicate: the models registered by `module_name` (timm's registry knows the module)."""
+    def owns(model_name: str) -> bool:
+        import timm
+        try:
+            return timm.models.model_entrypoint(model_name).__module__ == module_name
+        except (RuntimeError, KeyError):
+            return False
+    owns.__name__ = f"models_of_{module_name.replace('.', '_')}"
+    return owns
+
+
+def family_of_model(model_name: str) -> Optional[MethodFamily]:
+    """The model family that owns `model_name`, or None (timm's own models)."""
+    for family in _FAMILIES.values():
+        if family.owns is not None and family.owns(model_name):
+            return family
+    return None
+
+
+def model_family_for_module(module_name: str) -> Optional[MethodFamily]:
+    for family in _FAMILIES.values():
+        if family.module == module_name and not family.is_patch():
+            return family
+    return None
+
+
+def patch_families() -> List[MethodFamily]:
+    return [family for family in _FAMILIES.values() if family.is_patch()]
+
+
+def family_dests(family: MethodFamily) -> List[str]:
+    return [flag.dest for flag in family.flags]
+
+
+def add_family_args(parser: argparse.ArgumentParser, kwargs_only: bool = False,
+                    unset_defaults: bool = False) -> argparse.ArgumentParser:
+    """One argument group per registered family. `kwargs_only`: only the flags that shape the
+    model (constructor kwargs, patch flags), as benchmark.py's model specs take them."""
+    for family in _FAMILIES.values():
+        flags = [f for f in family.flags if not kwargs_only or f.kwarg or family.is_patch()]
+        if not flags:
+            continue
+        group = parser.add_argument_group(f"{family.title} [{family.name}]")
+        for flag in flags:
+            if unset_defaults and flag.action not in ("store_true", "store_false"):
+                flag = _with_default(flag, None)
+            flag.add_to(group)
+    return parser
+
+
+def _with_default(flag: Flag, default) -> Flag:
+    copy = object.__new__(Flag)
+    for key in Flag.__dataclass_fields__:
+        object.__setattr__(copy, key, getattr(flag, key))
+    object.__setattr__(copy, "default", default)
+    return copy
+
+
+def options_for(family: MethodFamily, values) -> Options:
+    """The family's own flag values (and RUN_FIELDS) from an argparse Namespace or a dict."""
+    get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
+    data = {field_name: get(field_name, None) for field_name in RUN_FIELDS}
+    for flag in family.flags:
+        data[flag.dest] = get(flag.dest, flag.default)
+    return Options(**data)
+
+
+def model_kwargs(model_name: str, values) -> Tuple[Dict[str, Any], List[str]]:
+    """(constructor kwargs of `model_name` from the given flag values, dests of other families'
+    kwarg flags that are set and have no effect on this model)."""
+    owner = family_of_model(model_name)
+    get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
+    kwargs: Dict[str, Any] = {}
+    ignored: List[str] = []
+    for family in _FAMILIES.values():
+        for flag in family.kwarg_flags():
+            value = get(flag.dest, None)
+            if value is None:
+                continue
+            if family is owner:
+                kwargs[flag.kwarg] = value
+            else:
+                ignored.append(flag.dest)
+    return kwargs, ignored
+
+
+def active_families(model_name: str, values) -> List[MethodFamily]:
+    """The model's own family (if any) and every patch family that the values switch on."""
+    found = []
+    owner = family_of_model(model_name)
+    if owner is not None:
+        found.append(owner)
+    for family in patch_families():
+        if family.active is not None and family.active(options_for(family, values)):
+            found.append(family)
+    return found
+
+
+def check_all_options(model_name: str, values) -> None:
+    for family in active_families(model_name, values):
+        if family.check_options is not None:
+            family.check_options(options_for(family, values))
+
+
+def apply_patches(model: nn.Module, model_name: str, values) -> List[str]:
+    """Apply every active patch family to `model` in place; returns their names."""
+    applied = []
+    for family in patch_families():
+        options = options_for(family, values)
+        if family.patch is not None and family.active is not None and family.active(options):
+            family.patch(model, options)
+            applied.append(family.name)
+    return applied
+
+
+def training_hooks(model: nn.Module, model_name: str, values) -> TrainingHooks:
+    """The combined training hooks of the model's active families (with their log/step callbacks)."""
+    found: List[TrainingHooks] = []
+    for family in active_families(model_name, values):
+        options = options_for(family, values)
+        if family.training_hooks is not None:
+            hook = family.training_hooks(model, options)
+            if hook is not None:
+                found.append(hook)
+        after_step = family.after_optimizer_step
+        if family.log_state is not None or after_step is not None:
+            found.append(CallbackHooks(family.log_state,
+                                       (lambda m, fn=after_step, o=options: fn(m, o)) if after_step else None))
+    return CombinedHooks(found)
+
+
+def import_plugins(module_names: Sequence[str]) -> None:
+    """Import researchers' own family modules (`--plugin`); an unknown module is a ModelConfigError."""
+    for name in module_names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and name.startswith(err.name):
+                raise ModelConfigError(f"--plugin {name}: no such module on the Python path; "
+                                       f"pass an importable module name (a file my_method.py -> my_method)") from None
+            raise
+
+
+def search_continuous(low: float, high: float, build: Callable[[float], nn.Module], target: float,
+                      gmacs_of: Callable[[nn.Module], float], iterations: int = 14,
+                      decimals: int = 4) -> Tuple[float, float]:
+    """Bisection on a parameter whose GMACs grow with it (keep rate, compression ratio).
+
+    Returns (value, gmacs) of the closest value found; raises ModelConfigError when `target`
+    lies outside [gmacs(low), gmacs(high)].
+    """
+    g_low, g_high = gmacs_of(build(low)), gmacs_of(build(high))
+    _check_reachable(target, g_low, g_high)
+    best = min(((low, g_low), (high, g_high)), key=lambda item: abs(item[1] - target))
+    for _ in range(iterations):
+        mid = round((low + high) / 2, decimals)
+        if mid in (low, high):
+            break
+        g_mid = gmacs_of(build(mid))
+        if abs(g_mid - target) < abs(best[1] - target):
+            best = (mid, g_mid)
+        if g_mid < target:
+            low = mid
+        else:
+            high = mid
+    return best
+
+
+def search_sequence(candidates: Sequence[Any], build: Callable[[Any], nn.Module], target: float,
+                    gmacs_of: Callable[[nn.Module], float]) -> Tuple[Any, float]:
+    """Binary search over candidates ordered from most to least reduction (GMACs increasing)."""
+    if not candidates:
+        raise ModelConfigError("no reduction setting to search")
+    g_first, g_last = gmacs_of(build(candidates[0])), gmacs_of(build(candidates[-1]))
+    _check_reachable(target, g_first, g_last)
+    low, high = 0, len(candidates) - 1
+    results = {low: g_first, high: g_last}
+    while high - low > 1:
+        mid = (low + high) // 2
+        results[mid] = gmacs_of(build(candidates[mid]))
+        if results[mid] < target:
+            low = mid
+        else:
+            high = mid
+    best = min((low, high), key=lambda i: abs(results[i] - target))
+    return candidates[best], results[best]
+
+
+def _check_reachable(target: float, g_min: float, g_max: float) -> None:
+    if target > g_max * 1.0005:
+        raise ModelConfigError(f"--target-gmacs {target:g} is above the unreduced model ({g_max:.3f} GMACs); "
+                               f"pass a value at most {g_max:.3f}")
+    if target < g_min * 0.9995:
+        raise ModelConfigError(f"--target-gmacs {target:g} is below what the method reaches ({g_min:.3f} GMACs "
+                               f"at its strongest setting); pass a value of at least {g_min:.3f}")
+
+
+AUTO = "auto"
+
+
+def auto_or(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type: `kind(text)`, or the string 'auto' (a reduction chosen by --target-gmacs)."""
+    def parse(text):
+        if isinstance(text, str) and text.strip().lower() == AUTO:
+            return AUTO
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a {getattr(kind, '__name__', 'value')} nor 'auto'")
+    parse.__name__ = f"{getattr(kind, '__name__', 'value')} or auto"
+    return parse
+
+
+def r_schedule(text) -> Any:
+    """argparse type for a merge schedule r: an int, a per-block list "[8,8,6]", or 'auto'."""
+    if isinstance(text, str):
+        stripped = text.strip()
+        if stripped.lower() == AUTO:
+            return AUTO
+        try:
+            value = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int, a list of ints such as [8,8,6], or 'auto'")
+    else:
+        value = text
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int, a list of ints such as [8,8,6], or 'auto'")
+    if isinstance(value, (list, tuple)) and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise argparse.ArgumentTypeError(f"{text!r}: every per-block r must be an int")
+    if (isinstance(value, int) and value < 0) or (isinstance(value, (list, tuple)) and any(v < 0 for v in value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: r must be >= 0")
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def search_merge_schedule(build: Callable[[Any], nn.Module], target: float,
+                          gmacs_of: Callable[[nn.Module], float], depth: int, max_r: int) -> Tuple[Any, float]:
+    """--target-gmacs for ToMe-style r: the constant r that brackets the target, then the per-block
+    list with the first k blocks at r + 1 and the rest at r that comes closest."""
+    constant = list(range(max_r, -1, -1))
+    r, gmacs = search_sequence(constant, build, target, gmacs_of)
+    lower = r if gmacs >= target else r + 1  # GMACs(lower) >= target >= GMACs(lower + 1)
+    if lower >= max_r:
+        return r, gmacs
+    lists = [[lower + 1] * k + [lower] * (depth - k) for k in range(depth, -1, -1)]
+    best, best_gmacs = search_sequence(lists, build, target, gmacs_of)
+    if abs(best_gmacs - target) < abs(gmacs - target):
+        if all(v == best[0] for v in best):
+            return best[0], best_gmacs
+        return best, best_gmacs
+    return r, gmacs
