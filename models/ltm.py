@@ -16,10 +16,14 @@ What changes relative to each timm base model (everything else, keys included, i
   - G of one block is the prior of the next block of the same geometry (chain of masks);
   - ``compression_ratio=1.0`` skips the mask module: the model is bit-identical to timm's.
 
-Merging and restoring use index gathers/scatters over the (h*w, 9) candidate table (no dense
-(h*w) x (h'*w') matrix). The candidate table is recomputed once per forward per geometry
-(a handful of integer ops) and handed from block to block in ``MaskState``; nothing is cached
-in module attributes.
+Merging and restoring use the index gathers/scatters of ``models.token_ops`` (``neighbor_merge``,
+``neighbor_unmerge``) over the (h*w, 9) candidate table (no dense (h*w) x (h'*w') matrix). The
+candidate table is recomputed once per forward per geometry (a handful of integer ops). Every
+block keeps timm's ``Tensor -> Tensor`` forward: the module running a chain of blocks (the ViT,
+a Swin / EfficientViT stage, a MobileViT block) makes one ``LTMState`` per forward (grid, prefix
+count, the last block's ``MaskState``) that its blocks read through a shared slot, so forward
+hooks fire on every block and timm's ``forward_intermediates`` / ``features_only`` work; nothing
+outlives the call.
 """
 from __future__ import annotations
 
@@ -43,15 +47,13 @@ from timm.models.swin_transformer import (
 from timm.models.vision_transformer import (
     Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn)
 
-__all__ = [
-    "CLI_KWARGS", "LTMMaskModule", "MaskState", "CandidateTable", "merged_grid", "candidate_table",
-    "merge_tokens", "unmerge_tokens", "load_base_weights", "ltm_blocks",
-]
 from .errors import ModelConfigError
 from .token_ops import neighbor_dot, neighbor_merge, neighbor_unmerge
 
-from . import family
-
+__all__ = [
+    "CLI_KWARGS", "LTMMaskModule", "MaskState", "LTMState", "CandidateTable", "merged_grid", "candidate_table",
+    "load_base_weights", "ltm_blocks",
+]
 
 # main.py passes these argparse options (when not None) as constructor kwargs.
 CLI_KWARGS = ("compression_ratio",)
@@ -63,9 +65,9 @@ _MAX_LOGIT_SCALE = 100.0
 
 
 def check_compression_ratio(ratio) -> float:
-    """The ratio as a float, or a one-line ValueError when it is outside (0, 1]."""
+    """The ratio as a float, or a one-line ModelConfigError when it is outside (0, 1]."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(
+        raise ModelConfigError(
             f"compression_ratio must be a number in (0, 1], got {ratio!r}; pass e.g. --compression-ratio 0.8")
     return float(ratio)
 
@@ -124,101 +126,6 @@ def candidate_table(grid: Tuple[int, int], merged: Tuple[int, int], device=None)
         grid=(h, w), merged=(h2, w2),
         index=index.reshape(h * w, NUM_CANDIDATES),
         valid=valid.reshape(h * w, NUM_CANDIDATES))
-
-
-# ---------------------------------------------------------------------------------------------
-# Neighbourhood kernels. Three sparse products over the candidate table, closed under
-# differentiation, so autograd keeps only the inputs (never a 9x gathered copy of the tokens).
-# Shapes: src (B, N, D) source tokens, tgt (B, M, D) merged tokens, weight (B, N, T), index (N, T).
-# ---------------------------------------------------------------------------------------------
-
-def _neighbor_dot(src, tgt, index):
-    """out[b, i, t] = <src[b, i], tgt[b, index[i, t]]>  -> (B, N, T)."""
-    return torch.stack(
-        [(src * tgt.index_select(1, index[:, t])).sum(-1) for t in range(index.shape[1])], dim=-1)
-
-
-def _gather_sum(weight, tgt, index):
-    """out[b, i] = sum_t weight[b, i, t] * tgt[b, index[i, t]]  -> (B, N, D)."""
-    out = weight[..., 0:1] * tgt.index_select(1, index[:, 0])
-    for t in range(1, index.shape[1]):
-        out = out + weight[..., t:t + 1] * tgt.index_select(1, index[:, t])
-    return out
-
-
-def _scatter_sum(weight, src, index, num_targets: int):
-    """out[b, j] = sum over (i, t) with index[i, t] == j of weight[b, i, t] * src[b, i]  -> (B, M, D)."""
-    out = src.new_zeros(src.shape[0], num_targets, src.shape[-1])
-    for t in range(index.shape[1]):
-        out.index_add_(1, index[:, t], weight[..., t:t + 1] * src)
-    return out
-
-
-class _NeighborDot(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, src, tgt, index):
-        ctx.save_for_backward(src, tgt, index)
-        return _neighbor_dot(src, tgt, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        src, tgt, index = ctx.saved_tensors
-        grad_src = _gather_sum(grad, tgt, index) if ctx.needs_input_grad[0] else None
-        grad_tgt = _scatter_sum(grad, src, index, tgt.shape[1]) if ctx.needs_input_grad[1] else None
-        return grad_src, grad_tgt, None
-
-
-class _GatherSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, tgt, index):
-        ctx.save_for_backward(weight, tgt, index)
-        return _gather_sum(weight, tgt, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, tgt, index = ctx.saved_tensors
-        grad_weight = _neighbor_dot(grad, tgt, index) if ctx.needs_input_grad[0] else None
-        grad_tgt = _scatter_sum(weight, grad, index, tgt.shape[1]) if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_tgt, None
-
-
-class _ScatterSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, src, index, num_targets):
-        ctx.save_for_backward(weight, src, index)
-        return _scatter_sum(weight, src, index, num_targets)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, src, index = ctx.saved_tensors
-        grad_weight = _neighbor_dot(src, grad, index) if ctx.needs_input_grad[0] else None
-        grad_src = _gather_sum(weight, grad, index) if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_src, None, None
-
-
-def neighbor_dot(src: torch.Tensor, tgt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, N, D), (B, M, D), (N, T) -> (B, N, T) dot products of each source with its candidates."""
-    return _NeighborDot.apply(src, tgt, index)
-
-
-def merge_tokens(tokens: torch.Tensor, mask: torch.Tensor, table: CandidateTable) -> torch.Tensor:
-    """Weighted average of the sources feeding each target.
-
-    tokens (B, h*w, D), mask G (B, h*w, 9) -> merged tokens (B, h'*w', D), row-major on (h', w').
-    """
-    weight = mask.to(tokens.dtype)
-    total = _ScatterSum.apply(weight, tokens, table.index, table.num_targets)
-    mass = weight.new_zeros(weight.shape[0], table.num_targets).index_add(
-        1, table.index.reshape(-1), weight.reshape(weight.shape[0], -1))
-    return total / mass.clamp_min(1e-6).unsqueeze(-1)
-
-
-def unmerge_tokens(merged: torch.Tensor, mask: torch.Tensor, table: CandidateTable) -> torch.Tensor:
-    """Restore a merged field to the sources: out_i = sum_t G[i, t] * merged[c(i, t)].
-
-    merged (B, h'*w', D), mask G (B, h*w, 9) -> (B, h*w, D).
-    """
-    return _GatherSum.apply(mask.to(merged.dtype), merged, table.index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,12 +205,13 @@ def merged_feedforward(
     """z + restore(ffn(merge(z))) for z (B, P + h*w, D); the P prefix tokens ride along unmerged."""
     prefix, spatial = z[:, :num_prefix_tokens], z[:, num_prefix_tokens:]
     state = mask_module(spatial, grid, prev)
-    merged = merge_tokens(spatial, state.mask, state.table)
+    index = state.table.index
+    merged = neighbor_merge(spatial, state.mask, index, state.table.num_targets)
     if num_prefix_tokens:
         delta = ffn(torch.cat([prefix, merged], dim=1))
-        restored = unmerge_tokens(delta[:, num_prefix_tokens:], state.mask, state.table)
+        restored = neighbor_unmerge(delta[:, num_prefix_tokens:], state.mask, index)
         return torch.cat([prefix + delta[:, :num_prefix_tokens], spatial + restored], dim=1), state
-    return spatial + unmerge_tokens(ffn(merged), state.mask, state.table), state
+    return spatial + neighbor_unmerge(ffn(merged), state.mask, index), state
 
 
 def _attach_mask_module(block: nn.Module, ltm_cls: type, compression_ratio: float) -> nn.Module:
@@ -315,15 +223,81 @@ def _attach_mask_module(block: nn.Module, ltm_cls: type, compression_ratio: floa
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-forward state: one LTMState per chain of blocks, shared through a slot
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LTMState:
+    """One forward's state for a chain of LTM blocks that hand their masks on.
+
+    Made by the module that runs the chain (the ViT, a Swin or EfficientViT stage, a MobileViT
+    block) and seen by its blocks through their shared slot. ``grid`` (h, w) and
+    ``num_prefix_tokens`` describe the token sequence of ViT / MobileViT blocks (Swin and
+    EfficientViT blocks read the grid from their NHWC / NCHW input); ``prev`` is the mask of the
+    last block, the next block's prior (None after a block that did not merge).
+    """
+    grid: Optional[Tuple[int, int]] = None
+    num_prefix_tokens: int = 0
+    prev: Optional[MaskState] = None
+
+
+class _StateSlot:
+    """Holds the LTMState of the chain being run; one per chain owner, shared with its blocks."""
+    __slots__ = ("state",)
+
+    def __init__(self):
+        self.state: Optional[LTMState] = None
+
+
+def _share_slot(owner: nn.Module, blocks) -> None:
+    slot = _StateSlot()
+    owner._ltm_slot = slot
+    for block in blocks:
+        if isinstance(getattr(block, "mask_module", None), LTMMaskModule):
+            block._ltm_slot = slot
+
+
+def _current_state(block: nn.Module) -> Optional[LTMState]:
+    slot = getattr(block, "_ltm_slot", None)
+    return None if slot is None else slot.state
+
+
+def _chain_step(slot: _StateSlot, block: nn.Module, x: torch.Tensor, state: LTMState):
+    """``block(x)`` with a copy of ``state`` in ``slot`` -> (output, the state after the block).
+
+    ``state`` itself is left as given, so a checkpointed step re-runs identically.
+    """
+    step = dataclasses.replace(state)
+    outer, slot.state = slot.state, step
+    try:
+        x = block(x)
+    finally:
+        slot.state = outer
+    return x, step
+
+
+def _run_chain(slot: _StateSlot, blocks, x: torch.Tensor, state: LTMState, checkpointing: bool = False):
+    """x through ``blocks`` in order (each through ``__call__``), the mask chain carried in ``state``."""
+    for block in blocks:
+        if checkpointing and not torch.jit.is_scripting():
+            x, state = checkpoint(_chain_step, slot, block, x, state, use_reentrant=False)
+        else:
+            x, state = _chain_step(slot, block, x, state)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------
 
 class LTMBlock(Block):
     """timm ViT ``Block`` whose MLP runs on merged tokens (ViT and MobileViT transformers).
 
-    Changes: adds ``mask_module``; forward takes the token grid, prefix count and previous
-    MaskState and returns ``(x, state)``.
+    Changes: adds ``mask_module``; the token grid, prefix count and previous mask come from the
+    ``LTMState`` of the chain running it (timm's ``Tensor -> Tensor`` forward is kept). Below
+    ratio 1 it runs only inside its model, which knows the grid.
     """
+    _ltm_slot: Optional[_StateSlot] = None
 
     def __init__(self, *args, compression_ratio: float = 0.8, **kwargs):
         super().__init__(*args, **kwargs)
@@ -332,67 +306,64 @@ class LTMBlock(Block):
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def forward(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-            grid: Optional[Tuple[int, int]] = None,
-            num_prefix_tokens: int = 0,
-            prev: Optional[MaskState] = None,
-    ) -> Tuple[torch.Tensor, Optional[MaskState]]:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        if grid is None:
+        state = _current_state(self)
+        if state is None or state.grid is None:
             if self.mask_module.compression_ratio < 1.0:
-                raise ValueError("an LTM block with compression_ratio < 1 needs grid=(h, w) of its spatial tokens")
-            return x + self._ffn(x), None
-        if not self.mask_module.merges(grid):
-            return x + self._ffn(x), None
-        return merged_feedforward(x, self._ffn, self.mask_module, grid, num_prefix_tokens, prev)
+                raise ValueError("an LTM block with compression_ratio < 1 runs only inside its model's forward, "
+                                 "which gives it the token grid; call the model (or its stage)")
+            return x + self._ffn(x)
+        if not self.mask_module.merges(state.grid):
+            state.prev = None
+            return x + self._ffn(x)
+        x, state.prev = merged_feedforward(
+            x, self._ffn, self.mask_module, state.grid, state.num_prefix_tokens, state.prev)
+        return x
 
 
 class LTMSwinBlock(SwinTransformerBlock):
     """timm ``SwinTransformerBlock`` with the MLP on tokens merged over the whole stage grid.
 
-    Changes: ``mask_module``; forward(x NHWC, prev) -> (x, state). Window attention (``_attn``)
+    Changes: ``mask_module``; forward(x NHWC) -> x NHWC as timm's, the previous mask taken from
+    and handed to the stage's ``LTMState`` (alone: uniform prior). Window attention (``_attn``)
     is untouched; merging happens after it and the full grid is restored before returning.
     """
+    _ltm_slot: Optional[_StateSlot] = None
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor, prev: Optional[MaskState] = None) -> Tuple[torch.Tensor, Optional[MaskState]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         x = x + self.drop_path1(self._attn(self.norm1(x)))
         x = x.reshape(B, -1, C)
-        state = None
+        state = _current_state(self)
+        mask = None
         if self.mask_module.merges((H, W)):
-            x, state = merged_feedforward(x, self._ffn, self.mask_module, (H, W), 0, prev)
+            x, mask = merged_feedforward(x, self._ffn, self.mask_module, (H, W), 0,
+                                         state.prev if state is not None else None)
         else:
             x = x + self._ffn(x)
-        return x.reshape(B, H, W, C), state
+        if state is not None:
+            state.prev = mask
+        return x.reshape(B, H, W, C)
 
 
 class LTMSwinStage(SwinTransformerStage):
-    """timm ``SwinTransformerStage`` passing each block's mask to the next."""
+    """timm ``SwinTransformerStage`` whose blocks hand their masks on through one ``LTMState``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        state = None
-        for block in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, state = checkpoint(block, x, state, use_reentrant=False)
-            else:
-                x, state = block(x, state)
-        return x
+        return _run_chain(self._ltm_slot, self.blocks, x, LTMState(), self.grad_checkpointing)
 
 
 class LTMMobileVitBlock(MobileVitBlock):
     """timm ``MobileVitBlock`` whose transformer blocks are ``LTMBlock``s on the patch grid.
 
     Changes: forward re-implements timm's (unfold, transformer, norm, fold) and runs the
-    transformer blocks on the (n_h, n_w) patch grid with a mask chain; each of the P pixel
-    offsets is a separate batch row and is merged independently.
+    transformer blocks on the (n_h, n_w) patch grid with one ``LTMState`` (the mask chain); each
+    of the P pixel offsets is a separate batch row and is merged independently.
     """
 
     @classmethod
@@ -400,6 +371,7 @@ class LTMMobileVitBlock(MobileVitBlock):
         block.__class__ = cls
         for layer in block.transformer:
             _attach_mask_module(layer, LTMBlock, compression_ratio)
+        _share_slot(block, block.transformer)
         return block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -420,9 +392,8 @@ class LTMMobileVitBlock(MobileVitBlock):
         x = x.reshape(B * C * num_patch_h, patch_h, num_patch_w, patch_w).transpose(1, 2)
         x = x.reshape(B, C, num_patches, self.patch_area).transpose(1, 3).reshape(B * self.patch_area, num_patches, -1)
 
-        state = None
-        for layer in self.transformer:
-            x, state = layer(x, grid=(num_patch_h, num_patch_w), prev=state)
+        state = LTMState(grid=(num_patch_h, num_patch_w))
+        x = _run_chain(self._ltm_slot, self.transformer, x, state)
         x = self.norm(x)
 
         # [B * P, N, C] -> [B, C, H, W]
@@ -442,15 +413,19 @@ class LTMEfficientVitBlock(EfficientVitBlock):
     """timm ``EfficientVitBlock`` (MIT) whose MBConv runs on the merged feature map.
 
     Changes: ``mask_module``; Z = context_module(x) (LiteMLA + identity), output =
-    Z + restore(MBConv(merge(Z))) replacing local_module's identity shortcut; forward(x, prev)
-    -> (x, state).
+    Z + restore(MBConv(merge(Z))) replacing local_module's identity shortcut; forward(x) -> x as
+    timm's, the previous mask taken from and handed to the stage's ``LTMState``.
     """
+    _ltm_slot: Optional[_StateSlot] = None
 
-    def forward(self, x: torch.Tensor, prev: Optional[MaskState] = None) -> Tuple[torch.Tensor, Optional[MaskState]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.context_module(x)
         B, C, H, W = z.shape
+        state = _current_state(self)
         if not self.mask_module.merges((H, W)):
-            return self.local_module(z), None
+            if state is not None:
+                state.prev = None
+            return self.local_module(z)
         h2, w2 = self.mask_module.target_grid((H, W))
 
         def mbconv(tokens: torch.Tensor) -> torch.Tensor:
@@ -458,21 +433,18 @@ class LTMEfficientVitBlock(EfficientVitBlock):
             return self.local_module.main(self.local_module.pre_norm(fmap)).flatten(2).transpose(1, 2)
 
         tokens = z.flatten(2).transpose(1, 2)
-        out, state = merged_feedforward(tokens, mbconv, self.mask_module, (H, W), 0, prev)
-        return out.transpose(1, 2).reshape(B, C, H, W), state
+        out, mask = merged_feedforward(tokens, mbconv, self.mask_module, (H, W), 0,
+                                       state.prev if state is not None else None)
+        if state is not None:
+            state.prev = mask
+        return out.transpose(1, 2).reshape(B, C, H, W)
 
 
 class LTMEfficientVitStage(EfficientVitStage):
-    """timm ``EfficientVitStage`` passing each LTM block's mask to the next."""
+    """timm ``EfficientVitStage`` whose LTM blocks hand their masks on through one ``LTMState``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = None
-        for block in self.blocks:
-            if isinstance(block, LTMEfficientVitBlock):
-                x, state = block(x, state)
-            else:
-                x = block(x)
-        return x
+        return _run_chain(self._ltm_slot, self.blocks, x, LTMState())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,34 +478,48 @@ class _LTMModelMixin:
 
 
 class LTMVisionTransformer(_LTMModelMixin, VisionTransformer):
-    """timm ``VisionTransformer`` with ``LTMBlock``s; forward_features threads grid and masks."""
+    """timm ``VisionTransformer`` with ``LTMBlock``s; its forwards make the blocks' ``LTMState``."""
 
     def __init__(self, *args, compression_ratio: float = 0.8, **kwargs):
         ratio = check_compression_ratio(compression_ratio)
         if kwargs.get("patch_drop_rate", 0.0) > 0 and ratio < 1.0:
-            raise ValueError("patch_drop_rate > 0 breaks the token grid LTM merges on; set it to 0")
+            raise ModelConfigError("patch_drop_rate > 0 breaks the token grid LTM merges on; set it to 0")
         super().__init__(*args, block_fn=partial(LTMBlock, compression_ratio=ratio), **kwargs)
         self.compression_ratio = ratio
+        _share_slot(self, self.blocks)
+
+    def _new_state(self, x: torch.Tensor, attn_mask, is_causal: bool) -> LTMState:
+        """The LTMState of one forward on images x (B, C, H, W)."""
+        if (attn_mask is not None or is_causal) and self.compression_ratio < 1.0:
+            raise ValueError("attention masks are not supported with compression_ratio < 1; use 1.0")
+        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:]) if self.dynamic_img_size else self.patch_embed.grid_size
+        return LTMState(grid=(int(grid[0]), int(grid[1])), num_prefix_tokens=self.num_prefix_tokens)
 
     def forward_features(
             self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
     ) -> torch.Tensor:
-        if (attn_mask is not None or is_causal) and self.compression_ratio < 1.0:
-            raise ValueError("attention masks are not supported with compression_ratio < 1; use 1.0")
-        x = self.patch_embed(x)
-        grid = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        state = None
-        for block in self.blocks:
-            kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, grid=grid,
-                          num_prefix_tokens=self.num_prefix_tokens, prev=state)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, state = checkpoint(block, x, use_reentrant=False, **kwargs)
-            else:
-                x, state = block(x, **kwargs)
+        state = self._new_state(x, attn_mask, is_causal)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        if attn_mask is not None or is_causal:  # ratio 1: nothing merges, the blocks are timm's
+            for block in self.blocks:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        else:
+            x = _run_chain(self._ltm_slot, self.blocks, x, state, self.grad_checkpointing)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """timm's ``forward_intermediates``, with this forward's ``LTMState`` visible to the blocks."""
+        state = self._new_state(x, kwargs.get("attn_mask"), kwargs.get("is_causal", False))
+        if self.grad_checkpointing and torch.is_grad_enabled() and self.compression_ratio < 1.0:
+            # timm's loop re-runs checkpointed blocks after this call, without the state
+            raise ValueError("forward_intermediates with gradient checkpointing needs compression_ratio 1; "
+                             "call set_grad_checkpointing(False)")
+        slot = self._ltm_slot
+        outer, slot.state = slot.state, state
+        try:
+            return super().forward_intermediates(x, *args, **kwargs)
+        finally:
+            slot.state = outer
 
 
 class LTMSwinTransformer(_LTMModelMixin, SwinTransformer):
@@ -547,6 +533,7 @@ class LTMSwinTransformer(_LTMModelMixin, SwinTransformer):
             stage.__class__ = LTMSwinStage
             for block in stage.blocks:
                 _attach_mask_module(block, LTMSwinBlock, self.compression_ratio)
+            _share_slot(stage, stage.blocks)
 
 
 class LTMByobNet(_LTMModelMixin, ByobNet):
@@ -574,6 +561,7 @@ class LTMEfficientVit(_LTMModelMixin, EfficientVit):
                 for block in stage.blocks:
                     if type(block) is EfficientVitBlock:
                         _attach_mask_module(block, LTMEfficientVitBlock, self.compression_ratio)
+                _share_slot(stage, stage.blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,51 +682,6 @@ def ltm_mobilevit_xs(pretrained: bool = False, **kwargs) -> LTMByobNet:
     return _create(LTMByobNet, "ltm_mobilevit_xs", pretrained, **dict(model_args, **kwargs))
 
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Method family: flags, the IB loss and the DDP needs the trainer discovers
-# ---------------------------------------------------------------------------------------------
-
-def _family_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """The registered models' pretrained filter, chosen by the model's base architecture."""
-    base = vit_filter_fn if isinstance(model, VisionTransformer) else (
-        swin_filter_fn if isinstance(model, SwinTransformer) else None)
-    return _ltm_filter_fn(base)(state_dict, model)
-
-
-def _family_wrap_criterion(criterion: nn.Module, model: nn.Module, options) -> nn.Module:
-    if not (options.ib_weight or 0) > 0 or not getattr(model, "supports_ib_loss", False):
-        return criterion
-    import ib_loss  # the IB loss is training-only; models import it only when it is asked for
-
-    return ib_loss.build_ib_criterion(criterion, model, options)
-
-
-def _search_ratio(build, target, gmacs_of):
-    return family.search_continuous(0.05, 1.0, build, target, gmacs_of, decimals=3)
-
-
-FAMILY = family.register_family(family.MethodFamily(
-    name="ltm",
-    title="LTM: learnable token merging",
-    owns=family.models_of(__name__),
-    flags=(
-        family.Flag("--compression-ratio", type=family.auto_or(float), kwarg="compression_ratio", metavar="RATIO",
-                    help="fraction of tokens each LTM block's FFN processes (model default 0.8; "
-                         "'auto' with --target-gmacs)"),
-        family.Flag("--ib-weight", type=float, default=0.1,
-                    help="weight of the information-bottleneck loss (0: plain criterion)"),
-        family.Flag("--ib-warmup-ratio", type=float, default=0.3,
-                    help="the IB loss starts after this fraction of --epochs"),
-        family.Flag("--ib-input-clusters", choices=("none", "kmeans"), default="none",
-                    help="cluster the input images for the IB loss (none: one cluster per class)"),
-    ),
-    wrap_criterion=_family_wrap_criterion,
-    ddp_find_unused_parameters=lambda model: bool(getattr(model, "ddp_find_unused_parameters", False)),
-    checkpoint_filter_fn=_family_filter_fn,
-    reduction=family.Reduction("compression_ratio", _search_ratio),
-))
 @register_model
 def ltm_mobilevit_s(pretrained: bool = False, **kwargs) -> LTMByobNet:
     model_args = dict(model_cfg=mobilevit_cfgs["mobilevit_s"], feature_cfg=dict(flatten_sequential=True))

@@ -13,8 +13,10 @@ from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block
 
 import models  # noqa: F401  (registers the LTM models)
 from models import ltm
-from models.ltm import (
-    LTMMaskModule, candidate_table, load_base_weights, merge_tokens, merged_grid, unmerge_tokens)
+from models.errors import ModelConfigError
+from models.ltm import LTMMaskModule, candidate_table, load_base_weights, merged_grid
+from models.token_ops import (
+    neighbor_dot, neighbor_gather_sum, neighbor_merge, neighbor_scatter_sum, neighbor_unmerge)
 
 TINY_MOBILEVIT = dict(
     blocks=(
@@ -99,6 +101,14 @@ def test_merged_grid_rounds_half_up():
 GEOMETRIES = [((14, 14), 0.8), ((7, 7), 0.8), ((4, 4), 0.8), ((8, 6), 0.5), ((5, 9), 0.25), ((3, 3), 0.1)]
 
 
+def merge_tokens(tokens, mask, table):
+    return neighbor_merge(tokens, mask, table.index, table.num_targets)
+
+
+def unmerge_tokens(merged, mask, table):
+    return neighbor_unmerge(merged, mask, table.index)
+
+
 def dense_assignment(table, mask):
     """Dense (B, h*w, h'*w') weights, built only in tests."""
     dense = mask.new_zeros(mask.shape[0], mask.shape[1], table.num_targets)
@@ -164,9 +174,9 @@ def test_neighbourhood_kernels_gradcheck():
     tgt = torch.randn(2, m, d, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(2, n, 9, dtype=torch.float64, requires_grad=True)
     index = table.index
-    assert torch.autograd.gradcheck(lambda a, b: ltm._NeighborDot.apply(a, b, index), (src, tgt))
-    assert torch.autograd.gradcheck(lambda w_, b: ltm._GatherSum.apply(w_, b, index), (weight, tgt))
-    assert torch.autograd.gradcheck(lambda w_, a: ltm._ScatterSum.apply(w_, a, index, m), (weight, src))
+    assert torch.autograd.gradcheck(lambda a, b: neighbor_dot(a, b, index), (src, tgt))
+    assert torch.autograd.gradcheck(lambda w_, b: neighbor_gather_sum(w_, b, index), (weight, tgt))
+    assert torch.autograd.gradcheck(lambda w_, a: neighbor_scatter_sum(w_, a, index, m), (weight, src))
 
 
 def test_mask_logits_are_fp32_under_autocast():
@@ -287,8 +297,8 @@ def test_ratio_one_freezes_mask_parameters():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5, "0.8", True])
-def test_bad_ratio_is_a_one_line_value_error(ratio):
-    with pytest.raises(ValueError) as info:
+def test_bad_ratio_is_a_one_line_model_config_error(ratio):
+    with pytest.raises(ModelConfigError) as info:
         tiny("vit", ratio)
     assert "compression_ratio" in str(info.value) and "\n" not in str(info.value)
 
@@ -546,3 +556,41 @@ def test_ddp_is_told_about_bypassed_mask_modules_only_below_ratio_one():
     kwargs = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8, num_classes=4)
     assert timm.create_model("ltm_vit_small_patch16_224", compression_ratio=0.8, **kwargs).ddp_find_unused_parameters
     assert not timm.create_model("ltm_vit_small_patch16_224", compression_ratio=1.0, **kwargs).ddp_find_unused_parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-forward state: blocks keep timm's Tensor -> Tensor forward
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["vit", "swin", "mobilevit", "efficientvit"])
+def test_every_ltm_block_returns_a_tensor_through_call(family):
+    model = tiny(family).eval()
+    seen = []
+    for name, block in ltm.ltm_blocks(model):
+        block.register_forward_hook(lambda module, args, out, name=name: seen.append((name, type(out))))
+    with torch.no_grad():
+        model(tiny_input(family))
+    assert [n for n, _ in seen] == [n for n, _ in ltm.ltm_blocks(model)]
+    assert all(t is torch.Tensor for _, t in seen)
+    assert all(getattr(m, "_ltm_slot", None) is None or m._ltm_slot.state is None for m in model.modules())
+
+
+def test_vit_forward_intermediates_match_the_block_outputs():
+    model = tiny("vit").eval()
+    outputs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = tiny_input("vit")
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, output_fmt="NLC")
+        features = model.forward_features(x)
+    torch.testing.assert_close(final, features)
+    for y, out in zip(inter, outputs):
+        torch.testing.assert_close(y, out[:, model.num_prefix_tokens:])
+
+
+def test_a_merging_vit_block_alone_asks_for_its_model():
+    block = tiny("vit").blocks[0]
+    with pytest.raises(ValueError, match="inside its model"):
+        block(torch.randn(1, 17, 32))
+    assert tiny("vit", 1.0).blocks[0](torch.randn(1, 17, 32)).shape == (1, 17, 32)
