@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 
 from losses import main_logits
-from utils.distributed import all_reduce_sum, any_rank
+from utils.distributed import all_reduce_sum, any_rank, get_rank
 from utils.logger import MetricLogger, SmoothedValue
 
 _logger = logging.getLogger("train")
@@ -50,12 +50,16 @@ class RunState:
                 setattr(self, key, int(value))
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype --amp means on `device`: fp16 on CUDA (with a GradScaler), bf16 elsewhere."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
 def autocast(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA (paired with a GradScaler), bf16 elsewhere, or nothing."""
+    """Autocast in `autocast_dtype(device)`, or nothing."""
     if not enabled:
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device))
 
 
 def _split_outputs(outputs):
@@ -164,6 +168,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         if need_update:
             optimizer.zero_grad(set_to_none=True)
             run_state.optimizer_steps += 1
+            if hooks is not None:
+                hooks.after_optimizer_step(unwrapped)
             if model_ema is not None:
                 model_ema.update(unwrapped)
             if lr_scheduler is not None and getattr(args, "sched_step", "epoch") == "iter":
@@ -173,6 +179,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         if aux_loss is not None:
             metric_logger.update(aux_loss=float(aux_loss.detach().float().item()))
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        if hooks is not None and (i + 1) % max(print_freq, 1) == 0:
+            method_state = hooks.log_state(unwrapped)
+            if method_state:
+                metric_logger.update(**method_state)
 
         if need_update:
             preempt_at = int(getattr(args, "preempt_at_step", 0) or 0)
@@ -252,8 +262,10 @@ def evaluate(data_loader, model, device, args=None, header: str = "Test:", summa
     use_amp = bool(getattr(args, "amp", False))
     channels_last = bool(getattr(args, "channels_last", False))
     metric_logger = MetricLogger(delimiter="  ", logger=logging.getLogger("eval"))
-    # loss sum, correct@1, correct@5, samples
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    if getattr(args, "dist_eval", False):
+        header = f"{header} (rank {get_rank()}'s shard)"
+    # loss sum, correct@1, correct@5, samples, sum of per-batch mean losses, batches
+    totals = torch.zeros(6, dtype=torch.float64, device=device)
     skipped_files: list = []
     for batch in metric_logger.log_every(data_loader, int(getattr(args, "print_freq", 10)), header):
         skipped_files.extend(getattr(batch, "skipped", None) or [])
@@ -268,17 +280,20 @@ def evaluate(data_loader, model, device, args=None, header: str = "Test:", summa
         acc1, acc5 = accuracy(output, target, topk=(1, 5))
         n = images.shape[0]
         # timm's accuracy is a percentage of the batch: back to exact counts
-        totals += torch.tensor([loss.item(), round(acc1.item() * n / 100.0), round(acc5.item() * n / 100.0), n],
-                               dtype=torch.float64, device=device)
+        totals += torch.tensor([loss.item(), round(acc1.item() * n / 100.0), round(acc5.item() * n / 100.0), n,
+                                loss.item() / n, 1], dtype=torch.float64, device=device)
         metric_logger.update(n=n, acc1=acc1.item(), acc5=acc5.item())
     _log_skipped_files(f"{header} ", "evaluation", skipped_files)
     if getattr(args, "dist_eval", False):  # sharded: each rank saw a disjoint part
         all_reduce_sum(totals)
     count = max(totals[3].item(), 1.0)
+    # DeiT's printed loss is its meter's average of per-batch mean losses (batches weigh equally);
+    # `loss_per_image` is the exact mean over images. They differ only when batch sizes differ.
     stats = {
-        "loss": totals[0].item() / count,
+        "loss": totals[4].item() / max(totals[5].item(), 1.0),
         "acc1": 100.0 * totals[1].item() / count,
         "acc5": 100.0 * totals[2].item() / count,
+        "loss_per_image": totals[0].item() / count,
     }
     logging.getLogger("eval").info(
         f"{summary_prefix} Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({int(count)} images)")

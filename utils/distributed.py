@@ -130,19 +130,21 @@ def destroy_process_group() -> None:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: SIGTERM/SIGUSR1 sent to the whole process group (Slurm) must
-    not kill the workers; the main process handles them and shuts the workers down itself."""
-    for name in ("SIGTERM", "SIGUSR1"):
+    """DataLoader `worker_init_fn`: SIGTERM/SIGUSR1 (Slurm) and SIGINT (Ctrl-C) sent to the whole
+    process group must not kill the workers; the main process handles them and shuts the workers
+    down itself."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         signum = getattr(signal, name, None)
         if signum is not None:
             signal.signal(signum, signal.SIG_IGN)
 
 
 class StopRequest:
-    """Set by SIGTERM / SIGUSR1 (Slurm preemption or time limit); polled once per step.
+    """Set by SIGTERM / SIGUSR1 (Slurm preemption or time limit) or Ctrl-C; polled once per step.
 
     The handler only records the request: the training loop finishes the current
     step, writes a mid-epoch checkpoint and exits 0 so that the job can be requeued.
+    A second SIGINT (Ctrl-C pressed again) aborts at once with KeyboardInterrupt.
     """
 
     def __init__(self):
@@ -156,10 +158,15 @@ class StopRequest:
     def is_set(self) -> bool:
         return self._event.is_set()
 
-    def install(self, signals=("SIGTERM", "SIGUSR1")) -> None:
+    def install(self, signals=("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for name in signals:
             signum = getattr(signal, name, None)
             if signum is not None:
-                signal.signal(signum, lambda num, frame, n=name: self.request(n))
+                signal.signal(signum, lambda num, frame, n=name: self._on_signal(n))
+
+    def _on_signal(self, name: str) -> None:
+        if name == "SIGINT" and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        self.request(name)
