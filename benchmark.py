@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--output", default=None, metavar="FILE.jsonl", help="append one JSON record per run")
     output.add_argument("--csv", default=None, metavar="FILE.csv", help="append one CSV row per run")
-    output.add_argument("--plot", default=None, metavar="FILE.png", help="throughput against GMACs")
+    output.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="throughput against GMACs (with --flops-only: GMACs against parameters)")
     output.add_argument("--log-level", default="INFO")
     add_method_args(parser)
     return parser
@@ -692,13 +693,22 @@ def append_csv(path: str, record: dict) -> None:
 
 
 def plot_throughput_vs_gmacs(records: Sequence[dict], path: str) -> int:
-    """Scatter of median throughput against GMACs, one labelled point per measured run."""
+    """Scatter of median throughput against GMACs, one labelled point per measured run; FLOPs-only
+    records (--flops-only) give GMACs against parameters instead. Returns the number of points.
+
+    UserError, and nothing written, when no record has the values to plot.
+    """
+    if records and all(r.get("kind") == "flops" for r in records):
+        return _plot_gmacs_vs_params(records, path)
+    points = [r for r in records if r.get("gmacs") is not None and (r.get("throughput") or {}).get("median")]
+    if not points:
+        raise UserError(f"--plot {path}: no run has both GMACs and a throughput ({_no_points_reason(records)}); "
+                        "nothing plotted")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in records if r.get("gmacs") is not None and (r.get("throughput") or {}).get("median")]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for r in points:
         marker = "o" if r.get("mode") == "infer" else "s"
@@ -707,17 +717,64 @@ def plot_throughput_vs_gmacs(records: Sequence[dict], path: str) -> int:
                     fmt=marker, capsize=3)
         ax.annotate(f"{r['label']} ({r['mode']})", (r["gmacs"], tp["median"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
-    if points:
-        first = points[0]
-        ax.set_title(f"{first.get('device_name')} | {first.get('precision')} | batch {first.get('batch_size')}",
-                     fontsize=9)
-    ax.set_xlabel(f"GMACs per image ({points[0]['flops_counter'] if points else 'counter'})")
+    first = points[0]
+    ax.set_title(f"{first.get('device_name')} | {first.get('precision')} | batch {first.get('batch_size')}",
+                 fontsize=9)
+    ax.set_xlabel(f"GMACs per image ({first['flops_counter']})")
     ax.set_ylabel("throughput (images/s, median; bars: IQR)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return len(points)
+
+
+def _no_points_reason(records: Sequence[dict]) -> str:
+    if not records:
+        return "no run was recorded"
+    if all(r.get("error") for r in records):
+        return "every run failed"
+    if all(r.get("gmacs") is None for r in records):
+        return "GMACs were not counted"
+    return "no run has a throughput"
+
+
+def _plot_gmacs_vs_params(records: Sequence[dict], path: str) -> int:
+    """--flops-only: GMACs per image against parameters (nothing was timed)."""
+    points = [r for r in records if r.get("gmacs") is not None and r.get("params") is not None]
+    if not points:
+        raise UserError(f"--plot {path}: no model has both GMACs and a parameter count "
+                        f"({_no_points_reason(records)}); nothing plotted")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in points:
+        ax.plot(r["params"] / 1e6, r["gmacs"], "o")
+        ax.annotate(r["label"], (r["params"] / 1e6, r["gmacs"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    ax.set_title(f"--flops-only at {points[0].get('img_size')} px: no speed measured", fontsize=9)
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel(f"GMACs per image ({points[0].get('flops_counter')})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return len(points)
+
+
+def check_plot_path(args) -> None:
+    """Refuse a --plot that cannot be drawn or written before anything is measured."""
+    if not args.plot:
+        return
+    if args.no_flops:
+        raise UserError("--plot draws against GMACs, which --no-flops skips; drop one of them")
+    directory = os.path.dirname(os.path.abspath(args.plot))
+    if os.path.isdir(args.plot) or not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise UserError(f"--plot {args.plot}: cannot write a file there (is {directory} an existing, writable "
+                        "directory?); choose another path")
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -947,6 +1004,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise UserError("--batch-size must be >= 1")
     if args.flops_only and args.no_flops:
         raise UserError("--flops-only and --no-flops exclude each other; drop one")
+    check_plot_path(args)
     defaults = _method_defaults(args)
     if args.compare:
         pairs = [(parse_spec(args.compare[0], defaults), parse_spec(args.compare[1], defaults))]

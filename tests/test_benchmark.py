@@ -317,3 +317,39 @@ def test_bad_flags_exit_2_with_one_line(caplog):
             assert benchmark.main(argv) == 2
         messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(messages) == 1 and "\n" not in messages[0]
+
+
+def test_flops_only_plot_has_a_point_per_model(tmp_path, caplog):
+    """The README line `--flops-only --plot speed.png` once wrote an empty plot and exited 0."""
+    plot = tmp_path / "speed.png"
+    with caplog.at_level(logging.INFO):
+        assert benchmark.main(["--model", "test_vit", "test_vit2", "--img-size", "32", "--flops-only",
+                               "--counter", "fvcore", "--plot", str(plot)]) == 0
+    assert f"wrote {plot} (2 points)" in caplog.text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_plot_without_points_is_never_written(tmp_path):
+    plot = tmp_path / "p.png"
+    speed_without_gmacs = {"kind": "speed", "label": "m", "gmacs": None, "throughput": {"median": 10.0}}
+    for records, reason in (([], "no run was recorded"), ([speed_without_gmacs], "GMACs were not counted"),
+                            ([{"kind": "speed", "label": "m", "error": "OOM"}], "every run failed")):
+        with pytest.raises(UserError, match=reason):
+            benchmark.plot_throughput_vs_gmacs(records, str(plot))
+    with pytest.raises(UserError, match="nothing plotted"):
+        benchmark.plot_throughput_vs_gmacs([{"kind": "flops", "label": "m", "gmacs": None, "params": 5}], str(plot))
+    assert not plot.exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--no-flops", "--plot", "{tmp}/p.png"], ["--plot", "--no-flops"]),
+    (["--plot", "/missing/dir/p.png"], ["--plot /missing/dir/p.png", "/missing/dir"]),
+])
+def test_impossible_plot_is_refused_before_measuring(argv, words, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(benchmark, "run_sweep", lambda *a, **k: pytest.fail("measured before refusing --plot"))
+    with caplog.at_level(logging.ERROR):
+        code = benchmark.main(["--model", "test_vit", *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2 and len(messages) == 1 and "\n" not in messages[0]
+    assert all(word in messages[0] for word in words), messages[0]
+    assert not (tmp_path / "p.png").exists()
