@@ -50,6 +50,8 @@ from timm.models.vision_transformer import (
 from .errors import ModelConfigError
 from .token_ops import neighbor_dot, neighbor_merge, neighbor_unmerge
 
+from . import family
+
 __all__ = [
     "CLI_KWARGS", "LTMMaskModule", "MaskState", "LTMState", "CandidateTable", "merged_grid", "candidate_table",
     "load_base_weights", "ltm_blocks",
@@ -692,3 +694,48 @@ def ltm_mobilevit_s(pretrained: bool = False, **kwargs) -> LTMByobNet:
 def ltm_efficientvit_b1(pretrained: bool = False, **kwargs) -> LTMEfficientVit:
     model_args = dict(widths=(16, 32, 64, 128, 256), depths=(1, 2, 3, 3, 4), head_dim=16, head_widths=(1536, 1600))
     return _create(LTMEfficientVit, "ltm_efficientvit_b1", pretrained, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Method family: flags, the IB loss and the DDP needs the trainer discovers
+# ---------------------------------------------------------------------------------------------
+
+def _family_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """The registered models' pretrained filter, chosen by the model's base architecture."""
+    base = vit_filter_fn if isinstance(model, VisionTransformer) else (
+        swin_filter_fn if isinstance(model, SwinTransformer) else None)
+    return _ltm_filter_fn(base)(state_dict, model)
+
+
+def _family_wrap_criterion(criterion: nn.Module, model: nn.Module, options) -> nn.Module:
+    if not (options.ib_weight or 0) > 0 or not getattr(model, "supports_ib_loss", False):
+        return criterion
+    import ib_loss  # the IB loss is training-only; models import it only when it is asked for
+
+    return ib_loss.build_ib_criterion(criterion, model, options)
+
+
+def _search_ratio(build, target, gmacs_of):
+    return family.search_continuous(0.05, 1.0, build, target, gmacs_of, decimals=3)
+
+
+FAMILY = family.register_family(family.MethodFamily(
+    name="ltm",
+    title="LTM: learnable token merging",
+    owns=family.models_of(__name__),
+    flags=(
+        family.Flag("--compression-ratio", type=family.auto_or(float), kwarg="compression_ratio", metavar="RATIO",
+                    help="fraction of tokens each LTM block's FFN processes (model default 0.8; "
+                         "'auto' with --target-gmacs)"),
+        family.Flag("--ib-weight", type=float, default=0.1,
+                    help="weight of the information-bottleneck loss (0: plain criterion)"),
+        family.Flag("--ib-warmup-ratio", type=float, default=0.3,
+                    help="the IB loss starts after this fraction of --epochs"),
+        family.Flag("--ib-input-clusters", choices=("none", "kmeans"), default="none",
+                    help="cluster the input images for the IB loss (none: one cluster per class)"),
+    ),
+    wrap_criterion=_family_wrap_criterion,
+    ddp_find_unused_parameters=lambda model: bool(getattr(model, "ddp_find_unused_parameters", False)),
+    checkpoint_filter_fn=_family_filter_fn,
+    reduction=family.Reduction("compression_ratio", _search_ratio),
+))
