@@ -8,8 +8,9 @@ Built on timm's `VisionTransformer` (DeiT). What changes relative to it:
 * `LambdaBlock` (training models `*_copy_lambda`, `deit_base_patch16_224_attn`): the
   attention residual of a block can be "diluted" towards the identity,
   `h = (2 - lam) * x + lam * attn(x)`, then the unchanged MLP residual. Blocks listed in
-  `prune_layer` use the lambda set with `model.set_lambda(v)` (1.0 until set), blocks in
-  `done_layer` use 0, all others are plain timm blocks (lambda 1, same code path).
+  `prune_layer` use the lambda set with `model.set_lambda(v)` (1.0 until set; never from
+  an `epoch` argument of `forward`), blocks in `done_layer` use 0, all others are plain
+  timm blocks (lambda 1, same code path).
 * `ShrinkBlock` (deployed models `*_shrink`): a block whose attention reached lambda 0,
   `h = 2 * x` then the MLP residual; it owns no `norm1`/`attn` weights.
 * Drop-path: linear 0 -> rate for the `*_copy_lambda` family (timm 0.3.2 copy, where
@@ -38,12 +39,14 @@ from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from utils.errors import UserError
-
 from . import family
+from .errors import ModelConfigError
 from .hooks import TrainingHooks
 
 _logger = logging.getLogger(__name__)
+
+# The name `training_hooks` raises under (kept as it is until the family registry replaces it).
+UserError = ModelConfigError
 
 __all__ = [
     "LambdaBlock",
@@ -108,24 +111,24 @@ def _parse_block_list(name: str, value, depth: int) -> tuple[int, ...]:
         try:
             value = ast.literal_eval(value) if value.strip() else []
         except (ValueError, SyntaxError):
-            raise ValueError(f"{name}={value!r} is not a Python list; pass block indices such as [0,2,4]") from None
+            raise ModelConfigError(f"{name}={value!r} is not a Python list; pass block indices such as [0,2,4]") from None
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple, set, frozenset)):
-        raise ValueError(f"{name} must be a list of block indices, got {type(value).__name__}; pass e.g. [0,2,4]")
+        raise ModelConfigError(f"{name} must be a list of block indices, got {type(value).__name__}; pass e.g. [0,2,4]")
     indices = []
     for item in value:
         if isinstance(item, bool) or not isinstance(item, numbers.Integral):
-            raise ValueError(f"{name} entry {item!r} is not an integer; pass block indices such as [0,2,4]")
+            raise ModelConfigError(f"{name} entry {item!r} is not an integer; pass block indices such as [0,2,4]")
         if not 0 <= item < depth:
-            raise ValueError(f"{name} index {item} is outside the {depth} blocks; use indices 0..{depth - 1}")
+            raise ModelConfigError(f"{name} index {item} is outside the {depth} blocks; use indices 0..{depth - 1}")
         indices.append(int(item))
     return tuple(sorted(set(indices)))
 
 
 def _parse_frozen_stages(value, depth: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -1 <= value < depth:
-        raise ValueError(
+        raise ModelConfigError(
             f"frozen_stages={value!r} is invalid; use -1 (nothing frozen) or a block index 0..{depth - 1}")
     return int(value)
 
@@ -274,9 +277,10 @@ def _deployed_block_fn(*, depth: int, done_layer: tuple,
 class LambdaVisionTransformer(VisionTransformer):
     """DeiT whose `prune_layer` blocks are diluted by a scheduled lambda, `done_layer` at 0.
 
-    Lambda lives in the prune blocks (a Python float, not in the state dict); set it with
-    `set_lambda`. `forward(x)` never changes it; `forward(x, epoch=e)` sets it from the
-    official schedule first (compatibility with the official engine).
+    Lambda lives in the prune blocks (a Python float, not in the state dict) and is set only
+    through `set_lambda` (the trainer's `LambdaScheduleHooks` does it each epoch, honouring
+    `--lambda-decay-epochs`); `forward` is timm's and never changes it. The official forward's
+    `epoch` argument (lambda from a hard-coded 299-epoch schedule) is deliberately absent.
     """
 
     def __init__(
@@ -293,7 +297,7 @@ class LambdaVisionTransformer(VisionTransformer):
         done = _parse_block_list("done_layer", done_layer, depth)
         both = sorted(set(prune) & set(done))
         if both:
-            raise ValueError(
+            raise ModelConfigError(
                 f"block {both[0]} is in both prune_layer and done_layer; list each block in one of them only")
         frozen = _parse_frozen_stages(frozen_stages, depth)
         kwargs = _translate_dropout(kwargs, block_dropout)
@@ -323,11 +327,6 @@ class LambdaVisionTransformer(VisionTransformer):
         """Lambda of the prune blocks; 0.0 when there is no prune block (nothing left to dilute)."""
         blocks = self._prune_blocks()
         return blocks[0].scheduled_lambda if blocks else 0.0
-
-    def forward(self, x: torch.Tensor, epoch: Optional[int] = None) -> torch.Tensor:
-        if epoch is not None:
-            self.set_lambda(lambda_at_epoch(int(epoch)))
-        return super().forward(x)
 
 
 class ShrinkVisionTransformer(VisionTransformer):

@@ -11,7 +11,8 @@ import torch
 from timm.layers import DropPath
 
 import models  # noqa: F401
-from models import build_training_hooks
+from models.hooks import build_training_hooks
+from models.errors import ModelConfigError
 from models.shrink import (
     CLI_KWARGS, LambdaBlock, LambdaVisionTransformer, ShrinkBlock, ShrinkVisionTransformer, _lambda_block_fn,
     attention_keys, lambda_at_epoch, remove_attention_keys, shrink_checkpoint_filter_fn, training_hooks,
@@ -151,23 +152,31 @@ def test_check6_pre_mlp_state_is_affine_in_lambda(lam):
     torch.testing.assert_close(pre_mlp.value, 2 * x + lam * (attn - x), rtol=1e-5, atol=1e-5)
 
 
-def test_check7_forward_keeps_lambda_and_epoch_sets_schedule():
+def test_check7_forward_keeps_lambda_and_only_set_lambda_changes_it():
     model = randomize(build("deit_tiny_patch16_224_copy_lambda", prune_layer=[0, 2, 4, 6]))
     x = images()
     model.set_lambda(0.3)
     with torch.no_grad():
         first, second = model(x), model(x)
     assert torch.equal(first, second) and model.lambda_value == 0.3
-    for epoch, expected in [(1, 1 - 1 / 299), (150, 1 - 150 / 299), (299, 0.0), (350, 0.0), (0, 1.0), (-3, 1.0)]:
-        with torch.no_grad():
-            by_epoch = model(x, epoch=epoch)
-            assert model.lambda_value == pytest.approx(expected, abs=1e-12)
-            model.set_lambda(expected)
-            assert torch.equal(by_epoch, model(x))
+    with pytest.raises(TypeError):
+        model(x, epoch=150)  # no schedule inside forward: the engine calls set_lambda
+    assert model.lambda_value == 0.3
+
+
+def test_schedule_follows_lambda_decay_epochs():
+    """The per-epoch lambda comes from the hooks' decay length, not a hard-coded 299."""
+    model = randomize(build("deit_tiny_patch16_224_copy_lambda", prune_layer=[0, 2]))
+    x = images()
+    hooks = training_hooks(model, argparse.Namespace(lambda_decay_epochs=100))
+    for epoch, expected in [(0, 1.0), (1, 0.99), (50, 0.5), (100, 0.0), (150, 0.0)]:
+        hooks.on_epoch_start(model, epoch)
+        assert model.lambda_value == pytest.approx(expected, abs=1e-12)
+    hooks.on_epoch_start(model, 50)
     with torch.no_grad():
-        model(x, epoch=150)
-        model(x)
-    assert model.lambda_value == pytest.approx(1 - 150 / 299)  # plain forward never resets it
+        scheduled = model(x)
+        model.set_lambda(0.5)
+        assert torch.equal(scheduled, model(x))
 
 
 def test_check8_done_blocks_ignore_set_lambda():
@@ -403,14 +412,14 @@ def test_frozen_stages():
     ({"frozen_stages": 12}, "frozen_stages=12"),
     ({"frozen_stages": -2}, "frozen_stages=-2"),
 ])
-def test_bad_kwargs_are_one_line_value_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match) as info:
+def test_bad_kwargs_are_one_line_model_config_errors(kwargs, match):
+    with pytest.raises(ModelConfigError, match=match) as info:
         build("deit_tiny_patch16_224_copy_lambda", **kwargs)
     assert "\n" not in str(info.value)
 
 
 def test_bad_shrink_kwargs_and_ignored_prune_layer(caplog):
-    with pytest.raises(ValueError, match="done_layer index 12"):
+    with pytest.raises(ModelConfigError, match="done_layer index 12"):
         build("deit_small_patch16_224_shrink", done_layer=[12])
     with caplog.at_level(logging.WARNING, logger="models.shrink"):
         model = build("deit_small_patch16_224_shrink", done_layer=[0], prune_layer=[3])
