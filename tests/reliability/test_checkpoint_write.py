@@ -66,7 +66,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, refere
 
     half_written = glob.glob(str(out / ".tmp_checkpoint.pth.*"))
     assert len(half_written) == 1  # the kill really happened inside the write
-    with pytest.raises(UserError, match="truncated, corrupt or not a checkpoint"):
+    with pytest.raises(UserError, match="truncated"):  # empty or cut, wherever the kill landed
         load_checkpoint_file(half_written[0])
     previous = load_checkpoint_file(str(out / "checkpoint.pth"))
     assert (previous["epoch"], previous["epoch_step"], previous["epoch_complete"]) == (0, 2 * SAVE_EVERY, False)

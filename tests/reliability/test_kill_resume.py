@@ -23,11 +23,13 @@ def test_sigkill_at_random_step_then_auto_resume_is_bitwise_identical(spawn, tmp
     assert kill_and_reap(proc, signal.SIGKILL) == -signal.SIGKILL
 
     # No step is ever reported done without being durable within the next SAVE_EVERY steps.
+    # A step's checkpoint is written before its progress line, so a kill that lands between
+    # the two (how likely depends on the machine's speed) leaves one saved step not yet logged.
     steps_done = global_steps_logged(read_text(out / "log_rank0.txt"))
     interrupted = load_ckpt(out / "checkpoint.pth")
     saved_steps = interrupted["run_state"]["optimizer_steps"]
     assert steps_done >= kill_after
-    assert 0 <= steps_done - saved_steps <= SAVE_EVERY, (steps_done, saved_steps)
+    assert -1 <= steps_done - saved_steps <= SAVE_EVERY, (steps_done, saved_steps)
     expected_epoch = saved_steps // STEPS_PER_EPOCH
     if interrupted["epoch_complete"]:
         expected_start = f"resuming at epoch {interrupted['epoch'] + 1}"
