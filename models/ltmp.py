@@ -48,6 +48,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 from torch import nn
 
+from . import family as _family
 from .errors import ModelConfigError
 
 __all__ = [
@@ -887,3 +888,106 @@ def inference_ltmp_deit_base_patch16_384(pretrained: bool = False, **kwargs) -> 
     model_args = dict(_BASES["deit_base_patch16_384"])
     return _create(InferenceLTMPVisionTransformer, "inference_ltmp_deit_base_patch16_384", pretrained,
                    **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Method family: the official recipe's flags, loss, optimizer groups, clamping and FLOPs report
+# ---------------------------------------------------------------------------------------------
+
+def _is_masked(model: nn.Module) -> bool:
+    return isinstance(model, LTMPVisionTransformer)
+
+
+def _family_check_options(options) -> None:
+    _check_fraction(options.reduction_target, "reduction_target")
+    for name in ("reg_scale", "cls_scale"):
+        value = getattr(options, name)
+        if value is None or value < 0 or not math.isfinite(value):
+            raise ModelConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}")
+    if options.tau is not None:
+        _check_tau(options.tau)
+    if options.ltmp_flops_images is not None and options.ltmp_flops_images < 0:
+        raise ModelConfigError(f"--ltmp-flops-images must be >= 0 (0: no report), got {options.ltmp_flops_images}")
+
+
+def _family_wrap_criterion(criterion: nn.Module, model: nn.Module, options) -> nn.Module:
+    if not _is_masked(model):
+        return criterion
+    return LTMPCriterion(criterion, model, reduction_target=options.reduction_target,
+                         reg_scale=options.reg_scale, cls_scale=options.cls_scale)
+
+
+def _family_param_groups(model: nn.Module, options, lrs: List[float]) -> Optional[list]:
+    if not _is_masked(model):
+        return None  # inference models are not trained by the recipe: the trainer's default groups
+    return threshold_param_groups(model, lrs, weight_decay=options.weight_decay or 0.0)
+
+
+def _family_after_step(model: nn.Module, options) -> None:
+    if _is_masked(model) and (options.reg_scale or 0) > 0:
+        clamp_thresholds(model)
+
+
+def _family_log_state(model: nn.Module) -> Dict[str, float]:
+    if not isinstance(model, _LTMPModelMixin):
+        return {}
+    state = {"merge_thr": sum(model.thresholds()["merge"]) / len(model.blocks),
+             "prune_thr": sum(model.thresholds()["prune"]) / len(model.blocks)}
+    masks = getattr(model, "masks", None)
+    if masks:
+        state["flops_r"] = float(flops_ratio([m.detach() for m in masks], masks[0].shape[-1], model.embed_dim))
+    return state
+
+
+def _sampled_images(loader, count: int, seed: int = 0) -> Iterable[torch.Tensor]:
+    """`count` images spread over the loader's dataset (seeded), else the loader's first ones."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        size = len(dataset)
+    except TypeError:
+        size = None
+    if size:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count]
+        return (dataset[int(i)][0][None] for i in order)
+    return _images(loader, count)
+
+
+def _family_report(model: nn.Module, options, context) -> Dict[str, object]:
+    if not _is_masked(model) or not options.ltmp_flops_images:
+        return {}
+    result = realised_flops_ratio(model, _sampled_images(context.data_loader, options.ltmp_flops_images),
+                                  context.device, max_images=options.ltmp_flops_images)
+    result["thresholds"] = model.thresholds()
+    _logger.info(f"LTMP inference model with the learned thresholds: {result['gmacs']:.4f} GMACs vs "
+                 f"{result['gmacs_unreduced']:.4f} unreduced = FLOPs ratio {result['flops_ratio']:.4f} "
+                 f"(fvcore, {result['images']} images, batch 1)")
+    return result
+
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="ltmp",
+    title="LTMP: learned thresholds token merging and pruning",
+    owns=_family.models_of(__name__),
+    flags=(
+        _family.Flag("--reduction-target", type=float, default=0.75, metavar="RATIO",
+                     help="FLOPs ratio the regulariser aims at (official default 0.75)"),
+        _family.Flag("--reg-scale", type=float, default=10.0,
+                     help="weight of the FLOPs regulariser (0: classification loss alone, no clamping)"),
+        _family.Flag("--cls-scale", type=float, default=1.0, help="weight of the classification loss"),
+        _family.Flag("--tau", type=float, default=0.5, kwarg="tau",
+                     help="sigmoid temperature of the threshold masks (official train.py 0.5; the model's own "
+                          "default is 0.1); only gradients depend on it"),
+        _family.Flag("--ltmp-flops-images", type=int, default=1000, metavar="N",
+                     help="validation images (batch 1) the end-of-training report counts the inference model's "
+                          "FLOPs on (official 1000; 0: no report)"),
+    ),
+    check_options=_family_check_options,
+    wrap_criterion=_family_wrap_criterion,
+    param_groups=_family_param_groups,
+    after_optimizer_step=_family_after_step,
+    log_state=_family_log_state,
+    report=_family_report,
+    checkpoint_filter_fn=checkpoint_filter_fn,
+    # with --reg-scale 0 the last block's thresholds reach no loss term
+    ddp_find_unused_parameters=_is_masked,
+))

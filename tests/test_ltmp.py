@@ -627,3 +627,68 @@ def test_public_parity_case_passes():
     import check
 
     assert check.run_case(os.path.join(PARITY, "cases", "ltmp_small_inference.pt"), verbose=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method family (models/family.py): what main.py discovers
+# ---------------------------------------------------------------------------------------------
+
+def _options(**overrides):
+    from models import family
+
+    values = dict(reduction_target=0.75, reg_scale=10.0, cls_scale=1.0, tau=0.5, ltmp_flops_images=4,
+                  weight_decay=0.0, lr=[1e-3], epochs=1, input_size=32)
+    values.update(overrides)
+    return family.options_for(family.get_family("ltmp"), values)
+
+
+def test_family_declares_the_recipe():
+    from models import family
+
+    fam = family.family_of_model("ltmp_deit_small_patch16_224")
+    assert fam is not None and fam.name == "ltmp"
+    assert family.family_of_model("inference_ltmp_deit_base_patch16_384") is fam
+    kwargs, _ = family.model_kwargs("ltmp_deit_tiny_patch16_224", dict(tau=0.5))
+    assert kwargs == {"tau": 0.5}
+    masked = tiny(depth=2)
+    inference = tiny("inference_ltmp_deit_tiny_patch16_224", depth=2)
+    groups = fam.param_groups(masked, _options(), [1e-4, 1e-2])
+    assert [g["lr"] for g in groups] == [1e-4, 1e-2]
+    assert fam.param_groups(inference, _options(), [1e-4]) is None
+    criterion = fam.wrap_criterion(torch.nn.Identity(), masked, _options())
+    assert isinstance(criterion, ltmp.LTMPCriterion) and criterion.reduction_target == 0.75
+    set_thresholds(masked, 1.3, -0.1)
+    fam.after_optimizer_step(masked, _options(reg_scale=0.0))
+    assert masked.thresholds()["merge"] == [pytest.approx(1.3)] * 2  # no clamping without the regulariser
+    fam.after_optimizer_step(masked, _options())
+    assert masked.thresholds() == {"merge": [1.0, 1.0], "prune": [0.0, 0.0]}
+    for bad in (dict(reduction_target=0.0), dict(reg_scale=-1.0), dict(tau=0.0), dict(ltmp_flops_images=-1)):
+        with pytest.raises(ModelConfigError):
+            fam.check_options(_options(**bad))
+
+
+@pytest.mark.slow
+def test_recipe_trains_through_main_and_reports_the_realised_flops_ratio(tmp_path):
+    from e2e_utils import assert_ok, read_log, run_main
+
+    out = tmp_path / "run"
+    proc = run_main(["--model", "ltmp_deit_tiny_patch16_224", "--model-kwargs",
+                     "{'depth': 2, 'embed_dim': 32, 'num_heads': 2, 'patch_size': 8}", "--input-size", "32",
+                     "--data-set", "SYNTHETIC", "--synthetic-train-size", "16", "--synthetic-val-size", "8",
+                     "--device", "cpu", "--batch-size", "8", "--num_workers", "0", "--epochs", "1",
+                     "--print-freq", "0", "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0",
+                     "--no-model-ema", "--warmup-epochs", "0", "--drop-path", "0", "--weight-decay", "0",
+                     "--opt", "momentum", "--momentum", "0", "--unscale-lr", "--lr", "0.000005", "0.005",
+                     "--reduction-target", "0.5", "--ltmp-flops-images", "4", "--output_dir", str(out)])
+    assert_ok(proc)
+    report = [line for line in read_log(out) if line.get("report") == "ltmp"]
+    assert len(report) == 1 and report[0]["images"] == 4
+    assert 0 < report[0]["flops_ratio"] < 1.05
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    state = ckpt["model"]
+    assert all(0.0 <= float(state[k]) <= 1.0 for k in state if ltmp.is_threshold_key(k))
+    twin = timm.create_model("inference_ltmp_deit_tiny_patch16_224", **TINY)
+    twin.load_state_dict(state, strict=True)
+    bad = run_main(["--model", "ltmp_deit_tiny_patch16_224", "--reduction-target", "1.5", "--data-set", "SYNTHETIC",
+                    "--device", "cpu", "--output_dir", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "reduction_target must be in (0, 1]" in bad.stdout + bad.stderr
