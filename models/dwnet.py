@@ -29,7 +29,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
-from utils.errors import UserError
+from .errors import ModelConfigError
 
 __all__ = ["DWNet", "DWUnit", "DynamicDWConv", "IDynamicDWConv", "SpatialBlock",
            "dynamic_depthwise_conv", "position_dynamic_depthwise_conv"]
@@ -94,7 +94,7 @@ class DynamicDWConv(nn.Module):
     def generate_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> per-image kernels (B, C, k, k)."""
         if self.training and x.shape[0] < 2:
-            raise UserError(
+            raise ModelConfigError(
                 "dynamic DWNet needs at least 2 images per batch (per device) in training mode "
                 "because its kernel generator uses BatchNorm across the batch; use a larger batch or model.eval()")
         pooled = x.mean(dim=(2, 3), keepdim=True)
@@ -117,7 +117,7 @@ class IDynamicDWConv(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 7, group_channels: int = 1, reduction: int = 4):
         super().__init__()
         if dim % group_channels:
-            raise ValueError(f"IDynamicDWConv: dim {dim} is not divisible by group_channels "
+            raise ModelConfigError(f"IDynamicDWConv: dim {dim} is not divisible by group_channels "
                              f"{group_channels}; choose inhomo_heads that divide the stage dims")
         self.dim = dim
         self.kernel_size = kernel_size
@@ -157,7 +157,7 @@ class DWUnit(nn.Module):
         elif conv_type == "inhomogeneous":
             self.conv = IDynamicDWConv(dim, kernel_size, group_channels)
         else:
-            raise ValueError(f"unknown conv_type {conv_type!r}; use 'static', 'dynamic' or 'inhomogeneous'")
+            raise ModelConfigError(f"unknown conv_type {conv_type!r}; use 'static', 'dynamic' or 'inhomogeneous'")
         self.bn = nn.BatchNorm2d(dim)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(dim, dim, 1, bias=False)
@@ -232,7 +232,7 @@ class DWNetStage(nn.Module):
 
 def _check_inhomo_heads(inhomo_heads, num_stages: int) -> Tuple[int, ...]:
     if inhomo_heads is None or len(inhomo_heads) != num_stages:
-        raise ValueError(f"inhomogeneous DWNet needs inhomo_heads with one channels-per-group value per stage "
+        raise ModelConfigError(f"inhomogeneous DWNet needs inhomo_heads with one channels-per-group value per stage "
                          f"({num_stages}), got {inhomo_heads!r}; pass e.g. inhomo_heads=[3, 6, 12, 24]")
     return tuple(int(g) for g in inhomo_heads)
 
@@ -267,7 +267,7 @@ class DWNet(nn.Module):
     ):
         super().__init__()
         if global_pool not in ("avg", ""):
-            raise ValueError(f"DWNet global_pool must be 'avg' or '', got {global_pool!r}")
+            raise ModelConfigError(f"DWNet global_pool must be 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.img_size = img_size
@@ -332,14 +332,14 @@ class DWNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         if global_pool is not None:
             if global_pool not in ("avg", ""):
-                raise ValueError(f"DWNet global_pool must be 'avg' or '', got {global_pool!r}")
+                raise ModelConfigError(f"DWNet global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input_size(self, height: int, width: int):
         if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(
+            raise ModelConfigError(
                 f"DWNet input {height}x{width} is not a multiple of {self.size_multiple} on each side; "
                 f"resize or crop the images to a multiple of {self.size_multiple} (e.g. 224)")
 

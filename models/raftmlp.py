@@ -27,6 +27,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .errors import ModelConfigError
+
 __all__ = ["RaftMLP", "RaftBlock", "MixerBlock", "CrossScaleEmbedding", "resample_tokens"]
 
 CLI_KWARGS = ()  # no method-specific command-line options
@@ -99,7 +101,7 @@ class RaftTokenMixing(nn.Module):
                  dropout: float, drop_path: float):
         super().__init__()
         if axis not in (1, 2):
-            raise ValueError(f"RaftTokenMixing axis must be 1 (vertical) or 2 (horizontal), got {axis}")
+            raise ModelConfigError(f"RaftTokenMixing axis must be 1 (vertical) or 2 (horizontal), got {axis}")
         self.raft_size = raft_size
         self.axis = axis
         # Index 1 holds the norm, as in the official checkpoints (0 and 2 were rearranges).
@@ -193,7 +195,7 @@ class CrossScaleEmbedding(nn.Module):
         self.stride = min(self.kernels)
         for k in self.kernels:
             if k % self.stride or (k - self.stride) % 2:
-                raise ValueError(f"embedding kernel {k} must be a multiple of the stride {self.stride} "
+                raise ModelConfigError(f"embedding kernel {k} must be a multiple of the stride {self.stride} "
                                  f"with an even difference; fix embedding_kernels {list(self.kernels)}")
         self.in_chans = in_chans
         self.fc = nn.Linear(in_chans * sum(k * k for k in self.kernels), dim)
@@ -244,12 +246,12 @@ class RaftLevel(nn.Module):
         if embedding_type == "emb_cross_mlp":
             kernels = list(embedding_kernels or [patch_size])
             if kernels[0] != patch_size:
-                raise ValueError(f"the first embedding kernel ({kernels[0]}) must equal the patch size "
+                raise ModelConfigError(f"the first embedding kernel ({kernels[0]}) must equal the patch size "
                                  f"({patch_size}); fix embedding_kernels")
             embedding, projection = CrossScaleEmbedding(in_chans, dim, kernels), nn.Identity()
         else:
             if patch_size == 1 and in_chans != dim:
-                raise ValueError(f"emb_mixer with patch_size 1 cannot map {in_chans} to {dim} channels "
+                raise ModelConfigError(f"emb_mixer with patch_size 1 cannot map {in_chans} to {dim} channels "
                                  f"(the official model silently drops the projection); use patch_size > 1 "
                                  f"or emb_cross_mlp")
             embedding, projection = PatchFlatten(patch_size), nn.Linear(patch_size * patch_size * in_chans, dim)
@@ -281,11 +283,11 @@ def _pooled_head(dim: int, out_dim: Optional[int]) -> nn.Sequential:
 
 def _check_layers(layers, token_mixing_type: str, embedding_type: str) -> List[Dict]:
     if token_mixing_type not in TOKEN_MIXING_TYPES:
-        raise ValueError(f"token_mixing_type must be one of {TOKEN_MIXING_TYPES}, got {token_mixing_type!r}")
+        raise ModelConfigError(f"token_mixing_type must be one of {TOKEN_MIXING_TYPES}, got {token_mixing_type!r}")
     if embedding_type not in EMBEDDING_TYPES:
-        raise ValueError(f"embedding_type must be one of {EMBEDDING_TYPES}, got {embedding_type!r}")
+        raise ModelConfigError(f"embedding_type must be one of {EMBEDDING_TYPES}, got {embedding_type!r}")
     if not layers:
-        raise ValueError("RaftMLP needs a non-empty `layers` list of dicts (depth, dim, patch_size, ...)")
+        raise ModelConfigError("RaftMLP needs a non-empty `layers` list of dicts (depth, dim, patch_size, ...)")
     checked = []
     for i, layer in enumerate(layers):
         layer = dict(layer)
@@ -294,12 +296,12 @@ def _check_layers(layers, token_mixing_type: str, embedding_type: str) -> List[D
         if token_mixing_type == "ser_pm" and "raft_size" not in layer:
             missing.add("raft_size")
         if unknown or missing:
-            raise ValueError(f"layers[{i}] has unknown keys {sorted(unknown)} / lacks {sorted(missing)}; "
+            raise ModelConfigError(f"layers[{i}] has unknown keys {sorted(unknown)} / lacks {sorted(missing)}; "
                              f"each layer needs depth, dim, patch_size (+ raft_size for ser_pm)")
         if layer["dim"] <= 0:
-            raise ValueError(f"layers[{i}] dim must be positive, got {layer['dim']}")
+            raise ModelConfigError(f"layers[{i}] dim must be positive, got {layer['dim']}")
         if token_mixing_type == "ser_pm" and layer["dim"] % layer["raft_size"]:
-            raise ValueError(f"layers[{i}] dim {layer['dim']} is not divisible by raft_size {layer['raft_size']}")
+            raise ModelConfigError(f"layers[{i}] dim {layer['dim']} is not divisible by raft_size {layer['raft_size']}")
         checked.append(layer)
     return checked
 
@@ -337,7 +339,7 @@ class RaftMLP(nn.Module):
     ):
         super().__init__()
         if global_pool != "avg":
-            raise ValueError(f"RaftMLP pools by averaging only; got global_pool={global_pool!r}")
+            raise ModelConfigError(f"RaftMLP pools by averaging only; got global_pool={global_pool!r}")
         self.layers = _check_layers(layers, token_mixing_type, embedding_type)
         dropout = drop_rate if drop_rate is not None else dropout
         in_chans = in_channels if in_channels is not None else in_chans
@@ -377,7 +379,7 @@ class RaftMLP(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         if global_pool not in (None, "avg"):
-            raise ValueError(f"RaftMLP pools by averaging only; got global_pool={global_pool!r}")
+            raise ModelConfigError(f"RaftMLP pools by averaging only; got global_pool={global_pool!r}")
         self.num_classes = num_classes
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -17,7 +17,7 @@ import yaml
 import models  # noqa: F401  (registers the models)
 from models.dwnet import (DWNet, DynamicDWConv, SpatialBlock, checkpoint_filter_fn, dynamic_depthwise_conv,
                           position_dynamic_depthwise_conv)
-from utils.errors import UserError
+from models.errors import ModelConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUFFIX = "_patch4_window7_224"
@@ -188,13 +188,13 @@ def test_other_resolutions_and_size_error(conv):
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 96)).shape == (2, 10)
         assert model.forward_features(torch.randn(2, 3, 64, 64)).shape == (2, 2, 2, 128)
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ModelConfigError, match="multiple of 32"):
         model(torch.randn(2, 3, 50, 64))
 
 
 def test_dynamic_model_batch_one_in_training_is_a_clear_error():
     model = small_dwnet("dynamic").train()
-    with pytest.raises(UserError, match="at least 2 images"):
+    with pytest.raises(ModelConfigError, match="at least 2 images"):
         model(torch.randn(1, 3, 64, 64))
     model.eval()
     with torch.no_grad():
@@ -306,9 +306,9 @@ def test_classifier_api():
 
 
 def test_bad_constructor_arguments_are_one_line_value_errors():
-    with pytest.raises(ValueError, match="inhomo_heads"):
+    with pytest.raises(ModelConfigError, match="inhomo_heads"):
         DWNet(embed_dim=16, depths=(1, 1, 1, 1), dynamic=True, inhomogeneous=True)
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ModelConfigError, match="divisible"):
         DWNet(embed_dim=16, depths=(1, 1, 1, 1), dynamic=True, inhomogeneous=True, inhomo_heads=(3, 6, 12, 24))
     with pytest.raises(TypeError):
         DWNet(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))

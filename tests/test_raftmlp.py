@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import yaml
 
 import models  # noqa: F401  (registers the models)
+from models.errors import ModelConfigError
 from models.raftmlp import CrossScaleEmbedding, RaftBlock, RaftLayerNorm, RaftMLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -343,14 +344,14 @@ def test_classifier_api_and_kwarg_aliases():
 
 
 def test_bad_arguments_are_value_errors():
-    with pytest.raises(ValueError, match="patch_size 1"):
+    with pytest.raises(ModelConfigError, match="patch_size 1"):
         RaftMLP(layers=[dict(depth=1, dim=8, patch_size=1, raft_size=2)])
-    with pytest.raises(ValueError, match="token_mixing_type"):
+    with pytest.raises(ModelConfigError, match="token_mixing_type"):
         RaftMLP(layers=[dict(depth=1, dim=8, patch_size=4, raft_size=2)], token_mixing_type="mixer")
-    with pytest.raises(ValueError, match="first embedding kernel"):
+    with pytest.raises(ModelConfigError, match="first embedding kernel"):
         RaftMLP(layers=[dict(depth=1, dim=8, patch_size=4, raft_size=2, embedding_kernels=[8, 4])],
                 embedding_type="emb_cross_mlp")
-    with pytest.raises(ValueError, match="raft_size"):
+    with pytest.raises(ModelConfigError, match="raft_size"):
         RaftMLP(layers=[dict(depth=1, dim=9, patch_size=4, raft_size=2)])
 
 
