@@ -189,10 +189,6 @@ def count_flops(model: nn.Module, img_size, counter: str = "fvcore", batch_size:
 
 def _token_count(output: Any) -> int | None:
     """Tokens in a block's output: [B, N, C] -> N; NCHW / NHWC maps -> H * W."""
-    if isinstance(output, (tuple, list)):
-        output = next((o for o in output if isinstance(o, torch.Tensor)), None)
-    elif isinstance(output, dict):
-        output = next((o for o in output.values() if isinstance(o, torch.Tensor)), None)
     if not isinstance(output, torch.Tensor):
         return None
     if output.dim() == 3:
@@ -208,26 +204,20 @@ def _token_count(output: Any) -> int | None:
 def tokens_per_block(model: nn.Module, img_size) -> list[int]:
     """Tokens leaving each `blocks.i` module (in call order) for one image in eval mode.
 
-    Uses forward hooks on every module whose name ends in `blocks.<i>` (ViT `blocks.3`,
-    Swin `layers.0.blocks.1`); empty for models without such modules. A model that runs a
-    block through a method other than `__call__` (EViT's `block.forward_prune`) fires no
-    block hook; for such a block the output of its last direct child that ran (the MLP
-    branch's `drop_path2` in a timm Block) stands in.
+    Plain forward hooks on every module whose name ends in `blocks.<i>` (ViT `blocks.3`,
+    Swin `layers.0.blocks.1`); every model of this project calls its blocks through
+    `__call__` with timm's `Tensor -> Tensor` signature, so each hook fires once per call.
+    Empty for models without such modules.
     """
-    events: list[tuple[int, bool, int]] = []  # (block number, is the block itself, tokens)
-    handles = []
+    counts: list[int] = []
 
-    def recorder(number: int, is_block: bool):
-        def record(module, inputs, output):
-            count = _token_count(output)
-            if count is not None:
-                events.append((number, is_block, int(count)))
-        return record
+    def record(module, inputs, output):
+        count = _token_count(output)
+        if count is not None:
+            counts.append(int(count))
 
-    blocks = [module for name, module in model.named_modules() if _BLOCK_NAME.search(name)]
-    for number, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(recorder(number, True)))
-        handles.extend(child.register_forward_hook(recorder(number, False)) for child in block.children())
+    handles = [module.register_forward_hook(record)
+               for name, module in model.named_modules() if _BLOCK_NAME.search(name)]
     if not handles:
         return []
     was_training = model.training
@@ -238,9 +228,4 @@ def tokens_per_block(model: nn.Module, img_size) -> list[int]:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    counts = []
-    for number in dict.fromkeys(n for n, _, _ in events):  # blocks in the order they first ran
-        own = [c for n, is_block, c in events if n == number and is_block]
-        children = [c for n, is_block, c in events if n == number and not is_block]
-        counts.extend(own if own else children[-1:])
     return counts

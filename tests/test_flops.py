@@ -142,34 +142,13 @@ class TokenDropper(nn.Module):
         return self.blocks(x.flatten(2).transpose(1, 2))  # [B, H*W, 3]
 
 
-class MethodCalledBlock(nn.Module):
-    """A block the model runs through a method, not __call__ (as EViT runs `forward_prune`)."""
+def test_tokens_per_block_on_a_tiny_evit():
+    import models  # noqa: F401
 
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(3)
-        self.halve = HalveTokens()
-
-    def forward_reduce(self, x):
-        return self.halve(self.norm(x))
-
-
-class MethodCaller(nn.Module):
-    in_chans = 3
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([MethodCalledBlock(), MethodCalledBlock()])
-
-    def forward(self, x):
-        x = x.flatten(2).transpose(1, 2)
-        for block in self.blocks:
-            x = block.forward_reduce(x)
-        return x
-
-
-def test_tokens_per_block_when_blocks_bypass_call():
-    assert flops.tokens_per_block(MethodCaller(), 4) == [8, 4]
+    model = timm.create_model("deit_small_patch16_shrink_base", img_size=64, embed_dim=48, num_heads=3, depth=4,
+                              drop_loc=(1, 3), base_keep_rate=0.5, fuse_token=True)
+    # 16 patches + cls; block 1 keeps 8 (+ fused), block 3 keeps ceil(0.5 * 9) = 5 (+ fused)
+    assert flops.tokens_per_block(model, 64) == [17, 10, 10, 7]
 
 
 def test_tokens_per_block_follows_reduction_and_conv_maps():
