@@ -148,8 +148,8 @@ def test_tools_read_num_classes_and_model_kwargs_from_the_checkpoint(tmp_path, c
 
 def _tiny_lambda_checkpoint(path, depth, saved_kwargs=None):
     name = "deit_tiny_patch16_224_copy_lambda"
-    model = timm.create_model(name, prune_layer=[0, 1], done_layer=[], img_size=32, num_classes=10, depth=depth,
-                              weight_init="skip")
+    torch.manual_seed(0)
+    model = timm.create_model(name, prune_layer=[0, 1], done_layer=[], img_size=32, num_classes=10, depth=depth)
     model.set_lambda(0.0)
     state = {"model": model.state_dict(), "epoch": 399,
              "method_state": {"lambda": 0.0, "prune_layer": [0, 1], "done_layer": []}}
