@@ -215,15 +215,17 @@ def masked_merge(
     unmerged = torch.where(src_mask.bool(), 1 - merge, src_mask)
     weight = merge.detach()[..., None]
 
-    packed = torch.cat([x, size], dim=-1)
+    # under autocast x, importance and the STE decisions can differ in dtype; scatter needs one
+    packed = torch.cat([x, size.to(x.dtype)], dim=-1)
     src, dst = packed[:, ::2], packed[:, 1::2]
-    dst = dst.scatter_reduce(1, node_idx[..., None].expand(-1, -1, channels + 1), src * weight, reduce="sum")
-    src_imp = (importance[:, ::2] * weight[..., 0])
+    dst = dst.scatter_reduce(1, node_idx[..., None].expand(-1, -1, channels + 1), src * weight.to(x.dtype),
+                             reduce="sum")
+    src_imp = importance[:, ::2] * weight[..., 0].to(importance.dtype)
     src_imp = torch.cat([torch.zeros_like(src_imp[:, :1]), src_imp[:, 1:]], dim=1)  # cls: inf * 0
     dst_imp = importance[:, 1::2].scatter_reduce(1, node_idx, src_imp, reduce="amax")
     if source is not None:
         dst_src = source[:, 1::2].scatter_reduce(1, node_idx[..., None].expand(-1, -1, source.shape[-1]),
-                                                 source[:, ::2] * weight, reduce="amax")
+                                                 source[:, ::2] * weight.to(source.dtype), reduce="amax")
         source = torch.cat([source[:, ::2], dst_src], dim=1)
 
     packed = torch.cat([src, dst], dim=1)

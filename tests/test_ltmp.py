@@ -692,3 +692,46 @@ def test_recipe_trains_through_main_and_reports_the_realised_flops_ratio(tmp_pat
     bad = run_main(["--model", "ltmp_deit_tiny_patch16_224", "--reduction-target", "1.5", "--data-set", "SYNTHETIC",
                     "--device", "cpu", "--output_dir", str(tmp_path / "bad")])
     assert bad.returncode == 2 and "reduction_target must be in (0, 1]" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("name", ["ltmp_deit_tiny_patch16_224", "inference_ltmp_deit_tiny_patch16_224"])
+def test_bf16_autocast_forward_and_backward(name):
+    model = tiny(name, depth=2)
+    set_thresholds(model, *CONFIGS["mild"])
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images(3))
+    assert torch.isfinite(out.float()).all()
+    if name.startswith("ltmp"):
+        out.float().sum().backward()
+        assert model.blocks[0].merge_masker.threshold.grad is not None
+
+
+def test_inference_source_map_matches_sizes():
+    model = tiny("inference_ltmp_deit_tiny_patch16_224", depth=3)
+    set_thresholds(model, *CONFIGS["aggressive"])
+    model.trace_source = True
+    with torch.no_grad():
+        model(images(4, seed=8))
+    info = model.ltmp_info
+    source, size = info["source"], info["size"][..., 0]
+    valid = info["valid"] if info["valid"] is not None else torch.ones_like(size, dtype=torch.bool)
+    assert torch.equal(source.sum(-1) * valid, size * valid)  # each group holds `size` original patches
+    assert bool((source.sum(1) <= 1).all())  # every patch is in at most one group (or pruned)
+    assert torch.equal(17 - source.sum((1, 2)), info["pruned_size"])
+
+
+def test_masked_source_maps_are_traced_on_request():
+    model = tiny(depth=2)
+    set_thresholds(model, *CONFIGS["merge_only"])
+    with torch.no_grad():
+        model(images(2))
+    assert model.vizs == []
+    model.trace_source = True
+    with torch.no_grad():
+        model(images(2))
+    assert [tuple(v.shape) for v in model.vizs] == [(2, 17, 17)] * 2
+    # cls is never merged and never a destination: its map stays the one-hot of token 0
+    assert torch.equal(model.vizs[-1][:, 0], F.one_hot(torch.zeros(2, dtype=torch.long), 17).float())
+    # maps only grow by merging (amax): every token still holds its own original patch somewhere
+    assert torch.equal(model.vizs[-1].amax(1), torch.ones(2, 17))
