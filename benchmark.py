@@ -59,6 +59,8 @@ from torch import nn
 import flops
 import main as trainer_cli
 import models  # noqa: F401  (registers the project's model families)
+from models import family as families
+from models.errors import ModelConfigError
 from utils.errors import UserError
 
 _logger = logging.getLogger("benchmark")
@@ -66,10 +68,6 @@ _logger = logging.getLogger("benchmark")
 PRECISIONS = ("fp32", "bf16", "fp16", "amp")
 MODES = ("infer", "train", "both")
 RECORD_VERSION = 1
-METHOD_DESTS = ("base_keep_rate", "drop_loc", "fuse_token", "prune_layer", "done_layer",
-                "compression_ratio", "tome_r", "tome_start_idx", "no_tome_prop_attn")
-# Method flags that patch the built model instead of becoming constructor kwargs.
-PATCH_DESTS = ("tome_r", "tome_start_idx", "no_tome_prop_attn")
 CSV_FIELDS = (
     "timestamp", "kind", "label", "model", "mode", "batch_size_requested", "batch_size",
     "oom_backoff", "img_size", "precision", "channels_last", "compile", "device", "device_name",
@@ -83,8 +81,19 @@ CSV_FIELDS = (
 # ---------------------------------------------------------------- argument parsing
 
 def add_method_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """main.py's method flags, defaults unset (None) so a spec's given flags are known."""
-    return trainer_cli.add_method_args(parser, unset_defaults=True)
+    """The families' flags that shape a model (constructor kwargs and patches), defaults unset
+    (None) so a spec's given flags are known."""
+    return trainer_cli.add_method_args(parser, unset_defaults=True, kwargs_only=True)
+
+
+def method_dests() -> tuple:
+    """Dests of every family flag that shapes a model: kwargs of model families, patch flags."""
+    return tuple(flag.dest for family in families.families() for flag in family.flags
+                 if flag.kwarg or family.is_patch())
+
+
+def patch_dests() -> tuple:
+    return tuple(flag.dest for family in families.patch_families() for flag in family.flags)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -107,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "reports throughput(B) / throughput(A)")
     which.add_argument("--compare-baseline", default=None, metavar="SPEC",
                        help="compare every --model against this spec, alternately")
-    which.add_argument("--num-classes", type=int, default=1000)
+    which.add_argument("--num-classes", type=int, default=1000, help="classifier size of the built models")
+    which.add_argument("--target-gmacs", type=float, default=None, metavar="G",
+                       help="set the reduction flag given as 'auto' (e.g. --tome-r auto) so each model has G GMACs")
 
     setting = parser.add_argument_group("settings")
     setting.add_argument("--batch-size", "-b", type=int, default=None,
@@ -160,10 +171,13 @@ class ModelSpec:
     def label(self) -> str:
         """The name and the flags that reach this model (flags its family ignores are left out)."""
         try:
-            accepted = set(family_cli_kwargs(self.name)) | set(PATCH_DESTS)
+            kwargs, _ = families.model_kwargs(self.name, self.method)
+            owner = families.family_of_model(self.name)
+            accepted = {f.dest for f in owner.flags} if owner is not None else set()
+            accepted |= set(patch_dests())
         except (RuntimeError, KeyError, ImportError):  # a name not in the registry (tests, fakes)
             accepted = set(self.method)
-        given = [f"{k}={v}" for k, v in self.method.items() if v is not None and k in accepted]
+        given = [f"{k}={v}" for k, v in self.method.items() if v not in (None, False) and k in accepted]
         return " ".join([self.name] + given)
 
 
@@ -172,7 +186,7 @@ def _method_parser() -> argparse.ArgumentParser:
 
 
 def _method_defaults(args: argparse.Namespace) -> dict:
-    return {dest: getattr(args, dest, None) for dest in METHOD_DESTS}
+    return {dest: getattr(args, dest, None) for dest in method_dests()}
 
 
 def parse_spec(text: str, defaults: dict | None = None) -> list[ModelSpec]:
@@ -180,7 +194,8 @@ def parse_spec(text: str, defaults: dict | None = None) -> list[ModelSpec]:
     tokens = shlex.split(text)
     if not tokens or tokens[0].startswith("-"):
         raise UserError(f"model spec {text!r} must start with a model name, e.g. \"deit_small_patch16_224 --tome-r 13\"")
-    base = argparse.Namespace(**(defaults or {dest: None for dest in METHOD_DESTS}))
+    dests = method_dests()
+    base = argparse.Namespace(**(defaults or {dest: None for dest in dests}))
     given = argparse.Namespace()
     try:
         _, unknown = _method_parser().parse_known_args(tokens[1:], namespace=given)
@@ -188,9 +203,9 @@ def parse_spec(text: str, defaults: dict | None = None) -> list[ModelSpec]:
         raise UserError(f"model spec {text!r}: {error}") from None
     if unknown:
         raise UserError(f"model spec {text!r}: unknown flag(s) {' '.join(unknown)}; "
-                        f"allowed: {', '.join('--' + d for d in METHOD_DESTS)}")
-    explicit = tuple(d for d in METHOD_DESTS if getattr(given, d, None) is not None)
-    method = {d: getattr(given, d) if d in explicit else getattr(base, d, None) for d in METHOD_DESTS}
+                        f"allowed: {', '.join('--' + d for d in dests)}")
+    explicit = tuple(d for d in dests if getattr(given, d, None) not in (None, False))
+    method = {d: getattr(given, d) if d in explicit else getattr(base, d, None) for d in dests}
     return [ModelSpec(name, method, explicit) for name in expand_model_names([tokens[0]])]
 
 
@@ -233,33 +248,31 @@ def read_models_file(path: str, defaults: dict) -> list[ModelSpec]:
     return specs
 
 
-def family_cli_kwargs(name: str) -> tuple:
-    """The CLI_KWARGS of the module that registered `name` (empty for timm's own models)."""
-    module = importlib.import_module(timm.models.model_entrypoint(name).__module__)
-    return tuple(getattr(module, "CLI_KWARGS", ()))
+def family_flag_dests(name: str) -> tuple:
+    """The flags of the family that owns `name` (empty for timm's own models)."""
+    owner = families.family_of_model(name)
+    return tuple(flag.dest for flag in owner.flags) if owner is not None else ()
 
 
 def split_method_args(spec: ModelSpec) -> tuple[dict, list[str]]:
     """(constructor kwargs for this model, given flags that this model's family does not take)."""
-    accepted = family_cli_kwargs(spec.name)
-    kwargs = {k: v for k, v in spec.method.items() if k in accepted and v is not None}
-    unused = [k for k, v in spec.method.items()
-              if v is not None and k not in accepted and k not in PATCH_DESTS]
+    kwargs, unused = families.model_kwargs(spec.name, spec.method)
     return kwargs, unused
 
 
 def check_method_flags(specs: Sequence[ModelSpec]) -> None:
     """Flags written for one model must apply to it; shared flags must apply to some model."""
     for spec in specs:
-        tome_options = spec.method.get("tome_start_idx") is not None or spec.method.get("no_tome_prop_attn")
-        if tome_options and spec.method.get("tome_r") is None:
-            raise UserError(f"{spec.name}: --tome-start-idx / --no-tome-prop-attn need --tome-r R")
+        try:
+            families.check_all_options(spec.name, spec.method)
+        except ModelConfigError as error:
+            raise UserError(f"{spec.name}: {error}") from None
     unused_by = [split_method_args(spec)[1] for spec in specs]
     for spec, unused in zip(specs, unused_by):
         wrong = [k for k in unused if k in spec.explicit]
         if wrong:
-            raise UserError(f"{spec.name} does not take --{wrong[0]} (its family's CLI_KWARGS: "
-                            f"{', '.join(family_cli_kwargs(spec.name)) or 'none'}); remove the flag")
+            raise UserError(f"{spec.name} does not take --{wrong[0]} (its family's flags: "
+                            f"{', '.join(family_flag_dests(spec.name)) or 'none'}); remove the flag")
     shared = {k for spec, unused in zip(specs, unused_by) for k in unused if k not in spec.explicit}
     for flag in sorted(shared):
         if all(flag in unused for unused in unused_by):
@@ -268,38 +281,51 @@ def check_method_flags(specs: Sequence[ModelSpec]) -> None:
         _logger.warning("--%s ignored for %s (not a kwarg of their family)", flag, ", ".join(skipped))
 
 
-def build_model(spec: ModelSpec, num_classes: int = 1000, img_size: int | None = None) -> tuple[nn.Module, dict]:
-    """Create `spec`'s model (random weights) and apply post-hoc patches; returns (model, kwargs used)."""
-    kwargs, _ = split_method_args(spec)
-    create_kwargs = dict(kwargs, num_classes=num_classes)
+def _auto_reduction(spec: ModelSpec):
+    for family in families.active_families(spec.name, spec.method):
+        if family.reduction is not None and spec.method.get(family.reduction.dest) == families.AUTO:
+            return family
+    return None
+
+
+def resolve_auto(spec: ModelSpec, target_gmacs: float | None, num_classes: int, img_size: int | None) -> ModelSpec:
+    """A spec whose reduction flag is 'auto': the value that gives `target_gmacs` (logged)."""
+    family = _auto_reduction(spec)
+    if family is None:
+        return spec
+    if target_gmacs is None:
+        raise UserError(f"{spec.name}: --{family.reduction.dest.replace('_', '-')} auto needs --target-gmacs G")
+    dest = family.reduction.dest
+
+    def build(value):
+        return build_model(ModelSpec(spec.name, dict(spec.method, **{dest: value}), spec.explicit),
+                           num_classes, img_size)[0].eval()
+
+    def gmacs_of(model):
+        return flops.count_flops(model, model_img_size(model, img_size), counter="fvcore")["gmacs"]
+
     try:
-        if img_size is not None:
-            try:
-                model = timm.create_model(spec.name, pretrained=False, img_size=img_size, **create_kwargs)
-            except TypeError as error:  # models without an img_size kwarg take any input size
-                if "img_size" not in str(error):
-                    raise
-                model = timm.create_model(spec.name, pretrained=False, **create_kwargs)
-        else:
-            model = timm.create_model(spec.name, pretrained=False, **create_kwargs)
-    except UserError:
-        raise
-    except ValueError as error:  # constructors report bad kwargs as one-line ValueErrors
+        value, gmacs = family.reduction.search(build, target_gmacs, gmacs_of)
+    except ModelConfigError as error:
         raise UserError(f"{spec.name}: {error}") from None
-    if spec.method.get("tome_r") is not None:
-        patch = getattr(importlib.import_module("models.tome"), "patch", None)
-        if patch is None:
-            raise UserError("--tome-r needs models.tome.patch, which is not available yet")
-        patch_kwargs = {"r": spec.method["tome_r"]}
-        if spec.method.get("tome_start_idx") is not None:
-            patch_kwargs["start_idx"] = spec.method["tome_start_idx"]
-        if spec.method.get("no_tome_prop_attn"):
-            patch_kwargs["prop_attn"] = False
-        try:
-            patch(model, **patch_kwargs)
-        except ValueError as error:
-            raise UserError(f"{spec.name} --tome-r: {error}") from None
-        kwargs.update({"tome_" + k: v for k, v in patch_kwargs.items()})
+    _logger.info("%s: --target-gmacs %g -> --%s %s (%.3f GMACs, %+.2f%%)", spec.name, target_gmacs,
+                 dest.replace("_", "-"), value, gmacs, 100 * (gmacs - target_gmacs) / target_gmacs)
+    return ModelSpec(spec.name, dict(spec.method, **{dest: value}), spec.explicit)
+
+
+def build_model(spec: ModelSpec, num_classes: int = 1000, img_size: int | None = None) -> tuple[nn.Module, dict]:
+    """`spec`'s model (random weights, patches applied) through the project's one factory;
+    returns (model, the method settings used)."""
+    from models.factory import create_model
+    try:
+        model = create_model(spec.name, options=spec.method, num_classes=num_classes, img_size=img_size)
+    except ModelConfigError as error:
+        raise UserError(f"{spec.name}: {error}") from None
+    kwargs, _ = split_method_args(spec)
+    for family in families.active_families(spec.name, spec.method):
+        if family.is_patch():
+            kwargs.update({flag.dest: spec.method.get(flag.dest) for flag in family.flags
+                           if spec.method.get(flag.dest) not in (None, False)})
     return model, kwargs
 
 
@@ -880,7 +906,10 @@ class Prepared:
 
 def prepare(spec: ModelSpec, args, device: torch.device) -> Prepared:
     """Build, count (on CPU in fp32, before compile), then move / convert / compile for timing."""
+    spec = resolve_auto(spec, getattr(args, "target_gmacs", None), args.num_classes, args.img_size)
     model, kwargs = build_model(spec, args.num_classes, args.img_size)
+    if getattr(args, "target_gmacs", None) is not None:
+        kwargs["target_gmacs"] = args.target_gmacs
     img_size = model_img_size(model, args.img_size)
     flop_info = tokens = None
     if not args.no_flops:
@@ -917,6 +946,7 @@ def run_sweep(args, specs: Sequence[ModelSpec], device: torch.device, env: dict,
     for spec in specs:
         _logger.info("%s: building", spec.label)
         prepared = prepare(spec, args, device)
+        spec = prepared.spec  # with the value --target-gmacs chose
         settings = _settings(args, device, prepared.img_size)
         if args.flops_only:
             _emit(make_record("flops", spec, prepared.kwargs, settings, env, prepared.flop_info,

@@ -494,8 +494,8 @@ def search_merge_schedule(build: Callable[[Any], nn.Module], target: float,
     list with the first k blocks at r + 1 and the rest at r that comes closest."""
     constant = list(range(max_r, -1, -1))
     r, gmacs = search_sequence(constant, build, target, gmacs_of)
-    lower = r if gmacs >= target else r + 1  # GMACs(lower) >= target >= GMACs(lower + 1)
-    if lower >= max_r:
+    lower = r if gmacs >= target else r - 1  # GMACs fall with r: GMACs(lower) >= target >= GMACs(lower + 1)
+    if lower < 0 or lower >= max_r:
         return r, gmacs
     lists = [[lower + 1] * k + [lower] * (depth - k) for k in range(depth, -1, -1)]
     best, best_gmacs = search_sequence(lists, build, target, gmacs_of)

@@ -108,7 +108,7 @@ def test_expand_model_names():
 
 
 def test_parse_spec_flags_override_defaults():
-    defaults = {dest: None for dest in benchmark.METHOD_DESTS}
+    defaults = {dest: None for dest in benchmark.method_dests()}
     defaults["base_keep_rate"] = 0.5
     (spec,) = benchmark.parse_spec("deit_small_patch16_224 --tome-r 13 --drop_loc '(2, 5)' --fuse_token", defaults)
     assert spec.name == "deit_small_patch16_224"
@@ -125,21 +125,20 @@ def test_parse_spec_flags_override_defaults():
         benchmark.parse_spec("--tome-r 3", defaults)
 
 
-def test_method_flags_reach_only_families_that_take_them(monkeypatch):
-    cli_kwargs = {"evit_like": ("base_keep_rate", "fuse_token"), "plain": ()}
-    monkeypatch.setattr(benchmark, "family_cli_kwargs", lambda name: cli_kwargs[name])
-    method = {dest: None for dest in benchmark.METHOD_DESTS}
+def test_method_flags_reach_only_families_that_take_them():
+    evit_name, plain = "deit_tiny_patch16_shrink_base", "deit_tiny_patch16_224"
+    method = {dest: None for dest in benchmark.method_dests()}
     method.update(base_keep_rate=0.7, fuse_token=True, tome_r=8)
-    kwargs, unused = benchmark.split_method_args(ModelSpec("evit_like", method))
+    kwargs, unused = benchmark.split_method_args(ModelSpec(evit_name, method))
     assert kwargs == {"base_keep_rate": 0.7, "fuse_token": True} and unused == []
-    kwargs, unused = benchmark.split_method_args(ModelSpec("plain", method))
-    assert kwargs == {} and unused == ["base_keep_rate", "fuse_token"]  # tome_r patches, never a kwarg
+    kwargs, unused = benchmark.split_method_args(ModelSpec(plain, method))
+    assert kwargs == {} and sorted(unused) == ["base_keep_rate", "fuse_token"]  # tome_r patches, never a kwarg
 
-    benchmark.check_method_flags([ModelSpec("evit_like", method), ModelSpec("plain", method)])  # warns only
+    benchmark.check_method_flags([ModelSpec(evit_name, method), ModelSpec(plain, method)])  # warns only
     with pytest.raises(UserError, match="applies to none"):
-        benchmark.check_method_flags([ModelSpec("plain", method)])
-    with pytest.raises(UserError, match="plain does not take --base_keep_rate"):
-        benchmark.check_method_flags([ModelSpec("plain", method, explicit=("base_keep_rate",))])
+        benchmark.check_method_flags([ModelSpec(plain, method)])
+    with pytest.raises(UserError, match=f"{plain} does not take --base_keep_rate"):
+        benchmark.check_method_flags([ModelSpec(plain, method, explicit=("base_keep_rate",))])
 
 
 def test_bad_input_exits_2(caplog):
@@ -208,7 +207,7 @@ def test_backoff_is_recorded(monkeypatch, tmp_path):
     args = benchmark.build_parser().parse_args(["--img-size", "8", "--batch-size", "16", "--warmup", "1",
                                                 "--rounds", "1", "--iters-per-round", "1", "--no-flops",
                                                 "--output", str(out)])
-    spec = ModelSpec("fake_oom", {dest: None for dest in benchmark.METHOD_DESTS})
+    spec = ModelSpec("fake_oom", {dest: None for dest in benchmark.method_dests()})
     env = benchmark.environment_info("cpu")
     (record,) = benchmark.run_sweep(args, [spec], torch.device("cpu"), env, None)
     assert record["batch_size_requested"] == 16 and record["batch_size"] == 2 and record["oom_backoff"] == [16, 8, 4]
@@ -279,7 +278,7 @@ def test_method_flags_parse_like_main(argv):
     main = pytest.importorskip("main")
     ours, _ = benchmark.add_method_args(benchmark.argparse.ArgumentParser()).parse_known_args(argv)
     theirs, _ = main.get_args_parser().parse_known_args(argv)
-    dest = next(d for d in benchmark.METHOD_DESTS if getattr(ours, d) is not None)
+    dest = next(d for d in benchmark.method_dests() if getattr(ours, d) is not None)
     assert getattr(ours, dest) == getattr(theirs, dest)
     assert type(getattr(ours, dest)) is type(getattr(theirs, dest))
 
@@ -299,7 +298,7 @@ def test_compare_baseline_reports_each_model_against_it(tmp_path, capsys):
 def test_models_file_specs(tmp_path):
     path = tmp_path / "models.txt"
     path.write_text("# sweep\ndeit_small_patch16_224\ndeit_tiny_patch16_224 --tome-r 8  # merged\n\ndeit_t*\n")
-    defaults = {dest: None for dest in benchmark.METHOD_DESTS}
+    defaults = {dest: None for dest in benchmark.method_dests()}
     specs = benchmark.read_models_file(str(path), defaults)
     assert [s.name for s in specs][:2] == ["deit_small_patch16_224", "deit_tiny_patch16_224"]
     assert specs[1].method["tome_r"] == 8 and specs[0].method["tome_r"] is None
