@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -158,6 +159,39 @@ def _group_keys(keys, shown: int = 6) -> str:
     return text + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
 
 
+def resize_pos_embed(pos_embed_checkpoint: torch.Tensor, model) -> torch.Tensor:
+    """DeiT's pos-embed adaptation (what DeiT's --finetune does; timm's filters then see matching shapes): keep the model's leading (class/dist) tokens, bicubic-resize the grid.
+
+    Done even at equal size (identity). Checkpoint and model may have different numbers
+    of leading tokens (distilled -> non-distilled): the grid is the largest square that
+    fits, leading tokens are taken from the checkpoint as far as it has them.
+    """
+    num_patches = model.patch_embed.num_patches
+    model_extra = model.pos_embed.shape[-2] - num_patches
+    ckpt_len, dim = pos_embed_checkpoint.shape[-2], pos_embed_checkpoint.shape[-1]
+    orig_size = int(math.sqrt(max(ckpt_len - model_extra, 0)))
+    ckpt_extra = ckpt_len - orig_size * orig_size
+    new_size = int(math.sqrt(num_patches))
+    extra_tokens = pos_embed_checkpoint[:, :min(model_extra, ckpt_extra)]
+    if extra_tokens.shape[1] < model_extra:
+        extra_tokens = torch.cat([extra_tokens, model.pos_embed.detach()[:, extra_tokens.shape[1]:model_extra].to(extra_tokens)], dim=1)
+    pos_tokens = pos_embed_checkpoint[:, ckpt_extra:]
+    pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, dim).permute(0, 3, 1, 2)
+    pos_tokens = torch.nn.functional.interpolate(pos_tokens.float(), size=(new_size, new_size), mode="bicubic",
+                                                 align_corners=False).to(pos_embed_checkpoint.dtype)
+    pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)
+    return torch.cat((extra_tokens, pos_tokens), dim=1)
+
+
+def _adapt_pos_embed(state_dict: dict, model: nn.Module) -> dict:
+    pos = state_dict.get("pos_embed")
+    model_pos = getattr(model, "pos_embed", None)
+    if (isinstance(pos, torch.Tensor) and isinstance(model_pos, torch.Tensor) and pos.dim() == 3
+            and pos.shape != model_pos.shape and getattr(getattr(model, "patch_embed", None), "num_patches", None)):
+        state_dict = dict(state_dict, pos_embed=resize_pos_embed(pos, model))
+    return state_dict
+
+
 def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], load: str = "strict",
                  model_name: Optional[str] = None, source: str = "checkpoint") -> LoadSummary:
     """Load `state_dict` into `model` (see the module docstring for `load`); returns what happened."""
@@ -183,12 +217,15 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], load: st
     original_shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
 
     def checked_filter(sd, target):
+        sd = _adapt_pos_embed(sd, target)
         if base_filter is not None:
             try:
                 sd = base_filter(sd, target)
             except TypeError:
                 sd = base_filter(sd)
         sd = dict(sd)
+        # Keys the family's filter removed on purpose (e.g. attention of blocks the model lacks).
+        summary.dropped += [k for k in original_shapes if k not in sd and k not in model_state]
         for key in list(sd):
             if key in heads and key in model_state and sd[key].shape != model_state[key].shape:
                 summary.dropped.append(key)

@@ -189,38 +189,59 @@ def _save(tmp_path, state, name="ft.pth", key="model"):
     return str(path)
 
 
-def test_finetune_drops_only_mismatched_head(tmp_path):
+def _finetune(target, state, name="deit_tiny_patch16_224", load="finetune"):
+    from models.factory import load_weights
+    return load_weights(target, state, load=load, model_name=name)
+
+
+def test_finetune_drops_only_mismatched_head():
     source = tiny_deit(num_classes=1000)
     target = tiny_deit(num_classes=10)
     before_head = target.head.weight.detach().clone()
-    missing, unexpected = main.load_finetune_weights(target, _save(tmp_path, source.state_dict()))
-    assert set(missing) == {"head.weight", "head.bias"} and unexpected == []
+    summary = _finetune(target, source.state_dict())
+    assert set(summary.missing) == {"head.weight", "head.bias"} and summary.unexpected == []
+    assert set(summary.dropped) == {"head.weight", "head.bias"}
     assert torch.equal(target.head.weight, before_head)
     assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert summary.line().startswith(f"{len(source.state_dict()) - 2} loaded, 0 resized, 2 dropped, 2 missing")
     # same number of classes: the head is kept
     target2 = tiny_deit(num_classes=1000)
-    missing, _ = main.load_finetune_weights(target2, _save(tmp_path, source.state_dict(), "b.pth", key="net"))
-    assert missing == [] and torch.equal(target2.head.weight, source.head.weight)
+    summary = _finetune(target2, source.state_dict())
+    assert summary.missing == [] and torch.equal(target2.head.weight, source.head.weight)
 
 
-def test_finetune_drops_a_mismatched_raftmlp_classifier(tmp_path):
+def test_finetune_of_another_architecture_is_an_error_naming_the_mismatches():
+    from models.factory import CheckpointMismatchError
+    source = tiny_deit(embed_dim=64, num_heads=2)
+    target = tiny_deit()
+    before = target.blocks[0].attn.qkv.weight.detach().clone()
+    with pytest.raises(CheckpointMismatchError, match="keys with other shapes .*blocks.0") as info:
+        _finetune(target, source.state_dict())
+    assert "--finetune-partial" in str(info.value) and "\n" not in str(info.value)
+    assert torch.equal(target.blocks[0].attn.qkv.weight, before)  # nothing was loaded
+    summary = _finetune(target, source.state_dict(), load="partial")
+    assert summary.mismatched and set(summary.mismatched) <= set(summary.dropped)
+
+
+def test_finetune_drops_a_mismatched_raftmlp_classifier():
     import timm
     import models  # noqa: F401  (registers raftmlp_*)
     layers = [dict(depth=1, dim=16, patch_size=8, raft_size=2, embedding_kernels=[8])]
     source = timm.create_model("raftmlp_s", layers=layers, pretrained_image_size=32, num_classes=1000)
     target = timm.create_model("raftmlp_s", layers=layers, pretrained_image_size=32, num_classes=10)
-    missing, unexpected = main.load_finetune_weights(target, _save(tmp_path, source.state_dict()))
-    assert set(missing) == {"classifier.weight", "classifier.bias"} and unexpected == []
+    summary = _finetune(target, source.state_dict(), name="raftmlp_s")
+    assert set(summary.missing) == {"classifier.weight", "classifier.bias"} and summary.unexpected == []
 
 
-def test_pos_embed_identity_at_equal_size_and_bicubic_otherwise(tmp_path):
+def test_pos_embed_identity_at_equal_size_and_bicubic_otherwise():
     source = tiny_deit()
     target = tiny_deit()
-    main.load_finetune_weights(target, _save(tmp_path, source.state_dict()))
+    _finetune(target, source.state_dict())
     assert torch.allclose(target.pos_embed, source.pos_embed, atol=1e-6)
 
     bigger = tiny_deit(img_size=64)  # 8x8 grid instead of 4x4
-    main.load_finetune_weights(bigger, _save(tmp_path, source.state_dict(), "c.pth"))
+    summary = _finetune(bigger, source.state_dict())
+    assert summary.resized == ["pos_embed"]
     assert bigger.pos_embed.shape == (1, 65, 32)
     assert torch.equal(bigger.pos_embed[:, :1], source.pos_embed[:, :1])  # class token copied
     grid = source.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
@@ -228,25 +249,29 @@ def test_pos_embed_identity_at_equal_size_and_bicubic_otherwise(tmp_path):
     assert torch.allclose(bigger.pos_embed[:, 1:], expected.permute(0, 2, 3, 1).flatten(1, 2), atol=1e-6)
 
 
-def test_distilled_checkpoint_into_plain_model(tmp_path):
+def test_distilled_checkpoint_into_plain_model_needs_partial():
+    from models.factory import CheckpointMismatchError
     source = tiny_deit("deit_tiny_distilled_patch16_224")
     target = tiny_deit()
-    missing, unexpected = main.load_finetune_weights(target, _save(tmp_path, source.state_dict()))
-    assert set(unexpected) == {"dist_token", "head_dist.weight", "head_dist.bias"}
-    assert missing == []
+    with pytest.raises(CheckpointMismatchError, match="dist_token"):
+        _finetune(target, source.state_dict())
+    summary = _finetune(target, source.state_dict(), load="partial")
+    assert {"dist_token", "head_dist.weight", "head_dist.bias"} <= set(summary.dropped)
+    assert summary.missing == []
     assert torch.equal(target.pos_embed[:, :1], source.pos_embed[:, :1])
     assert torch.allclose(target.pos_embed[:, 1:], source.pos_embed[:, 2:], atol=1e-6)
 
 
-def test_shrink_style_partial_load_logs_dropped_attention_keys(tmp_path, caplog):
-    source = tiny_deit(depth=2)
-    target = tiny_deit(depth=2)
-    state = source.state_dict()
-    state["blocks.0.attn.extra.weight"] = torch.zeros(1)
-    caplog.set_level("INFO")
-    _, unexpected = main.load_finetune_weights(target, _save(tmp_path, state))
-    assert unexpected == ["blocks.0.attn.extra.weight"]
-    assert "not in the model (dropped)" in caplog.text and "blocks.0.{attn.extra.weight}" in caplog.text
+def test_shrink_filter_drops_attention_of_removed_blocks():
+    import timm
+    import models  # noqa: F401
+    kwargs = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32, num_classes=10)
+    source = timm.create_model("deit_tiny_patch16_224_copy_lambda", prune_layer=[0], **kwargs)
+    target = timm.create_model("deit_tiny_patch16_224_shrink", done_layer=[0], **kwargs)
+    summary = _finetune(target, source.state_dict(), name="deit_tiny_patch16_224_shrink")
+    assert summary.missing == [] and summary.unexpected == []
+    removed = sorted(k for k in source.state_dict() if k not in target.state_dict())
+    assert removed and all(k.startswith("blocks.0.") for k in removed) and sorted(summary.dropped) == removed
 
 
 def _training_parts(seed):
