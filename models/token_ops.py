@@ -513,7 +513,8 @@ def mlerp_merge(x: torch.Tensor, match: Optional[BipartiteMatch], form: str = "p
     if form == "opentome":
         dst = mean / dst_norm[..., None] * max_norm[..., None]
     else:
-        has_src = torch.zeros_like(dst_norm, dtype=torch.bool).scatter_(1, match.dst_idx[..., 0], True)
+        ones = torch.ones_like(dst_norm[:, :r])
+        has_src = torch.zeros_like(dst_norm).scatter_add(1, match.dst_idx[..., 0], ones) > 0
         mean_norm = mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
         dst = torch.where(has_src[..., None], mean / mean_norm * max_norm[..., None], dst)
     if match.distill_token:

@@ -425,3 +425,45 @@ def test_tome_visualize_cli(tmp_path):
     assert code == 0 and Image.open(out).size == (128, 64)
     assert tome_visualize.main(["--model", "deit_tiny_patch16_224", "--img-size", "64", "--tome-r", "-2",
                                 "--model-kwargs", "{'depth': 2}", "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------------
+# model families, error type, pluggable fusion
+# ---------------------------------------------------------------------------
+
+def test_bad_input_is_a_model_config_error():
+    from models.errors import ModelConfigError
+    for kwargs in (dict(r=-1), dict(start_idx=-1), dict(r=[1] * 13)):
+        with pytest.raises(ModelConfigError):
+            tome.patch(make_vit(), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "ltm_vit_small_patch16_224"])
+def test_unsupported_family_names_the_supported_ones(name):
+    kwargs = dict(embed_dim=48, num_heads=3, depth=2, img_size=32) if name.startswith("ltm") else {}
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    with pytest.raises(ValueError) as info:
+        tome.patch(model, r=2)
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in ("VisionTransformer", "MobileViT", "EfficientViT"))
+    assert tome.model_family(make_vit(depth=2)) == "vit"
+
+
+def test_fusion_step_is_pluggable():
+    """apply_patch with a fusion that keeps the destination only equals ToMe's matching + drop."""
+    from models.token_ops import prune_tokens
+    model = make_vit(img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    calls = []
+
+    def drop(block_index, match, tokens, size):
+        calls.append(block_index)
+        return prune_tokens(tokens, match), size
+
+    with torch.no_grad():
+        tome.apply_patch(model, r=4, prop_attn=True, start_idx=2, trace_source=False, fusion=drop)
+        out = model(x)
+        from models import tofu
+        tofu.patch(model, r=4, prune_layers=range(12), start_idx=2)
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    assert calls == list(range(2, 12))
