@@ -166,3 +166,54 @@ def test_parse_r_examples(schedule, expected):
 def test_parse_r_rejects_bad_input(bad):
     with pytest.raises(ValueError):
         ops.parse_r(12, bad)
+
+
+# ---------------------------------------------------------------------------
+# attention_with_keys (EViT, ToMe, the entropy tool) and LTM's neighbourhood merging
+# ---------------------------------------------------------------------------
+
+def _attention(qk_norm=False):
+    from timm.layers import Attention
+    torch.manual_seed(0)
+    return Attention(24, num_heads=3, qkv_bias=True, qk_norm=qk_norm, norm_layer=torch.nn.LayerNorm).eval()
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_with_keys_is_timm_attention_plus_its_queries_and_keys(qk_norm):
+    attn = _attention(qk_norm)
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        out, q, k = ops.attention_with_keys(attn, x)
+        torch.testing.assert_close(out, attn(x), rtol=1e-5, atol=1e-6)
+        qkv = attn.qkv(x).reshape(2, 7, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    assert q.shape == k.shape == (2, 3, 7, 8)
+    torch.testing.assert_close(q, attn.q_norm(qkv[0]))
+    torch.testing.assert_close(k, attn.k_norm(qkv[1]))
+
+
+def test_attention_with_keys_proportional_attention_adds_log_size():
+    attn = _attention()
+    x = torch.randn(2, 5, 24)
+    size = torch.tensor([1.0, 3.0, 1.0, 2.0, 5.0]).expand(2, 5)[..., None]
+    with torch.no_grad():
+        out, q, k = ops.attention_with_keys(attn, x, size)
+        v = attn.qkv(x).reshape(2, 5, 3, 3, 8).permute(2, 0, 3, 1, 4)[2]
+        logits = (q * attn.scale) @ k.transpose(-2, -1) + size.log()[:, None, None, :, 0]
+        expected = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 24))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        unit, _, _ = ops.attention_with_keys(attn, x, torch.ones(2, 5, 1))
+        torch.testing.assert_close(unit, attn(x), rtol=1e-5, atol=1e-6)
+
+
+def test_neighbor_merge_and_unmerge_against_a_dense_assignment():
+    torch.manual_seed(0)
+    index = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]])  # 4 sources, 2 candidates each, 3 targets
+    weight = torch.rand(2, 4, 2)
+    tokens = torch.randn(2, 4, 5)
+    dense = torch.zeros(2, 4, 3).scatter_add_(2, index.expand(2, -1, -1), weight)  # [B, N, M]
+    merged = ops.neighbor_merge(tokens, weight, index, 3)
+    torch.testing.assert_close(merged, dense.transpose(1, 2) @ tokens / dense.sum(1)[..., None])
+    field = torch.randn(2, 3, 5)
+    torch.testing.assert_close(ops.neighbor_unmerge(field, weight, index), dense @ field)
+    torch.testing.assert_close(ops.neighbor_dot(tokens, field, index),
+                               torch.stack([(tokens * field[:, index[:, t]]).sum(-1) for t in range(2)], -1))
