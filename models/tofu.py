@@ -95,3 +95,50 @@ def is_patched(model: nn.Module) -> bool:
 def prune_layer_indices(model: nn.Module) -> List[int]:
     """Transformer-block indices that prune in a ToFu-patched model (the others merge)."""
     return sorted(model._tome_cfg.fusion.prune_layers)
+
+
+# ---------------------------------------------------------------------------
+# Method family: ToFu is a patch family, applied after any supported model is built
+# ---------------------------------------------------------------------------
+
+from . import family as _family  # noqa: E402  (the declaration below is the module's public contract)
+
+
+def _family_active(options) -> bool:
+    return options.tofu_r is not None
+
+
+def _family_check(options) -> None:
+    if options.tofu_r is None and (options.tofu_start_idx or options.tofu_mlerp != "paper"):
+        raise ModelConfigError("--tofu-start-idx / --tofu-mlerp need --tofu-r R")
+
+
+def _family_patch(model: nn.Module, options) -> None:
+    patch(model, r=options.tofu_r, start_idx=int(options.tofu_start_idx or 0), mlerp=options.tofu_mlerp)
+
+
+def _family_log_state(model: nn.Module) -> dict:
+    if not is_patched(model):
+        return {}
+    r = model._tome_cfg.r
+    return {"tofu_r": r if isinstance(r, int) else float(sum(r)) / max(len(r), 1)}
+
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="tofu",
+    title="ToFu: token fusion, prune early and MLERP-merge late (a patch applied to supported models)",
+    flags=(
+        _family.Flag("--tofu-r", type=_family.r_schedule, metavar="R",
+                     help="patch the model with ToFu, reducing R tokens per block (an int, a per-block list "
+                          "\"[8,8,6]\", or 'auto' with --target-gmacs); default: no ToFu"),
+        _family.Flag("--tofu-start-idx", type=int, default=0,
+                     help="attention blocks left unpatched at the start"),
+        _family.Flag("--tofu-mlerp", choices=MLERP_MODES, default="paper",
+                     help="merge rule of the merging blocks: the paper's MLERP, OpenToMe's variant, or plain mean"),
+    ),
+    patch=_family_patch,
+    active=_family_active,
+    check_options=_family_check,
+    log_state=_family_log_state,
+    reduction=_family.Reduction("tofu_r", tome._search_r, parse=_family.r_schedule),
+))

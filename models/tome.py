@@ -65,8 +65,8 @@ from timm.models.mobilevit import MobileVitBlock
 
 from .errors import ModelConfigError
 from .token_ops import (
-    BipartiteMatch, RSchedule, bipartite_soft_matching, compose_groups, merge_groups, merge_source, merge_wavg,
-    merged_index, parse_r, unmerge_groups)
+    BipartiteMatch, RSchedule, attention_with_keys, bipartite_soft_matching, compose_groups, merge_groups,
+    merge_source, merge_wavg, merged_index, parse_r, unmerge_groups)
 
 __all__ = ["patch", "unpatch", "is_patched", "merging_block_indices", "transformer_blocks", "model_family",
            "SUPPORTED_FAMILIES", "ToMeState", "ToMeConfig"]
@@ -156,17 +156,8 @@ def _attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torc
 
     Returns (output `[B, N, C]`, metric `[B, N, head_dim]` = keys averaged over heads).
     """
-    batch, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)  # [B, 1, 1, N]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.attn_dim))
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    out = attention_with_keys(attn, x, size)
+    return out.out, out.k.mean(dim=1)
 
 
 class ToMeBlockMixin:
@@ -235,6 +226,9 @@ class ToMeModelMixin:
 
     def forward_features(self, *args, **kwargs):
         return self._tome_run(super().forward_features, *args, **kwargs)
+
+    def forward_intermediates(self, *args, **kwargs):
+        return self._tome_run(super().forward_intermediates, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -537,8 +531,15 @@ def _family_log_state(model: nn.Module) -> dict:
 
 def _search_r(build, target, gmacs_of):
     model = build(0)
-    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
-    return _family.search_merge_schedule(build, target, gmacs_of, len(model.blocks), max(tokens // 2, 1))
+    depth = len(transformer_blocks(model))
+    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if num_patches is None:  # hybrids: the grid follows the input size; the clamp makes larger r equivalent
+        return _family.search_merge_schedule(build, target, gmacs_of, depth, _HYBRID_MAX_R)
+    tokens = num_patches + getattr(model, "num_prefix_tokens", 1)
+    return _family.search_merge_schedule(build, target, gmacs_of, depth, max(tokens // 2, 1))
+
+
+_HYBRID_MAX_R = 1024  # half of MobileViT's largest stage grid at 512 px (32 x 32 patches)
 
 
 FAMILY = _family.register_family(_family.MethodFamily(

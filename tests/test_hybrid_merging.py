@@ -276,3 +276,15 @@ def test_flops_table(name, px, r, target, reachable):
         else:  # the setting merges everything it can; nothing lower is reachable
             method(model, r=[10 ** 4] * len(r))
             assert abs(flops.count_flops(model, px)["gmacs"] - gmacs) < 1e-9 and gmacs > target * 1.03
+
+
+@pytest.mark.parametrize("name", ["mobilevit_xs", "efficientvit_b1"])
+def test_forward_intermediates_run_merged(name):
+    model = tome.patch(make(name), r=heavy_r(model=make(name)))
+    x = torch.randn(1, 3, PX, PX)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        tome.unpatch(model)
+        plain, _ = model.forward_intermediates(x)
+    assert not torch.allclose(final, plain)  # merging took effect inside forward_intermediates

@@ -315,3 +315,37 @@ def test_unsupported_family_names_the_supported_ones():
     assert "\n" not in message and "MobileViT" in message and "EfficientViT" in message and "VisionTransformer" in message
     with pytest.raises(ModelConfigError):
         tofu.patch(timm.create_model("deit_small_patch16_shrink_base", img_size=32, **TINY), r=2)  # EViT
+
+
+# ---------------------------------------------------------------------------
+# method family (models/family.py): flags, patch, reduction search
+# ---------------------------------------------------------------------------
+
+def test_family_flags_patch_and_check():
+    import argparse
+
+    from models import family
+    fam = family.get_family("tofu")
+    assert fam.is_patch()
+    parser = family.add_family_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--tofu-r", "[4,4,3]", "--tofu-start-idx", "1", "--tofu-mlerp", "opentome"])
+    model = make_vit(depth=4)
+    assert "tofu" in family.apply_patches(model, "deit_small_patch16_224", args)
+    assert tofu.is_patched(model) and model.r == [4, 4, 3] and model._tome_cfg.start_idx == 1
+    assert model._tome_cfg.fusion.mlerp == "opentome" and fam.log_state(model)["tofu_r"] == pytest.approx(11 / 3)
+    with pytest.raises(ModelConfigError):
+        fam.check_options(family.options_for(fam, parser.parse_args(["--tofu-start-idx", "2"])))
+
+
+def test_family_reduction_search_reaches_a_token_budget():
+    from models import family
+    fam = family.get_family("tofu")
+
+    def build(r):
+        return tofu.patch(make_vit(img_size=96, depth=4), r=r)
+
+    def tokens(model):  # stands in for GMACs: tokens summed over the blocks' outputs
+        return float(sum(run_lengths(model, torch.randn(1, 3, 96, 96))[1]))
+
+    value, reached = fam.reduction.search(build, 100.0, tokens)
+    assert reached == tokens(build(value)) and abs(reached - 100.0) <= 4

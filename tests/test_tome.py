@@ -467,3 +467,13 @@ def test_fusion_step_is_pluggable():
         tofu.patch(model, r=4, prune_layers=range(12), start_idx=2)
         torch.testing.assert_close(out, model(x), rtol=0, atol=0)
     assert calls == list(range(2, 12))
+
+
+def test_forward_intermediates_merges_like_forward():
+    model = tome.patch(make_vit(depth=4), r=3)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x, output_fmt="NLC")
+        torch.testing.assert_close(final, model.forward_features(x))
+    assert [y.shape[1] for y in intermediates] == [13, 10, 7, 4]  # 16 patches + cls, 3 merged per block
+    assert model._tome_cfg.state is None
