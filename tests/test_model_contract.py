@@ -123,10 +123,14 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def known_gap(request, family: str, check: str) -> None:
+def known_gap(request, family: str, check: str, model=None) -> None:
     reason = KNOWN_GAPS.get((family, check))
-    if reason is not None:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
+    if reason is None:
+        return
+    if check == "intermediates" and any(
+            "forward_intermediates" in vars(cls) for cls in type(model).__mro__ if cls.__module__.startswith("models.")):
+        return  # the family now wraps forward_intermediates itself: hold it to the contract
+    request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
 
 
 _BLOCK_NAME = re.compile(r"(^|\.)(blocks|transformer)\.\d+$")
@@ -168,7 +172,7 @@ def test_b_forward_intermediates(case, request):
     model, x, family = build(case)
     if not hasattr(model, "forward_intermediates"):
         pytest.skip(f"timm's base of {type(model).__name__} has no forward_intermediates")
-    known_gap(request, family, "intermediates")
+    known_gap(request, family, "intermediates", model)
     with torch.no_grad():
         features = model.forward_features(x)
         if not _is_vit(model):
