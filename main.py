@@ -364,6 +364,21 @@ def recipe_files(defaults: str, model_name: str) -> list:
     return files
 
 
+def _pretrained_cfg_sizes(model_name: str) -> dict:
+    """timm train.py takes the input size and eval crop from the model's pretrained cfg."""
+    import timm
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except (RuntimeError, KeyError):
+        cfg = None
+    sizes = {}
+    if cfg is not None and getattr(cfg, "input_size", None):
+        sizes["input_size"] = int(cfg.input_size[-1])
+    if cfg is not None and getattr(cfg, "crop_pct", None):
+        sizes["eval_crop_ratio"] = float(cfg.crop_pct)
+    return sizes
+
+
 def build_parser(argv=None) -> argparse.ArgumentParser:
     """The full parser with the defaults in force for this command line: parser defaults, then
     the model family's recipe, then `--defaults timm` files, then `--cfg` (the command line wins)."""
@@ -386,6 +401,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     owner = families.family_of_model(model_name)
     if owner is not None and owner.recipe:
         parser.set_defaults(**owner.recipe)
+    if known.defaults == "timm":
+        parser.set_defaults(**_pretrained_cfg_sizes(model_name))
     for path in recipe_files(known.defaults, model_name):
         parser.set_defaults(**load_cfg_defaults(path, parser))
     if cfg_data:
@@ -607,7 +624,7 @@ def _checkpoint_error(err: ModelConfigError, state_dict: dict, args) -> UserErro
         hint = suggest_model_for_keys(state_dict, args.model) or ""
     except Exception as suggestion_error:  # the hint is best effort; the key list is the error
         _logger.debug(f"no model suggestion: {suggestion_error}")
-    return UserError(f"{err}{'; ' + hint if hint else ''}")
+    return UserError(f"{err}{'; the weights fit --model ' + hint if hint else ''}")
 
 
 def build_model(args, num_classes: int):
@@ -1251,9 +1268,13 @@ def train(args, run: Run, device, stop_request) -> int:
                 except OSError as err:
                     _logger.error(f"could not keep the epoch copy of {ckpt_path}: {err}")
 
+        # DeiT's keys in DeiT's order first (machines parse them); this project's extras after.
+        deit_test = {k: v for k, v in test_stats.items() if k in ("loss", "acc1", "acc5")}
+        extra_test = {k: v for k, v in test_stats.items() if k not in deit_test}
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
+                     **{f"test_{k}": v for k, v in deit_test.items()},
                      "epoch": epoch, "n_parameters": run.n_parameters,
+                     **{f"test_{k}": v for k, v in extra_test.items()},
                      **({"method": method_state} if method_state else {})}
         if test_stats:
             log_stats.update(run_record(args, device, "model"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -42,11 +43,6 @@ __all__ = ["create_model", "check_model_name", "load_weights", "LoadSummary", "C
 
 _logger = logging.getLogger(__name__)
 
-# timm modules whose architectures take `img_size` (patch-grid models); other timm models
-# (CNNs, hybrids) take any input size and get no img_size kwarg.
-_TIMM_IMG_SIZE_MODULES = ("vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "beit",
-                          "eva", "cait", "xcit", "vision_transformer_hybrid", "vision_transformer_relpos",
-                          "mlp_mixer", "crossvit", "pit", "tnt", "twins", "volo", "deit3")
 _DEFAULT_HEAD_KEYS = ("head.weight", "head.bias", "head.fc.weight", "head.fc.bias", "head_dist.weight",
                       "head_dist.bias", "fc.weight", "fc.bias", "classifier.weight", "classifier.bias")
 
@@ -124,10 +120,31 @@ def _timm_module(model_name: str) -> str:
     return timm.models.model_entrypoint(model_name).__module__
 
 
-def _takes_img_size(model_name: str, owner) -> bool:
-    if owner is not None:
-        return "img_size" not in owner.unsupported_kwargs
-    return _timm_module(model_name).rsplit(".", 1)[-1] in _TIMM_IMG_SIZE_MODULES
+def _init_accepts(cls: type, name: str) -> bool:
+    """Whether `cls(...)` takes keyword `name`: an explicit parameter somewhere along the MRO
+    before an __init__ without **kwargs ends the chain."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            return True
+        if name in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
+def _accepted(model_name: str, names, model_kwargs: Dict[str, Any]) -> set:
+    """Which of the trainer's generic kwargs (img_size, drop rates) this model's class takes,
+    read from its constructor's signature (a meta-device build finds the class)."""
+    import timm
+    with torch.device("meta"):
+        probe = timm.create_model(model_name, pretrained=False, **model_kwargs)
+    return {name for name in names if _init_accepts(type(probe), name)}
 
 
 def head_keys_of(model: nn.Module, model_name: Optional[str] = None) -> tuple:
@@ -230,6 +247,10 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], load: st
             if key in heads and key in model_state and sd[key].shape != model_state[key].shape:
                 summary.dropped.append(key)
                 del sd[key]
+        # A distillation token and head the model lacks go with the classifier (DeiT distilled -> plain).
+        for key in [k for k in sd if k not in model_state and (k in heads or k == "dist_token")]:
+            summary.dropped.append(key)
+            del sd[key]
         summary.unexpected = [k for k in sd if k not in model_state]
         summary.mismatched = [k for k in sd if k in model_state and sd[k].shape != model_state[k].shape]
         summary.missing = [k for k in model_state if k not in sd]
@@ -302,14 +323,22 @@ def create_model(name: str, *, options=None, num_classes: Optional[int] = None, 
         num_classes = _saved_num_classes(checkpoint)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    unsupported = set(owner.unsupported_kwargs) if owner is not None else set()
-    if drop_rate is not None and "drop_rate" not in unsupported:
-        kwargs["drop_rate"] = drop_rate
-    if drop_path_rate is not None and "drop_path_rate" not in unsupported:
-        kwargs["drop_path_rate"] = drop_path_rate
-    if img_size is not None and img_size != default_input_size(name) and _takes_img_size(name, owner):
-        kwargs["img_size"] = img_size
     kwargs.update(model_kwargs or {})
+    generic = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate,
+               "img_size": img_size if img_size is not None and img_size != default_input_size(name) else None}
+    generic = {k: v for k, v in generic.items() if v is not None and k not in kwargs}
+    if generic:
+        unsupported = set(owner.unsupported_kwargs) if owner is not None else set()
+        try:
+            accepted = _accepted(name, [k for k in generic if k not in unsupported], kwargs)
+        except TypeError as err:
+            raise ModelConfigError(f"model {name} rejected its arguments ({err}); check --model-kwargs "
+                                   f"and the method flags") from None
+        for key, value in generic.items():
+            if key in accepted:
+                kwargs[key] = value
+            else:
+                _logger.info(f"{name} takes no {key}; built without it ({key}={value} not applied)")
 
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)

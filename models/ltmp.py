@@ -990,6 +990,13 @@ FAMILY = _family.register_family(_family.MethodFamily(
     log_state=_family_log_state,
     report=_family_report,
     checkpoint_filter_fn=checkpoint_filter_fn,
+    # The official trainer is timm's train.py with LTMP's defaults (spec section 6), not DeiT's
+    # main.py: these are the defaults for ltmp_* / inference_ltmp_* models (--cfg and the
+    # command line still win). The official lrs are used as given (no batch/512 scaling).
+    recipe=dict(epochs=1, opt="momentum", momentum=0.0, weight_decay=0.0, sched="cosine", warmup_epochs=0,
+                smoothing=0.1, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, batch_size=128, unscale_lr=True,
+                repeated_aug=False, model_ema=False, drop_path=0.0, color_jitter=0.4, cooldown_epochs=0,
+                min_lr=0.0, warmup_lr=1e-5, eval_every=1),
     # with --reg-scale 0 the last block's thresholds reach no loss term
     ddp_find_unused_parameters=_is_masked,
 ))

@@ -8,6 +8,8 @@ import yaml
 from e2e_utils import TINY_RUN, assert_ok, load_ckpt, read_log, run_main, state_dicts_equal
 
 LOG_KEYS = ["train_lr", "train_loss", "test_loss", "test_acc1", "test_acc5", "epoch", "n_parameters"]
+EXTRA_LOG_KEYS = {"test_loss_per_image", "test_ema_loss", "test_ema_acc1", "test_ema_acc5", "test_ema_loss_per_image",
+                  "method", "precision", "fused_attn", "weights", "target_gmacs"}
 
 
 def _cfg_from_flags(flags):
@@ -34,7 +36,10 @@ def test_cfg_training_run_learns_then_eval_reproduces(tmp_path):
     assert_ok(proc)
 
     log = read_log(out)
-    assert [list(rec) for rec in log] == [LOG_KEYS] * 6
+    # DeiT's keys in DeiT's order first; this project's extras (documented in the README) after
+    assert [list(rec)[:len(LOG_KEYS)] for rec in log] == [LOG_KEYS] * 6
+    assert all(set(rec) - set(LOG_KEYS) <= EXTRA_LOG_KEYS for rec in log)
+    assert all(rec["precision"] == "fp32" and rec["fused_attn"] in ("on", "off") for rec in log)
     with open(out / "log.txt") as f:
         first_line = f.readline().strip()
     assert first_line.startswith('{"train_lr": ') and ', "epoch": 0, ' in first_line
@@ -115,7 +120,8 @@ def test_shrink_launch_lines(tmp_path):
                      "--done_layer", "[0]", "--finetune", out / "checkpoint.pth", "--eval", "--no-model-ema"]
                     + FAMILY_RUN, script="main_lambda.py")
     assert_ok(proc)
-    assert "6 checkpoint keys not in the model (dropped): blocks.0.{norm1.weight,norm1.bias,attn.qkv.weight" in proc.stderr
+    assert "0 resized, 6 dropped, 0 missing" in proc.stderr
+    assert "finetune: dropped blocks.0.norm1.weight, blocks.0.norm1.bias, blocks.0.attn.qkv.weight" in proc.stderr
     assert "Accuracy of the network on the 32 test images" in proc.stderr
 
 

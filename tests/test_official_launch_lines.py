@@ -58,7 +58,7 @@ def test_shrink_test_sh_line(imagenet_folder, tmp_path):
            f"--finetune {ckpt} --eval --no-model-ema"
     proc = run_main(shlex.split(line), script="main_lambda.py")
     assert_ok(proc)
-    assert "24 checkpoint keys not in the model" in proc.stderr  # the 6 attention keys of 4 removed blocks
+    assert "0 resized, 24 dropped, 0 missing" in proc.stderr  # the 6 attention keys of 4 removed blocks
     assert "Accuracy of the network on the 4 test images" in proc.stderr
 
 
@@ -72,3 +72,28 @@ def test_ltm_readme_line_parses_as_written():
     assert (args.data_path, args.model, args.batch_size, args.num_workers) == ("your-data-path", "ltm_mobilevit_s", 64, 8)
     assert (args.compression_ratio, args.checkpoint_hist, args.output_dir) == (0.8, 20, "your-output-path-saving-results")
     assert args.model_ema and args.model_ema_decay == 0.9995 and args.amp and args.min_lr == 2e-5
+
+
+LTM_README_LINE = ("--model ltm_mobilevit_s -b 64 --workers 8 --pin-mem "
+                   "--sched cosine --epochs 300 --min-lr 0.00002 --lr 0.0002 --warmup-lr 0.0002 --warmup-epochs 5 "
+                   "--opt adamw --weight-decay 0.01 --model-ema --model-ema-decay 0.9995 "
+                   "--aa rand-m9-mstd0.5 --remode pixel --reprob 0.2 --amp --smoothing 0.1 --checkpoint-hist 20 "
+                   "--compression-ratio 0.8 --output out/ltm_mobilevit_s")
+
+
+def test_ltm_readme_line_through_distributed_train_sh_trains_the_ltm_recipe(tmp_path):
+    """./distributed_train.sh passes --defaults timm: timm's defaults, then configs/ltm_mobilevit_s.yaml,
+    then the line; the resolved options (what args.yaml holds) equal the recipe file."""
+    import os
+    import yaml
+    with open(os.path.join(os.path.dirname(main.__file__), "distributed_train.sh")) as f:
+        assert "main.py\" --defaults timm" in f.read()
+    args = main.parse_args(["--defaults", "timm", "/imagenet"] + shlex.split(LTM_README_LINE))
+    resolved = main.resolved_options(args)
+    with open(os.path.join(os.path.dirname(main.__file__), "configs", "ltm_mobilevit_s.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    differing = {k: (resolved[k], v) for k, v in recipe.items() if resolved[k] != v}
+    assert differing == {}
+    # DeiT's defaults would have trained another recipe: that is what the issue reproduced
+    deit = main.resolved_options(main.parse_args(["/imagenet"] + shlex.split(LTM_README_LINE)))
+    assert deit["mixup"] == 0.8 and deit["unscale_lr"] is False and deit["input_size"] == 224

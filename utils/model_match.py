@@ -55,10 +55,12 @@ def suggest_model_for_keys(state_dict: dict, model_name: Optional[str], limit: i
 def _fitting_models(state_dict: dict, model_name: str, prefix: str, limit: int) -> list[str]:
     import timm
     candidates = [name for name in timm.list_models(f"{prefix}*") if name != model_name][:limit]
+    removed = removed_attention_blocks(state_dict)
+    if removed and model_name.endswith("_shrink") and timm.is_model(model_name):
+        candidates.insert(0, model_name)  # the same model with the --done_layer the weights have
     wanted = {(key, tuple(value.shape)) for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
     head = state_dict.get("head.weight")
     base_kwargs = {"num_classes": head.shape[0]} if isinstance(head, torch.Tensor) and head.dim() == 2 else {}
-    removed = removed_attention_blocks(state_dict)
 
     fits = []
     for name in candidates:

@@ -120,3 +120,49 @@ def test_slurm_script_does_not_requeue_a_failed_run(spawn, tmp_path):
     proc = _start_sbatch(spawn, tmp_path, out, ["--model", "no_such_model"])
     assert proc.wait(timeout=120) == 2, read_text(tmp_path / "slurm.out")[-4000:]
     assert "requeue" not in read_text(tmp_path / "scontrol.log")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_like_sigterm_and_the_run_resumes(spawn, tmp_path, reference_run):
+    """SIGINT (Ctrl-C) during training: finish the step, write the mid-epoch checkpoint, print
+    the resume line, exit 0; no KeyboardInterrupt traceback, nothing lost."""
+    out = tmp_path / "run"
+    flags = RESUMABLE_FLAGS + ["--output_dir", out]
+    proc = spawn(flags, tmp_path / "console.txt")
+    wait_for_step(proc, out / "log_rank0.txt", 6)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, read_text(tmp_path / "console.txt")[-3000:]
+    console = read_text(tmp_path / "console.txt")
+    assert "Traceback" not in console and "KeyboardInterrupt" not in console
+    log = read_text(out / "log_rank0.txt")
+    assert "stopped by SIGINT" in log and "resume with --auto-resume" in log
+    saved = load_ckpt(out / "checkpoint.pth")
+    assert not saved["epoch_complete"] and saved["run_state"]["optimizer_steps"] - global_steps_logged(log) in (0, 1)
+    resumed = run_main(flags + ["--auto-resume"])
+    assert_ok(resumed)
+    assert_same_tensors(load_ckpt(out / "checkpoint.pth")["model"], reference_run["model"])
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    from utils.distributed import StopRequest
+    request = StopRequest()
+    request._on_signal("SIGINT")
+    assert request.is_set() and request.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        request._on_signal("SIGINT")
+    other = StopRequest()
+    other._on_signal("SIGTERM")
+    other._on_signal("SIGTERM")  # repeated preemption signals never abort
+    assert other.is_set()
+
+
+def test_interrupt_outside_training_is_one_line_and_status_130(monkeypatch, caplog):
+    import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "main", interrupted)
+    assert main.cli(["--device", "cpu"]) == 130
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "Ctrl-C" in errors[0]
