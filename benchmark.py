@@ -58,6 +58,8 @@ from torch import nn
 
 import flops
 import main as trainer_cli
+from engine import autocast_in
+from losses import main_logits
 import models  # noqa: F401  (registers the project's model families)
 from models import family as families
 from models.errors import ModelConfigError
@@ -371,10 +373,7 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+_autocast = autocast_in
 
 
 def _input(model: nn.Module, batch_size: int, img_size, device, channels_last: bool) -> torch.Tensor:
@@ -384,10 +383,7 @@ def _input(model: nn.Module, batch_size: int, img_size, device, channels_last: b
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, dict):
-        return output["logits"]
-    return output[0] if isinstance(output, (tuple, list)) else output
+_logits = main_logits
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:

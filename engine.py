@@ -55,11 +55,16 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
 
 
-def autocast(device: torch.device, enabled: bool):
-    """Autocast in `autocast_dtype(device)`, or nothing."""
-    if not enabled:
+def autocast_in(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`, or nothing for None (fp32): the project's one autocast helper."""
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device))
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Autocast in `autocast_dtype(device)` when --amp is on, or nothing."""
+    return autocast_in(device, autocast_dtype(device) if enabled else None)
 
 
 def _split_outputs(outputs):

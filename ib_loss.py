@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from utils import distributed as dist_utils
+
 _logger = logging.getLogger(__name__)
 
 _Q_FLOOR = 1e-8
@@ -153,13 +155,10 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 60, redo: int = 3, seed: int = 
 # ---------------------------------------------------------------------------------------------
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return dist_utils.is_dist_avail_and_initialized()
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(tensor)
-    return tensor
+_all_reduce_sum = dist_utils.all_reduce_sum
 
 
 def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
@@ -183,8 +182,7 @@ def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:int(c.item())] for g, c in zip(gathered, counts)])
 
 
-def _is_main() -> bool:
-    return not _distributed() or dist.get_rank() == 0
+_is_main = dist_utils.is_main_process
 
 
 def _subsample(rows: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
@@ -194,8 +192,7 @@ def _subsample(rows: torch.Tensor, limit: int, generator: torch.Generator) -> to
     return rows[keep.to(rows.device)]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+_unwrap = dist_utils.unwrap_model
 
 
 # ---------------------------------------------------------------------------------------------

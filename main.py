@@ -975,11 +975,6 @@ def _log_eval(stats: dict, n: int, label: str = "the network", decimals: int = 1
     _logger.info(f"Accuracy of {label} on the {n} test images: {stats['acc1']:.{decimals}f}%")
 
 
-def accuracy_decimals() -> int:
-    """lambda_vit's main_lambda.py prints the accuracy line with 2 decimals, DeiT's main.py with 1."""
-    return 2 if os.path.basename(sys.argv[0] or "") == "main_lambda.py" else 1
-
-
 def cap_workers(args) -> None:
     """More DataLoader workers than cores only slow a run down (and make PyTorch warn per loader)."""
     try:
@@ -1031,7 +1026,7 @@ def main(args) -> int:
         weights = "EMA (model_ema)" if args.use_ema else "model"
         _logger.info(f"evaluating the {weights} weights of {run.resume.path or args.finetune or 'the initialised model'}")
         stats = evaluate(run.val_loader, run.model_without_ddp, device, args)
-        _log_eval(stats, len(run.dataset_val), decimals=accuracy_decimals())
+        _log_eval(stats, len(run.dataset_val), decimals=getattr(args, "accuracy_decimals", 1))
         if args.output_dir and dist_utils.is_main_process():
             append_json_line(os.path.join(args.output_dir, "log.txt"),
                              {**{f"test_{k}": v for k, v in stats.items()}, "eval": True,
@@ -1341,11 +1336,15 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def cli(argv=None) -> int:
-    """Command-line wrapper: bad input -> one logged line and exit status 2; Ctrl-C twice -> 130."""
+def cli(argv=None, accuracy_decimals: int = 1) -> int:
+    """Command-line wrapper: bad input -> one logged line and exit status 2; Ctrl-C -> 130.
+
+    `accuracy_decimals`: of the final "Accuracy of the network" line (lambda_vit's script prints 2).
+    """
     setup_logging(None, int(os.environ.get("RANK", 0)))
     try:
         args = parse_args(argv)
+        args.accuracy_decimals = accuracy_decimals
         return main(args)
     except (UserError, ModelConfigError) as err:
         _logger.error(one_line(err))

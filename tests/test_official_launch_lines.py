@@ -97,3 +97,76 @@ def test_ltm_readme_line_through_distributed_train_sh_trains_the_ltm_recipe(tmp_
     # DeiT's defaults would have trained another recipe: that is what the issue reproduced
     deit = main.resolved_options(main.parse_args(["/imagenet"] + shlex.split(LTM_README_LINE)))
     assert deit["mixup"] == 0.8 and deit["unscale_lr"] is False and deit["input_size"] == 224
+
+
+def _reference_eval(model, folder, batch_size):
+    """The official evaluation written out independently: DeiT's eval transform, sequential
+    batches, fp32 (DeiT's CUDA autocast does nothing on CPU), DeiT's meters: the printed loss is
+    the mean of per-batch mean losses, Acc@1/Acc@5 are weighted by batch size."""
+    from torchvision import datasets as tv_datasets, transforms
+    transform = transforms.Compose([
+        transforms.Resize(int(224 / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    data = tv_datasets.ImageFolder(str(folder / "val"), transform=transform)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    model.eval()
+    losses, correct1, correct5, count = [], 0, 0, 0
+    with torch.no_grad():
+        for images, target in loader:
+            output = model(images)
+            losses.append(torch.nn.functional.cross_entropy(output, target).item())
+            top5 = output.topk(5, dim=1).indices
+            correct1 += (top5[:, 0] == target).sum().item()
+            correct5 += (top5 == target[:, None]).any(1).sum().item()
+            count += images.shape[0]
+    return 100 * correct1 / count, 100 * correct5 / count, sum(losses) / len(losses), count
+
+
+@pytest.fixture(scope="module")
+def imagenet_folder_uneven(tmp_path_factory):
+    """10 validation images in 6 classes: with --batch-size 4 the eval batches are 6 and 4 (unequal)."""
+    root = tmp_path_factory.mktemp("imagenet_uneven")
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for c in range(6):
+            (root / split / f"n0{c}").mkdir(parents=True)
+            for i in range(2 if c < 4 else 1):
+                Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(root / split / f"n0{c}" / f"{i}.JPEG")
+    return root
+
+
+@pytest.mark.slow
+def test_evit_eval_line_prints_the_official_numbers_on_cpu(imagenet_folder_uneven, tmp_path):
+    model = timm.create_model("deit_small_patch16_shrink_base", fuse_token=True, base_keep_rate=0.7)
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # spread the logits so accuracy and loss are not trivial
+    ckpt = tmp_path / "evit.pth"
+    torch.save({"model": model.state_dict(), "epoch": 299, "args": argparse.Namespace(model="x")}, ckpt)
+    line = (f"--model deit_small_patch16_shrink_base --fuse_token --base_keep_rate 0.7 --eval --resume {ckpt} "
+            f"--data-path {imagenet_folder_uneven} --batch-size 4 --num_workers 0")
+    proc = run_main(shlex.split(line))
+    assert_ok(proc)
+    acc1, acc5, loss, count = _reference_eval(model, imagenet_folder_uneven, int(1.5 * 4))
+    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
+    assert f"Accuracy of the network on the {count} test images: {acc1:.1f}%" in proc.stderr
+
+
+@pytest.mark.slow
+def test_shrink_test_sh_line_prints_the_official_numbers_on_cpu(imagenet_folder_uneven, tmp_path):
+    source = timm.create_model("deit_small_patch16_224_copy_lambda", prune_layer=[0, 2, 4, 6])
+    with torch.no_grad():
+        source.head.weight.mul_(20)
+    ckpt = tmp_path / "small_0246.pth"
+    torch.save({"model": source.state_dict(), "epoch": 299, "args": argparse.Namespace(model="x")}, ckpt)
+    line = (f"--data-set IMNET --data-path {imagenet_folder_uneven} --model deit_small_patch16_224_shrink "
+            f"--prune_layer [] --done_layer [0,2,4,6] --seed 42 --num_workers 10 --batch-size 4 "
+            f"--finetune {ckpt} --eval --no-model-ema")
+    proc = run_main(shlex.split(line), script="main_lambda.py")
+    assert_ok(proc)
+    deployed = timm.create_model("deit_small_patch16_224_shrink", done_layer=[0, 2, 4, 6])
+    state = {k: v for k, v in source.state_dict().items() if k in deployed.state_dict()}
+    deployed.load_state_dict(state, strict=True)
+    acc1, acc5, loss, count = _reference_eval(deployed, imagenet_folder_uneven, int(1.5 * 4))
+    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
+    assert f"Accuracy of the network on the {count} test images: {acc1:.2f}%" in proc.stderr  # lambda_vit: 2 decimals

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 import warnings
 from typing import List, Optional
 
@@ -30,6 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from models.token_ops import track_token_positions
+from utils.distributed import unwrap_model
 
 _logger = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ FUSED_COLOUR = (1.0, 0.55, 0.0)  # orange tint for patches held by the fused tok
 DROPPED_BRIGHTNESS = 0.2
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+_unwrap = unwrap_model
 
 
 def _img_size(model: nn.Module, args) -> tuple:
@@ -48,21 +47,13 @@ def _img_size(model: nn.Module, args) -> tuple:
     return tuple(_unwrap(model).patch_embed.img_size)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_throughput(model: nn.Module, batch_size: int, img_size: tuple, device: torch.device,
                        passes: int) -> float:
-    """Images per second of `passes` forward passes (eval mode, no `no_grad`, as the official test)."""
-    x = torch.randn(batch_size, 3, *img_size, device=device)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(passes):
-        model(x)
-    _sync(device)
-    return batch_size * passes / (time.perf_counter() - start)
+    """Images per second of `passes` forward passes in eval mode (the benchmark's one timer)."""
+    from benchmark import measure_inference
+    result = measure_inference(model, batch_size, img_size, torch.device(device), warmup=0, rounds=1,
+                               iters_per_round=passes)
+    return float(result["throughput"]["median"])
 
 
 def count_gmacs(model: nn.Module, img_size: tuple, device: torch.device) -> float:
