@@ -568,7 +568,7 @@ def check_model_name(name: str) -> None:
     try:
         check(name)
     except ModelConfigError as err:
-        raise UserError(f"--model: {err}") from None
+        raise UserError(str(err).replace("unknown model", "unknown --model", 1)) from None
 
 
 def _warn_ignored(model_name: str, ignored: list) -> None:
