@@ -490,6 +490,23 @@ def _check_reduction_flags(args) -> None:
             raise UserError("--target-gmacs: set only one reduction flag to auto")
 
 
+TRAINING_GROUPS = ("model EMA", "optimizer", "learning-rate schedule", "augmentation", "mixup / cutmix",
+                   "distillation", "reliability")
+TRAINING_DESTS = ("epochs", "accum_iter", "bce_loss", "unscale_lr", "finetune_partial", "attn_only", "auto_resume",
+                  "start_epoch", "synthetic_train_size", "save_every_iters", "checkpoint_hist", "tensorboard",
+                  "eval_every", "target_gmacs")
+
+
+def training_only_dests() -> set:
+    """Options that only matter when training (left out of an evaluation's log)."""
+    parser = get_args_parser()
+    dests = set(TRAINING_DESTS)
+    for group in parser._action_groups:  # argparse has no public group list
+        if group.title in TRAINING_GROUPS:
+            dests |= {action.dest for action in group._group_actions}
+    return dests - {"use_ema", "eval_interpolation", "eval_crop_ratio"}
+
+
 def resolved_options(args: argparse.Namespace) -> dict:
     """The option values to write to args.yaml (loadable again with --cfg)."""
     skip = {"cfg", "data_dir", "local_rank", "distributed", "world_size", "plugin", "defaults"}
@@ -1002,6 +1019,9 @@ def main(args) -> int:
     cap_workers(args)
     device = torch.device(args.device)
     options = resolved_options(args)
+    if args.eval:  # an evaluation logs only what shapes it (no lr, epochs, mixup, ...)
+        training_only = training_only_dests()
+        options = {k: v for k, v in options.items() if k not in training_only}
     _logger.info("arguments: " + json.dumps(options, default=str))
     _logger.info(f"precision: {precision_name(args, device)}; fused attention: {fused_attention_state()}"
                  + ("" if args.amp or device.type == "cuda" else " (pass --amp for bf16 autocast on CPU)"))
@@ -1024,7 +1044,9 @@ def main(args) -> int:
         return 0
     if args.eval:
         weights = "EMA (model_ema)" if args.use_ema else "model"
-        _logger.info(f"evaluating the {weights} weights of {run.resume.path or args.finetune or 'the initialised model'}")
+        state = run.parts.hooks.log_state(run.model_without_ddp)
+        _logger.info(f"evaluating the {weights} weights of {run.resume.path or args.finetune or 'the initialised model'}"
+                     + (f" ({_format_state(state)})" if state else ""))
         stats = evaluate(run.val_loader, run.model_without_ddp, device, args)
         _log_eval(stats, len(run.dataset_val), decimals=getattr(args, "accuracy_decimals", 1))
         if args.output_dir and dist_utils.is_main_process():

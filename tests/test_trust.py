@@ -50,6 +50,8 @@ def test_eval_names_precision_fused_attention_and_weights(tmp_path):
     assert record["fused_attn"] in ("on", "off") and "test_acc1" in record
     # an eval run logs no training-only values
     assert "scaled to" not in proc.stderr and "start training" not in proc.stderr
+    logged = json.loads(proc.stderr.split("INFO arguments: ", 1)[1].splitlines()[0])
+    assert "mixup" not in logged and "lr" not in logged and "epochs" not in logged and "model" in logged
 
 
 # ----------------------------------------------------------------------------- 2. --finetune
