@@ -553,19 +553,6 @@ def make_output_dir(path: str) -> None:
         raise UserError(f"cannot write to output dir {path}: {err.strerror}; choose another --output_dir") from None
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (1 << 32))
-    random.seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        cudnn.deterministic = True
-        cudnn.benchmark = False
-    else:
-        cudnn.benchmark = True
-
-
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
