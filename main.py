@@ -553,7 +553,6 @@ def make_output_dir(path: str) -> None:
         raise UserError(f"cannot write to output dir {path}: {err.strerror}; choose another --output_dir") from None
 
 
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (1 << 32))
