@@ -155,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--plot", default=None, metavar="FILE.png",
                         help="throughput against GMACs (with --flops-only: GMACs against parameters)")
     output.add_argument("--log-level", default="INFO")
+    data = parser.add_argument_group("data loading (data_bench.py)")
+    data.add_argument("--data-loading", default=None, metavar="DIR",
+                      help="measure the training input pipeline on a folder of images (or an ImageFolder root "
+                           "with train/) instead of models: decode, decode + augmentation per worker, DataLoader")
+    data.add_argument("--workers", type=int, nargs="+", default=None, metavar="N",
+                      help="--data-loading: DataLoader worker counts (0: main process); default 1 and the core count")
+    data.add_argument("--images", type=int, default=256,
+                      help="--data-loading: images per timed round (--rounds rounds, after --warmup images)")
+    data.add_argument("--recipe", default="", metavar='"FLAGS"',
+                      help='--data-loading: main.py flags that shape the pipeline, e.g. --recipe="--cfg '
+                           'configs/deit_small_patch16_224.yaml --input-size 224" (batch size: the recipe\'s)')
     add_method_args(parser)
     return parser
 
@@ -1021,6 +1032,8 @@ def _unique(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
 def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data_loading is not None:
+        return run_data_loading(args)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as timm's benchmark; recorded in every record
@@ -1073,6 +1086,21 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.plot:
         count = plot_throughput_vs_gmacs(records, args.plot)
         _logger.info("wrote %s (%d points)", args.plot, count)
+    return records
+
+
+def run_data_loading(args: argparse.Namespace) -> list[dict]:
+    """--data-loading DIR: data_bench's records, written like the model records, and its table."""
+    import data_bench
+
+    if args.model or args.models_file or args.compare or args.compare_baseline or args.batch_size is not None:
+        raise UserError("--data-loading measures the input pipeline alone: drop --model / --models-file / --compare "
+                        '/ --batch-size (the batch size is the recipe\'s: --recipe="--batch-size N")')
+    records: list[dict] = []
+    for record in data_bench.run(args.data_loading, args.recipe, args.workers, args.images, args.warmup,
+                                 args.rounds, env=environment_info(torch.device("cpu"))):
+        _emit(record, args, records)
+    print(data_bench.format_table(records), flush=True)
     return records
 
 
