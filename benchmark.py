@@ -19,7 +19,16 @@ of the per-round ratios (paired rounds).
 
 Precision: `fp32` runs without autocast; `bf16` / `fp16` run the fp32 model under
 `torch.autocast` with that dtype; `amp` is autocast with float16 on CUDA and bfloat16
-on other devices. Training steps use SGD and, for float16 on CUDA, a GradScaler.
+on other devices; `bf16-weights` casts the model to bfloat16 (`engine.cast_for_inference`:
+weights, activations and logits in bf16, no autocast, token-selection scores still in
+fp32), usually faster than autocast, which re-casts the fp32 weights at every matmul.
+Training steps use SGD and, for float16 on CUDA, a GradScaler. `--peak` times square
+matmuls in the dtype the benchmarked matmuls run in (bf16 for bf16 / bf16-weights, and
+for amp off CUDA), so `%peak` compares like with like.
+
+Compile: with `--compile` each model is timed compiled and eager (the same module,
+interleaved rounds after the warm-up, which includes the compilation); the record holds
+the compiled numbers, `eager_throughput` and `compile_speedup` = compiled / eager.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the timed rounds (stats
 reset after warm-up; includes the weights). Elsewhere the process's peak resident set
@@ -58,7 +67,7 @@ from torch import nn
 
 import flops
 import main as trainer_cli
-from engine import autocast_in
+from engine import autocast_in, cast_for_inference
 from losses import main_logits
 import models  # noqa: F401  (registers the project's model families)
 from models import family as families
@@ -67,7 +76,7 @@ from utils.errors import UserError
 
 _logger = logging.getLogger("benchmark")
 
-PRECISIONS = ("fp32", "bf16", "fp16", "amp")
+PRECISIONS = ("fp32", "bf16", "fp16", "amp", "bf16-weights")
 MODES = ("infer", "train", "both")
 RECORD_VERSION = 1
 CSV_FIELDS = (
@@ -76,7 +85,7 @@ CSV_FIELDS = (
     "torch_threads", "fused_attn", "params", "gmacs", "flops_counter", "gmacs_fvcore",
     "gmacs_torchprofile", "counters_disagree", "throughput_median", "throughput_q1",
     "throughput_q3", "throughput_min", "throughput_max", "latency_ms_median", "peak_mem_mb",
-    "peak_mem_kind", "achieved_gflops", "pct_of_peak", "ratio", "error",
+    "peak_mem_kind", "achieved_gflops", "pct_of_peak", "ratio", "error", "compile_speedup",
 )
 
 
@@ -126,9 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--batch-size", "-b", type=int, default=None,
                          help="default 256 on CUDA, 16 elsewhere; halved on out-of-memory")
     setting.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg")
-    setting.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    setting.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                         help="fp32; bf16 / fp16: autocast of the fp32 model; amp: fp16 autocast on CUDA, bf16 "
+                              "elsewhere; bf16-weights: the model cast to bf16 (no autocast; token-selection "
+                              "scores stay fp32)")
     setting.add_argument("--channels-last", action="store_true")
-    setting.add_argument("--compile", action="store_true", help="torch.compile the model")
+    setting.add_argument("--compile", action="store_true",
+                         help="torch.compile the model; the eager model is timed alongside (compile_speedup)")
     setting.add_argument("--compile-mode", default=None,
                          choices=("default", "reduce-overhead", "max-autotune"))
     setting.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -146,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="count parameters, GMACs and tokens per block; no timing")
     counting.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     counting.add_argument("--peak", action="store_true",
-                          help="measure the fp32 matmul peak and report achieved GFLOP/s against it")
+                          help="measure the matmul peak in the benchmarked precision (bf16 for bf16 runs) "
+                               "and report achieved GFLOP/s against it")
     counting.add_argument("--peak-size", type=int, default=None, help="matmul size (default 4096 CUDA, 2048 CPU)")
 
     output = parser.add_argument_group("output")
@@ -377,7 +391,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if precision == "amp":
         return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if precision == "bf16-weights":
+        return None
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def weights_dtype(precision: str) -> torch.dtype | None:
+    """The dtype the model is cast to (`engine.cast_for_inference`), None to keep fp32 weights."""
+    return torch.bfloat16 if precision == "bf16-weights" else None
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the model's matmuls run in under `precision` (what `--peak` measures)."""
+    return weights_dtype(precision) or autocast_dtype(precision, device) or torch.float32
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -505,6 +531,7 @@ def measure_models(models_: Sequence[nn.Module], mode: str, batch_size: int, img
     """Time several models with interleaved rounds (A B, B A, A B, ...); one result per model.
 
     Peak memory is only reported for a single model (interleaving mixes the peaks).
+    `precision="bf16-weights"` casts the models in place (`engine.cast_for_inference`).
     """
     device = torch.device(device)
     if warmup < 0 or rounds < 1 or iters_per_round < 1:
@@ -513,6 +540,7 @@ def measure_models(models_: Sequence[nn.Module], mode: str, batch_size: int, img
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        cast_for_inference(getattr(model, "_orig_mod", model), weights_dtype(precision))
     steps = [make_step(m, mode, batch_size, img_size, device, precision, channels_last) for m in models_]
     for step in steps:
         for _ in range(warmup):
@@ -540,6 +568,7 @@ def measure_models(models_: Sequence[nn.Module], mode: str, batch_size: int, img
         results.append({
             "mode": mode, "batch_size": batch_size, "precision": precision,
             "autocast_dtype": dtype_name(autocast_dtype(precision, device)),
+            "weights_dtype": dtype_name(weights_dtype(precision)) or "float32",
             "channels_last": channels_last, "warmup": warmup, "rounds": rounds,
             "iters_per_round": iters_per_round, "throughput": throughput, "latency_ms": latency,
             "per_image_ms": 1000.0 / throughput["median"], "round_times_s": times, **memory_info,
@@ -596,13 +625,14 @@ def run_with_backoff(measure: Callable[[int], Any], batch_size: int, enabled: bo
         batch //= 2
 
 
-def measure_peak_gflops(device, size: int | None = None, repeats: int = 5) -> dict:
-    """fp32 matmul peak: best of `repeats` timings of square `size` matmuls (2 * n^3 flops each)."""
+def measure_peak_gflops(device, size: int | None = None, repeats: int = 5,
+                        dtype: torch.dtype = torch.float32) -> dict:
+    """Matmul peak in `dtype`: best of `repeats` timings of square `size` matmuls (2 * n^3 flops each)."""
     device = torch.device(device)
     size = size or (4096 if device.type == "cuda" else 2048)
     per_timing = 10 if device.type == "cuda" else 1
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)
     synchronize(device)
     best = float("inf")
@@ -612,7 +642,7 @@ def measure_peak_gflops(device, size: int | None = None, repeats: int = 5) -> di
             torch.matmul(a, b)
         synchronize(device)
         best = min(best, (time.perf_counter() - start) / per_timing)
-    return {"peak_gflops": 2 * size**3 / best / 1e9, "peak_matmul_size": size, "peak_dtype": "float32",
+    return {"peak_gflops": 2 * size**3 / best / 1e9, "peak_matmul_size": size, "peak_dtype": dtype_name(dtype),
             "peak_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None}
 
 
@@ -828,8 +858,9 @@ def format_table(records: Sequence[dict]) -> str:
             ",".join(map(str, r.get("tokens_per_block") or [])) or "-",
         ) for r in records]
     else:
+        compiled = any(r.get("compile_speedup") is not None for r in records)
         header = ("model", "mode", "batch", "prec", "img/s", "IQR", "ms/batch", "peak MB", "GMACs",
-                  "tp GMACs", "params M", "%peak")
+                  "tp GMACs", "params M", "%peak") + (("compile x",) if compiled else ())
         rows = [header]
         for r in records:
             tp = r.get("throughput") or {}
@@ -839,7 +870,7 @@ def format_table(records: Sequence[dict]) -> str:
                 _fmt((r.get("latency_ms") or {}).get("median"), ".2f"), _fmt(r.get("peak_mem_mb"), ".0f"),
                 _fmt(r.get("gmacs"), ".3f"), _fmt(r.get("gmacs_torchprofile"), ".3f"), _params_m(r),
                 _fmt(r.get("pct_of_peak"), ".1f"),
-            ))
+            ) + ((_fmt(r.get("compile_speedup"), ".2f"),) if compiled else ()))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -890,6 +921,7 @@ def _settings(args: argparse.Namespace, device: torch.device, img_size) -> dict:
     return {
         "img_size": list(img_size), "precision": args.precision,
         "autocast_dtype": dtype_name(autocast_dtype(args.precision, device)),
+        "weights_dtype": dtype_name(weights_dtype(args.precision)) or "float32",
         "channels_last": args.channels_last, "compile": args.compile, "compile_mode": args.compile_mode,
         "warmup": args.warmup, "rounds": args.rounds, "iters_per_round": args.iters_per_round,
         "batch_size_requested": args.batch_size, "backoff_enabled": not args.no_backoff,
@@ -930,6 +962,7 @@ def prepare(spec: ModelSpec, args, device: torch.device) -> Prepared:
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
+        cast_for_inference(model, weights_dtype(args.precision))  # before compile: one graph, in bf16
         if args.compile:
             model = torch.compile(model, mode=args.compile_mode)
     return Prepared(spec, model, kwargs, img_size, flop_info, tokens)
@@ -948,6 +981,18 @@ def _measure_kwargs(args, device, img_size) -> dict:
                 warmup=args.warmup, rounds=args.rounds, iters_per_round=args.iters_per_round)
 
 
+def _measure_one(model: nn.Module, mode: str, batch: int, **kwargs) -> dict:
+    """One model's result; a compiled model is timed against its eager self (interleaved rounds), and
+    the result gets `eager_throughput` and `compile_speedup` = compiled / eager median throughput."""
+    eager = getattr(model, "_orig_mod", None)
+    if eager is None:
+        return measure_models([model], mode, batch, **kwargs)[0]
+    eager_result, result = measure_models([eager, model], mode, batch, **kwargs)
+    result["eager_throughput"] = eager_result["throughput"]
+    result["compile_speedup"] = result["throughput"]["median"] / eager_result["throughput"]["median"]
+    return result
+
+
 def run_sweep(args, specs: Sequence[ModelSpec], device: torch.device, env: dict, peak: dict | None) -> list[dict]:
     records: list[dict] = []
     for spec in specs:
@@ -961,8 +1006,8 @@ def run_sweep(args, specs: Sequence[ModelSpec], device: torch.device, env: dict,
             continue
         for mode in _modes(args):
             _logger.info("%s: timing %s", spec.label, mode)
-            measure = lambda batch: measure_models([prepared.model], mode, batch,  # noqa: E731
-                                                   **_measure_kwargs(args, device, prepared.img_size))[0]
+            measure = lambda batch: _measure_one(prepared.model, mode, batch,  # noqa: E731
+                                                 **_measure_kwargs(args, device, prepared.img_size))
             error = None
             try:
                 result, used, failed = run_with_backoff(measure, args.batch_size, not args.no_backoff)
@@ -1076,12 +1121,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     env = environment_info(device)
     peak = None
     if args.peak and not args.flops_only:
-        peak = measure_peak_gflops(device, args.peak_size)
-        _logger.info("fp32 matmul peak: %.1f GFLOP/s (n=%d)", peak["peak_gflops"], peak["peak_matmul_size"])
+        peak = measure_peak_gflops(device, args.peak_size, dtype=compute_dtype(args.precision, device))
+        _logger.info("%s matmul peak: %.1f GFLOP/s (n=%d)", peak["peak_dtype"], peak["peak_gflops"],
+                     peak["peak_matmul_size"])
     records = run_sweep(args, specs, device, env, peak)
     print(format_table(records), flush=True)
     if peak:
-        print(f"fp32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s (n={peak['peak_matmul_size']}); "
+        print(f"{peak['peak_dtype']} matmul peak {peak['peak_gflops']:.1f} GFLOP/s (n={peak['peak_matmul_size']}); "
               f"achieved = 2 * GMACs * images/s", flush=True)
     if args.plot:
         count = plot_throughput_vs_gmacs(records, args.plot)

@@ -67,6 +67,41 @@ def autocast(device: torch.device, enabled: bool):
     return autocast_in(device, autocast_dtype(device) if enabled else None)
 
 
+def _cast_inputs(dtype: torch.dtype):
+    def pre_hook(module, args, kwargs):
+        def cast(value):
+            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+    return pre_hook
+
+
+def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Cast `model` in place to `dtype` for inference in that precision (no autocast needed); returns it.
+
+    Weights and buffers become `dtype`, except those of modules that set `keep_fp32 = True`
+    (a method's few decision-making scalars, e.g. LTM's mask scale, LTMP's thresholds). A
+    forward pre-hook casts floating inputs to `dtype`, so callers (`evaluate`, the benchmark)
+    pass their fp32 images unchanged; logits come out in `dtype` (`evaluate` upcasts them).
+    Token-selection scores are computed in float32 by the methods themselves
+    (`models.token_ops.selection_precision`). None or float32: the model is left as it is.
+    Calling it again with the same dtype is a no-op.
+    """
+    if dtype is None or dtype == torch.float32:
+        return model
+    if getattr(model, "_inference_dtype", None) == dtype:
+        return model
+    previous = getattr(model, "_inference_cast_hook", None)
+    if previous is not None:
+        previous.remove()
+    model.to(dtype)
+    for module in model.modules():
+        if getattr(module, "keep_fp32", False):
+            module.float()
+    model._inference_cast_hook = model.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
+    model._inference_dtype = dtype
+    return model
+
+
 def _split_outputs(outputs):
     """(outputs for the criterion, auxiliary loss or None); the aux loss is removed from dicts."""
     if isinstance(outputs, dict) and "aux_loss" in outputs:

@@ -146,8 +146,11 @@ class LTMMaskModule(nn.Module):
 
     logits[i, t] = s * cos(z_i, A_c(i,t)) + prev_weight * log(P[i, t] + 1e-6), softmax over the
     valid slots; A = adaptive average pool of Z to (h', w'), s = min(exp(logit_scale), 100),
-    P = the previous block's G (same geometry) or uniform over the valid slots.
+    P = the previous block's G (same geometry) or uniform over the valid slots. G is computed in
+    float32 whatever the model's dtype (autocast off, inputs upcast), so bf16 runs merge like fp32.
     """
+
+    keep_fp32 = True  # engine.cast_for_inference leaves these two scalars in float32
 
     def __init__(self, compression_ratio: float = 0.8, device=None):
         super().__init__()
@@ -186,8 +189,10 @@ class LTMMaskModule(nn.Module):
             else:
                 # uniform over valid slots: constant per row, so no effect, but keeps prev_weight in the graph
                 prior = table.valid.float() / table.valid.sum(-1, keepdim=True)
-            scale = self.logit_scale.exp().clamp(max=_MAX_LOGIT_SCALE)
-            logits = scale * cosine + self.prev_weight * torch.log(prior + _PRIOR_EPS)
+            # the two scalars in fp32 too: a model cast to bf16 (cast_for_inference keeps them fp32
+            # through `keep_fp32`, but a plain .to(bf16) does not) still computes G in fp32
+            scale = self.logit_scale.float().exp().clamp(max=_MAX_LOGIT_SCALE)
+            logits = scale * cosine + self.prev_weight.float() * torch.log(prior + _PRIOR_EPS)
             logits = logits.masked_fill(~table.valid, float("-inf"))
             mask = logits.softmax(dim=-1)
         return MaskState(table=table, mask=mask)

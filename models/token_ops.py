@@ -29,13 +29,28 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "keep_count", "class_attention", "keep_topk_tokens", "complement_indices", "fuse_tokens",
+    "selection_precision", "keep_count", "class_attention", "keep_topk_tokens", "complement_indices", "fuse_tokens",
     "track_token_positions",
     "BipartiteMatch", "bipartite_soft_matching", "merge_tokens", "unmerge_tokens", "merge_wavg",
     "merge_source", "parse_r",
     "AttentionWithKeys", "attention_with_keys",
     "neighbor_dot", "neighbor_gather_sum", "neighbor_scatter_sum", "neighbor_merge", "neighbor_unmerge",
 ]
+
+
+# ---------------------------------------------------------------------------
+# Precision of token-selection scores
+# ---------------------------------------------------------------------------
+
+def selection_precision(tensor: torch.Tensor):
+    """Context in which a token-selection score (which tokens are kept or merged) is computed.
+
+    Autocast is switched off, so matmuls on float32 operands stay float32; callers upcast
+    their operands with `.float()` (a no-op for fp32 tensors, so fp32 runs are unchanged).
+    Under bf16 (autocast or bf16 weights) the scores then differ from fp32 only through
+    their inputs, not through bf16 rounding of the score itself.
+    """
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 # ---------------------------------------------------------------------------
@@ -55,11 +70,14 @@ def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     """Head-averaged attention probabilities of the class query over all keys.
 
     q_cls: `[B, H, 1, D]` class-token query; k: `[B, H, N, D]` keys.
-    Returns `[B, N]` = mean over heads of `softmax(q_cls k^T * scale)`. Only this one
-    row is computed, so no `[B, H, N, N]` matrix is needed.
+    Returns `[B, N]` float32 = mean over heads of `softmax(q_cls k^T * scale)`. Only this
+    one row is computed, so no `[B, H, N, N]` matrix is needed. Computed in float32 (q/k
+    upcast, autocast off) so that bf16 runs keep the tokens fp32 runs keep wherever the
+    scores are not near-ties; fp32 inputs give the same bits as before.
     """
-    logits = (q_cls * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
+    with selection_precision(k):
+        logits = (q_cls.float() * scale) @ k.float().transpose(-2, -1)  # [B, H, 1, N]
+        return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
 def keep_topk_tokens(
@@ -314,13 +332,15 @@ def bipartite_soft_matching(
     tokens with the highest similarity are merged into their partner. The class token
     (index 0, in A) is never merged away; nothing merges into the distillation token
     (index 1, in B). `r` is clamped to `(T - protected) // 2`; returns None (identity)
-    when that leaves nothing to merge.
+    when that leaves nothing to merge. Similarities are computed in float32 (see
+    `selection_precision`), so bf16 runs merge like fp32 runs up to near-ties.
     """
     protected = int(class_token) + int(distill_token)
     r = min(r, (metric.shape[1] - protected) // 2)
     if r <= 0:
         return None
-    with torch.no_grad():
+    with torch.no_grad(), selection_precision(metric):
+        metric = metric.float()  # scores in fp32 whatever the model's dtype (no-op for fp32)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # [B, t1, t2]
         if class_token:

@@ -154,10 +154,11 @@ def _has_attention_now(block: nn.Module) -> bool:
 def _attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]):
     """timm `Attention` with proportional attention; x `[B, N, C]`, size `[B, N, 1]` or None.
 
-    Returns (output `[B, N, C]`, metric `[B, N, head_dim]` = keys averaged over heads).
+    Returns (output `[B, N, C]`, metric `[B, N, head_dim]` float32 = keys averaged over heads;
+    averaged in float32 so bf16 runs match like fp32 runs, a no-op for fp32 keys).
     """
     out = attention_with_keys(attn, x, size)
-    return out.out, out.k.mean(dim=1)
+    return out.out, out.k.float().mean(dim=1)
 
 
 class ToMeBlockMixin:
@@ -279,7 +280,7 @@ def _lite_mla_tokens(mla: nn.Module, x: torch.Tensor, state: ToMeState, size: Op
     # channel order as timm's reshape(B, -1, 3 * dim, H * W): head-major, then q | k | v
     multi_scale = multi_scale.reshape(batch, groups, -1, 3 * mla.dim).transpose(1, 2)
     q, k, v = multi_scale.chunk(3, dim=-1)
-    metric = k.mean(dim=1)
+    metric = k.float().mean(dim=1)  # float32 merge metric, as in the ViT blocks
     q, k = mla.kernel_func(q), mla.kernel_func(k)
     if size is not None:
         k = k * size[:, None].to(k.dtype)  # [B, 1, G, 1]: a group of s tokens counts s times in k^T v
