@@ -41,10 +41,14 @@ import logging
 import math
 from functools import partial
 from numbers import Real
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models.byobnet import ByobNet
+from timm.models.efficientvit_mit import EfficientVit, EfficientVitBlock, EfficientVitStage
+from timm.models.mobilevit import MobileVitBlock, model_cfgs as mobilevit_cfgs
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 from torch import nn
 
@@ -137,6 +141,7 @@ def ltmp_attention(
         size: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         valid: Optional[torch.Tensor] = None,
+        class_token: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """timm `Attention` with proportional attention, importance and the merge metric.
 
@@ -145,7 +150,8 @@ def ltmp_attention(
     (inference padding: padded keys get probability 0, padded query rows are left out of the
     importance mean, padded tokens get importance -inf). Returns (output `[B, N, C]`,
     metric `[B, N, head_dim]` = keys averaged over heads, importance `[B, N]` with the class
-    token at +inf).
+    token at +inf). Without a class token (`class_token=False`, hybrid backbones) the most
+    important token of each sequence gets +inf instead, so at least one token always survives.
     """
     batch, n, _ = x.shape
     qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -166,7 +172,7 @@ def ltmp_attention(
         rows = valid.to(probs.dtype)
         importance = (probs * rows[:, None, :, None]).sum(dim=(1, 2)) / (rows.sum(-1, keepdim=True) * attn.num_heads)
         importance = importance.masked_fill(~valid, -math.inf)
-    importance = torch.cat([torch.full_like(importance[:, :1], math.inf), importance[:, 1:]], dim=1)
+    importance = protect_importance(importance, class_token)
     out = (probs @ v).transpose(1, 2).reshape(batch, n, attn.attn_dim)
     out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
@@ -174,8 +180,18 @@ def ltmp_attention(
     return attn.proj_drop(attn.proj(out)), k.mean(dim=1), importance
 
 
-def _best_partner(metric: torch.Tensor, b_valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarity of every A token (even) to its best B token (odd); the class row is -inf.
+def protect_importance(importance: torch.Tensor, class_token: bool = True) -> torch.Tensor:
+    """Importance `[B, N]` with the protected token at +inf: the class token (index 0), or
+    without one the most important token of each sequence (never pruned, never merged away)."""
+    if class_token:
+        return torch.cat([torch.full_like(importance[:, :1], math.inf), importance[:, 1:]], dim=1)
+    return importance.scatter(1, importance.argmax(dim=1, keepdim=True), math.inf)
+
+
+def _best_partner(metric: torch.Tensor, b_valid: Optional[torch.Tensor] = None,
+                  class_token: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity of every A token (even) to its best B token (odd); the class row is -inf
+    (`class_token=False`: no row is excluded; hybrid backbones).
 
     metric `[B, N, c]` (already normalised and masked by the caller); b_valid `[B, N // 2]`.
     Returns (node_max `[B, ceil(N/2)]`, node_idx `[B, ceil(N/2)]`).
@@ -183,7 +199,8 @@ def _best_partner(metric: torch.Tensor, b_valid: Optional[torch.Tensor] = None) 
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
     if b_valid is not None:
         scores = scores.masked_fill(~b_valid[:, None, :], -math.inf)
-    scores[:, 0, :] = -math.inf
+    if class_token:
+        scores[:, 0, :] = -math.inf
     return scores.max(dim=-1)
 
 
@@ -195,7 +212,9 @@ def masked_merge(
         metric: torch.Tensor,
         decide: Callable[[torch.Tensor], torch.Tensor],
         source: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        class_token: bool = True,
+        with_index: bool = False,
+):
     """The masked model's threshold merge; nothing is removed.
 
     x `[B, N, C]`, size `[B, N, 1]`, mask `[B, N]` (0/1), importance `[B, N]`, metric
@@ -203,13 +222,16 @@ def masked_merge(
     None. Output order [all A tokens, all B tokens] (cls stays first): merged A tokens keep
     their own value and size but are masked; each B token holds the size-weighted sum of
     itself and its merged A tokens, its size the sum of theirs, its importance the max.
-    Returns (x, size, mask, importance, source) in the new order.
+    Returns (x, size, mask, importance, source) in the new order; with `with_index` also
+    `index` `[B, N]` long: the new position of every input token (a merged A token: its
+    destination's), for the group maps of the hybrid backbones. `class_token=False`: no
+    protected class row (hybrids; the protected token is the one with +inf importance).
     """
     channels = x.shape[-1]
     x = x * size
     metric = metric / metric.norm(dim=-1, keepdim=True)
     metric = metric * mask[..., None].detach()  # masked tokens get a zero metric
-    node_max, node_idx = _best_partner(metric)
+    node_max, node_idx = _best_partner(metric, class_token=class_token)
     merge = decide(node_max)
     src_mask, dst_mask = mask[:, ::2], mask[:, 1::2]
     unmerged = torch.where(src_mask.bool(), 1 - merge, src_mask)
@@ -221,7 +243,10 @@ def masked_merge(
     dst = dst.scatter_reduce(1, node_idx[..., None].expand(-1, -1, channels + 1), src * weight.to(x.dtype),
                              reduce="sum")
     src_imp = importance[:, ::2] * weight[..., 0].to(importance.dtype)
-    src_imp = torch.cat([torch.zeros_like(src_imp[:, :1]), src_imp[:, 1:]], dim=1)  # cls: inf * 0
+    if class_token:
+        src_imp = torch.cat([torch.zeros_like(src_imp[:, :1]), src_imp[:, 1:]], dim=1)  # cls: inf * 0
+    else:  # the protected token, unmerged: inf * 0
+        src_imp = torch.nan_to_num(src_imp, nan=0.0, posinf=math.inf)
     dst_imp = importance[:, 1::2].scatter_reduce(1, node_idx, src_imp, reduce="amax")
     if source is not None:
         dst_src = source[:, 1::2].scatter_reduce(1, node_idx[..., None].expand(-1, -1, source.shape[-1]),
@@ -232,7 +257,28 @@ def masked_merge(
     x, size = packed[..., :channels], packed[..., channels:]
     mask = torch.cat([unmerged, dst_mask], dim=1)
     importance = torch.cat([importance[:, ::2], dst_imp], dim=1)
-    return x / size, size, mask, importance, source
+    if not with_index:
+        return x / size, size, mask, importance, source
+    num_a = src_mask.shape[1]
+    merged = (weight[..., 0] > 0.5) & src_mask.bool()
+    index_a = torch.where(merged, num_a + node_idx, torch.arange(num_a, device=x.device).expand_as(node_idx))
+    index_b = num_a + torch.arange(dst_mask.shape[1], device=x.device).expand(x.shape[0], -1)
+    index = torch.stack([index_a[:, :index_b.shape[1]], index_b], dim=2).flatten(1)
+    if num_a > index_b.shape[1]:
+        index = torch.cat([index, index_a[:, -1:]], dim=1)
+    return x / size, size, mask, importance, source, index
+
+
+class CompactIndex(NamedTuple):
+    """Where `merge_prune_compact`'s input tokens went (hybrid backbones' group maps).
+
+    to_packed `[B, T]`: each input token's slot in the merged order [A, B] (a merged A token:
+    its destination's); new_index `[B, T]`: each merged slot's output index, -1 when pruned
+    (or padding); merged_x `[B, T, C]`: the merged slots' values (before pruning).
+    """
+    to_packed: torch.Tensor
+    new_index: torch.Tensor
+    merged_x: torch.Tensor
 
 
 def merge_prune_compact(
@@ -244,7 +290,9 @@ def merge_prune_compact(
         prune_threshold: torch.Tensor,
         valid: Optional[torch.Tensor] = None,
         source: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        class_token: bool = True,
+        with_index: bool = False,
+):
     """The inference model's merge and prune with real token removal, per sample.
 
     x `[B, T, C]`, size `[B, T, 1]`, importance `[B, T]`, metric `[B, T, c]`, thresholds `[1]`,
@@ -253,14 +301,16 @@ def merge_prune_compact(
     importance max), then keeps the tokens whose importance exceeds `prune_threshold`, in the
     order [unmerged A, B]. Samples keeping fewer tokens than the longest are padded at the end
     (valid False, size 1, zeros). Returns (x `[B, T', C]`, size `[B, T', 1]`, valid or None,
-    pruned size `[B]` (patches dropped here), source).
+    pruned size `[B]` (patches dropped here), source). With `with_index` also a `CompactIndex`
+    (where each input token went, for the group maps of the hybrid backbones).
+    `class_token=False`: no protected class row (hybrids).
     """
     batch, tokens, channels = x.shape
     num_a, num_b = (tokens + 1) // 2, tokens // 2
     a_valid = None if valid is None else valid[:, ::2]
     b_valid = None if valid is None else valid[:, 1::2]
     if num_b > 0:
-        node_max, node_idx = _best_partner(metric / metric.norm(dim=-1, keepdim=True), b_valid)
+        node_max, node_idx = _best_partner(metric / metric.norm(dim=-1, keepdim=True), b_valid, class_token)
         merge = node_max > merge_threshold
         if a_valid is not None:
             merge = merge & a_valid
@@ -278,6 +328,7 @@ def merge_prune_compact(
         return torch.cat([src, dst[:, :num_b]], dim=1)
 
     packed = into_b(torch.cat([x * size, size], dim=-1), "sum")
+    unpacked = packed  # before compaction (packed order [A, B])
     importance = into_b(importance, "amax")
     keep = importance > prune_threshold
     keep[:, :num_a] &= ~merge
@@ -292,6 +343,7 @@ def merge_prune_compact(
     longest = int(counts.max())
     if source is not None:
         source = into_b(source, "amax")
+    order = None
     if bool(keep.all()):
         new_valid = None
     else:
@@ -309,7 +361,21 @@ def merge_prune_compact(
         size = size.masked_fill(~new_valid[..., None], 1.0)
         if source is not None:
             source = source.masked_fill(~new_valid[..., None], 0.0)
-    return x, size, new_valid, pruned_size, source
+    if not with_index:
+        return x, size, new_valid, pruned_size, source
+    # packed position of every input token: A i -> i, or its destination num_a + node_idx; B j -> num_a + j
+    index_a = torch.where(merge, num_a + node_idx, torch.arange(num_a, device=x.device).expand_as(node_idx))
+    to_packed = torch.empty(batch, tokens, dtype=torch.long, device=x.device)
+    to_packed[:, ::2] = index_a
+    to_packed[:, 1::2] = num_a + torch.arange(num_b, device=x.device)
+    if order is None:
+        new_index = torch.arange(tokens, device=x.device).expand(batch, tokens)
+    else:
+        new_index = torch.full((batch, tokens), -1, dtype=torch.long, device=x.device)
+        new_index = new_index.scatter(1, order, torch.arange(longest, device=x.device).expand(batch, longest))
+    new_index = new_index.masked_fill(~keep, -1)
+    merged_x = unpacked[..., :channels] / unpacked[..., channels:]
+    return x, size, new_valid, pruned_size, source, CompactIndex(to_packed, new_index, merged_x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +466,59 @@ class InferenceLTMPBlock(_ThresholdBlock):
 # Models
 # ---------------------------------------------------------------------------------------------
 
-class _LTMPModelMixin:
+class _ThresholdAPI:
+    """Threshold access shared by every LTMP model (ViT and hybrid), and the fixed-threshold rule
+    of the inference models (`ltmp_threshold` / `ltmp_merge_threshold`, `--ltmp-threshold`)."""
+
+    ltmp_overrides: Dict[str, float] = {}
+
+    def _threshold_blocks(self) -> List[nn.Module]:
+        """The blocks carrying thresholds, in forward order."""
+        return [m for m in self.modules() if isinstance(getattr(m, "merge_masker", None), ThresholdMasker)]
+
+    def thresholds(self) -> Dict[str, List[float]]:
+        """Current thresholds per block: {"merge": [...], "prune": [...]}."""
+        return {"merge": [b.merge_masker.threshold.item() for b in self._threshold_blocks()],
+                "prune": [b.prune_masker.threshold.item() for b in self._threshold_blocks()]}
+
+    def set_thresholds(self, merge: Union[None, float, Sequence[float]] = None,
+                       prune: Union[None, float, Sequence[float]] = None) -> None:
+        """Set thresholds (a number for every block or one per block), each in [0, 1]."""
+        blocks = self._threshold_blocks()
+        for name, values in (("merge_threshold", merge), ("prune_threshold", prune)):
+            if values is None:
+                continue
+            values = [values] * len(blocks) if isinstance(values, Real) else list(values)
+            if len(values) != len(blocks):
+                raise ModelConfigError(f"LTMP {name} has {len(values)} values for {len(blocks)} blocks; "
+                                       f"give one number or {len(blocks)}")
+            masker = "merge_masker" if name.startswith("merge") else "prune_masker"
+            with torch.no_grad():
+                for block, value in zip(blocks, values):
+                    getattr(block, masker).threshold.fill_(_check_threshold(value, name))
+
+    def _ltmp_overrides_init(self, prune: Optional[float], merge: Optional[float], masked: bool) -> None:
+        """Fixed thresholds of an inference model: every prune threshold `prune`, every merge
+        threshold `merge` (None: left as built / loaded). Re-applied after every `load_state_dict`,
+        so a checkpoint's learned values are replaced by the fixed ones."""
+        given = {k: v for k, v in (("prune", prune), ("merge", merge)) if v is not None}
+        if given and masked:
+            raise ModelConfigError("ltmp_threshold / ltmp_merge_threshold (--ltmp-threshold) fix the thresholds of "
+                                   "inference_ltmp_* models; masked ltmp_* models learn theirs (drop the flag)")
+        for key, value in given.items():
+            if value == _family.AUTO:
+                raise ModelConfigError("--ltmp-threshold auto needs --target-gmacs G")
+            _check_threshold(value, "ltmp_threshold" if key == "prune" else "ltmp_merge_threshold")
+        self.ltmp_overrides = {k: float(v) for k, v in given.items()}
+        if self.ltmp_overrides:
+            self._apply_ltmp_overrides()
+            self.register_load_state_dict_post_hook(lambda module, keys: module._apply_ltmp_overrides())
+
+    def _apply_ltmp_overrides(self) -> None:
+        self.set_thresholds(merge=self.ltmp_overrides.get("merge"), prune=self.ltmp_overrides.get("prune"))
+
+
+class _LTMPModelMixin(_ThresholdAPI):
     """Constructor checks, the shared context and the LTMP `forward_features`."""
 
     block_cls: type = LTMPBlock
@@ -432,26 +550,6 @@ class _LTMPModelMixin:
         for block in self.blocks:
             _check_attention(block.attn)
             block._ltmp_ctx = self._ltmp_ctx
-
-    def thresholds(self) -> Dict[str, List[float]]:
-        """Current thresholds per block: {"merge": [...], "prune": [...]}."""
-        return {"merge": [b.merge_masker.threshold.item() for b in self.blocks],
-                "prune": [b.prune_masker.threshold.item() for b in self.blocks]}
-
-    def set_thresholds(self, merge: Union[None, float, Sequence[float]] = None,
-                       prune: Union[None, float, Sequence[float]] = None) -> None:
-        """Set thresholds (a number for every block or one per block), each in [0, 1]."""
-        for name, values in (("merge_threshold", merge), ("prune_threshold", prune)):
-            if values is None:
-                continue
-            values = [values] * len(self.blocks) if isinstance(values, Real) else list(values)
-            if len(values) != len(self.blocks):
-                raise ModelConfigError(f"LTMP {name} has {len(values)} values for {len(self.blocks)} blocks; "
-                                       f"give one number or {len(self.blocks)}")
-            masker = "merge_masker" if name.startswith("merge") else "prune_masker"
-            with torch.no_grad():
-                for block, value in zip(self.blocks, values):
-                    getattr(block, masker).threshold.fill_(_check_threshold(value, name))
 
     def _new_state(self, x: torch.Tensor) -> LTMPState:
         raise NotImplementedError
@@ -495,7 +593,8 @@ class LTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
     return_masks = False
 
     def __init__(self, *args, tau: float = 0.1, merge_threshold: Optional[float] = None,
-                 prune_threshold: Optional[float] = None, **kwargs):
+                 prune_threshold: Optional[float] = None, ltmp_threshold: Optional[float] = None,
+                 ltmp_merge_threshold: Optional[float] = None, **kwargs):
         if args:
             raise ModelConfigError("LTMP models take keyword arguments only")
         record = self._ltmp_init(kwargs, tau, merge_threshold, prune_threshold)
@@ -503,6 +602,7 @@ class LTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
                                                     merge_threshold=record["merge_threshold"],
                                                     prune_threshold=record["prune_threshold"]))
         self._ltmp_finish(record)
+        self._ltmp_overrides_init(ltmp_threshold, ltmp_merge_threshold, masked=self.block_cls is LTMPBlock)
         self.masks: List[torch.Tensor] = []
         self.vizs: List[torch.Tensor] = []
 
@@ -537,7 +637,8 @@ class InferenceLTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
     block_cls = InferenceLTMPBlock
 
     def __init__(self, *args, tau: float = 0.1, merge_threshold: Optional[float] = None,
-                 prune_threshold: Optional[float] = None, **kwargs):
+                 prune_threshold: Optional[float] = None, ltmp_threshold: Optional[float] = None,
+                 ltmp_merge_threshold: Optional[float] = None, **kwargs):
         if args:
             raise ModelConfigError("LTMP models take keyword arguments only")
         record = self._ltmp_init(kwargs, tau, merge_threshold, prune_threshold)
@@ -545,6 +646,7 @@ class InferenceLTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
                                                     merge_threshold=record["merge_threshold"],
                                                     prune_threshold=record["prune_threshold"]))
         self._ltmp_finish(record)
+        self._ltmp_overrides_init(ltmp_threshold, ltmp_merge_threshold, masked=self.block_cls is LTMPBlock)
         self.ltmp_info: dict = {}
 
     def _new_state(self, x: torch.Tensor) -> LTMPState:
@@ -558,6 +660,516 @@ class InferenceLTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
     def _store(self, state: LTMPState) -> None:
         self.ltmp_info = {"tokens": state.token_counts, "size": state.size, "valid": state.valid,
                           "pruned_size": state.pruned_size, "source": state.source}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hybrid backbones: MobileViT transformer sequences, EfficientViT attention stages
+# (design and invariants: docs/hybrid_merging.md, section "LTMP")
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LTMPStageState:
+    """One transformer stage's state in one forward (hybrid backbones).
+
+    S sequences (MobileViT: B * P pixel offsets, EfficientViT: B), T0 grid positions, T current
+    tokens. size `[S, T, 1]`; group `[S, T0]` long: the current token holding each grid
+    position, -1 where that token was pruned (inference model; the position's value is then
+    in `parked` `[S, T0, C]`, the token's value when it was pruned). Masked model: mask `[S, T]`
+    (0/1 with STE gradients; pruned tokens stay in place, frozen). Inference model: valid
+    `[S, T]` bool (padding) or None.
+    """
+    size: torch.Tensor
+    group: torch.Tensor
+    grid: Optional[Tuple[int, int]] = None
+    mask: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+    parked: Optional[torch.Tensor] = None
+    blocks_run: int = 0
+
+
+class BlockCost(NamedTuple):
+    """MACs of one hybrid transformer block at T0 tokens, split by what scales with the tokens:
+    `tokens * (lin_in * m_in + lin_out * m_out + const) + quad * (tokens * m_in) ** 2`
+    (m_in / m_out: fraction of the stage's tokens entering / leaving the block)."""
+    tokens: int
+    lin_in: float
+    quad: float
+    lin_out: float
+    const: float
+    first: bool
+
+
+@dataclasses.dataclass
+class _HybridRecords:
+    """What a hybrid model's forward collects from its blocks (model-level, per forward)."""
+    masks: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    costs: List[BlockCost] = dataclasses.field(default_factory=list)
+    tokens: List[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+class _HybridContext:
+    """Shared by a hybrid model, its stages and blocks: `stage` while a transformer stage runs,
+    `records` while the model's own forward runs (stages called alone still merge)."""
+    masked: bool = True
+    stage: Optional[LTMPStageState] = None
+    records: Optional[_HybridRecords] = None
+
+
+def _begin_stage(ctx: _HybridContext, tokens: torch.Tensor, grid: Optional[Tuple[int, int]]) -> LTMPStageState:
+    seqs, count, _ = tokens.shape
+    group = torch.arange(count, device=tokens.device).expand(seqs, count)
+    return LTMPStageState(size=torch.ones_like(tokens[..., :1]), group=group, grid=grid,
+                          mask=torch.ones_like(tokens[..., 0]) if ctx.masked else None)
+
+
+def stage_grid(tokens: torch.Tensor, st: LTMPStageState, pruned: str = "parked") -> torch.Tensor:
+    """Unmerge tokens `[S, T, C]` to the stage's grid positions `[S, T0, C]` through the group map.
+
+    Each position gets a copy of its group's token. `pruned="parked"` (stage output): a pruned
+    token's positions hold its value at pruning (inference: `parked`; masked: the frozen token
+    itself). `pruned="zero"` (spatial convolutions inside a stage): pruned positions are 0 in
+    both models, as if absent.
+    """
+    index = st.group.clamp(min=0)
+    full = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+    if st.mask is not None:
+        if pruned == "zero":
+            full = full * st.mask.gather(1, index)[..., None].to(full.dtype)
+        return full
+    gone = st.group < 0
+    if bool(gone.any()):
+        fill = st.parked.to(full.dtype) if pruned == "parked" else torch.zeros_like(full)
+        full = torch.where(gone[..., None], fill, full)
+    return full
+
+
+def regroup(full: torch.Tensor, st: LTMPStageState, num_tokens: int) -> torch.Tensor:
+    """Re-merge a grid tensor `[S, T0, C]` into the current tokens `[S, T, C]` by the member mean
+    (positions of pruned tokens left out; a token without members - a merged A token of the
+    masked model, padding - gets 0)."""
+    live = st.group >= 0
+    index = st.group.clamp(min=0)
+    seqs, _, channels = full.shape
+    sums = full.new_zeros(seqs, num_tokens, channels).scatter_add(
+        1, index[..., None].expand(-1, -1, channels), full.masked_fill(~live[..., None], 0.0))
+    counts = full.new_zeros(seqs, num_tokens).scatter_add(1, index, live.to(full.dtype))
+    return sums / counts.clamp(min=1.0)[..., None]
+
+
+def _on_grid(module: nn.Module, tokens: torch.Tensor, st: LTMPStageState) -> torch.Tensor:
+    """A spatial module on tokens `[S, T, C]`: unmerge (pruned positions 0), run on the grid, re-merge."""
+    full = stage_grid(tokens, st, pruned="zero")
+    seqs, _, channels = full.shape
+    height, width = st.grid
+    out = module(full.transpose(1, 2).reshape(seqs, channels, height, width)).flatten(2).transpose(1, 2)
+    return regroup(out, st, tokens.shape[1])
+
+
+def ltmp_lite_mla(mla: nn.Module, x: torch.Tensor, st: LTMPStageState):
+    """timm `LiteMLA` on tokens `[S, T, C]` with LTMP's importance and merge metric.
+
+    Keys are weighted by size (proportional attention: a token of size s counts s times in
+    `k^T [v, 1]`) and by the mask (masked model) or validity (padding). Importance of key j =
+    its attention mass `q_i . k_j / z_i` (z_i the normaliser) averaged over the heads of all
+    scales and over the query rows (masked model: all rows; inference: valid rows), computed
+    without the T x T matrix; the protected token (most important) gets +inf. Metric: the keys
+    before the ReLU kernel averaged over heads. Returns (output `[S, T, C_out]`, metric, importance).
+    """
+    from .tome import _pointwise  # the hybrid ToMe's per-pixel helper
+
+    seqs, count, _ = x.shape
+    qkv = _pointwise(mla.qkv, x)
+    multi = torch.cat([qkv] + [_on_grid(op, qkv, st) for op in mla.aggreg], dim=-1)
+    multi = multi.reshape(seqs, count, -1, 3 * mla.dim).transpose(1, 2)  # timm's channel order
+    q, k, v = multi.chunk(3, dim=-1)
+    metric = k.mean(dim=1)
+    q, k = mla.kernel_func(q), mla.kernel_func(k)
+    weight = st.size[..., 0].to(k.dtype)
+    if st.mask is not None:
+        weight = weight * st.mask.to(k.dtype)
+    elif st.valid is not None:
+        weight = weight.masked_fill(~st.valid, 0.0)
+    k = k * weight[:, None, :, None]
+    v = F.pad(v, (0, 1), mode="constant", value=1.0)
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        qf, kf, vf = q.float(), k.float(), v.float()
+        out = qf @ (kf.transpose(-1, -2) @ vf)
+        norm = out[..., -1:] + mla.eps
+        out = out[..., :-1] / norm
+        rows = qf / norm  # row i of the attention matrix is rows_i . k_j
+        if st.valid is not None:
+            used = st.valid.to(rows.dtype)[:, None, :, None]
+            rows = (rows * used).sum(dim=2) / used.sum(dim=2)
+        else:
+            rows = rows.mean(dim=2)
+        importance = (kf * rows[:, :, None, :]).sum(dim=-1).mean(dim=1)
+    if st.valid is not None:
+        importance = importance.masked_fill(~st.valid, -math.inf)
+    importance = protect_importance(importance, class_token=False)
+    out = out.to(v.dtype).transpose(1, 2).reshape(seqs, count, -1)
+    return _pointwise(mla.proj, out), metric, importance
+
+
+def _hybrid_step(block: nn.Module, st: LTMPStageState, records: Optional[_HybridRecords], x: torch.Tensor,
+                 attn_out: torch.Tensor, metric: torch.Tensor, importance: torch.Tensor,
+                 feedforward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Attention residual, merge, prune, feed-forward residual of one hybrid block; updates `st`."""
+    st.blocks_run += 1
+    if st.mask is not None:
+        mask_in = st.mask
+        x = x + mask_in[..., None].to(x.dtype) * attn_out  # pruned tokens stay frozen
+        x, st.size, mask, importance, _, index = masked_merge(
+            x, st.size, st.mask, importance, metric, block.merge_masker, None, class_token=False, with_index=True)
+        st.mask = torch.where(mask.bool(), block.prune_masker(importance), mask)
+        st.group = index.gather(1, st.group)
+        x = x + st.mask[..., None].to(x.dtype) * feedforward(x)
+        if records is not None:
+            records.masks.append(st.mask)
+            records.tokens.append(st.mask.detach().sum(dim=1))
+        return x
+    x = x + attn_out
+    x, st.size, valid, _, _, moved = merge_prune_compact(
+        x, st.size, importance, metric, block.merge_masker.threshold, block.prune_masker.threshold, st.valid,
+        None, class_token=False, with_index=True)
+    live = st.group >= 0
+    slot = moved.to_packed.gather(1, st.group.clamp(min=0))
+    group = moved.new_index.gather(1, slot)
+    parked_now = live & (group < 0)
+    if bool(parked_now.any()):
+        value = moved.merged_x.gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
+        parked = st.parked if st.parked is not None else torch.zeros_like(value)
+        st.parked = torch.where(parked_now[..., None], value, parked)
+    st.group = torch.where(live, group, torch.full_like(group, -1))
+    st.valid = valid
+    x = x + feedforward(x)
+    if valid is not None:
+        x = x.masked_fill(~valid[..., None], 0.0)
+    if records is not None:
+        records.tokens.append(torch.full((x.shape[0],), x.shape[1], device=x.device) if valid is None
+                              else valid.sum(dim=1))
+    return x
+
+
+class LTMPHybridBlock(Block):
+    """MobileViT's transformer block (timm `Block` on `[B * P, N, C]`) with LTMP's two thresholds.
+
+    In a stage run by `LTMPTransformerSequence`: attention with importance (no class token: the
+    most important token is protected), merge and prune between the residuals as in the ViT
+    block; masked model: tokens stay in place and pruned tokens are frozen. Outside a stage:
+    timm's block.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        ctx: _HybridContext = self._ltmp_ctx
+        st = ctx.stage
+        if st is None or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if ctx.records is not None:
+            ctx.records.costs.append(self._ltmp_cost(st))
+        attn_out, metric, importance = ltmp_attention(self.attn, self.norm1(x), st.size, mask=st.mask,
+                                                      valid=st.valid, class_token=False)
+        attn_out = self.drop_path1(self.ls1(attn_out))
+        return _hybrid_step(self, st, ctx.records, x, attn_out, metric, importance,
+                            lambda t: self.drop_path2(self.ls2(self.mlp(self.norm2(t)))))
+
+    def _ltmp_cost(self, st: LTMPStageState) -> BlockCost:
+        attn, mlp = self.attn, self.mlp
+        return BlockCost(tokens=st.group.shape[1], lin_in=attn.qkv.weight.numel() + attn.proj.weight.numel(),
+                         quad=2 * attn.attn_dim, lin_out=mlp.fc1.weight.numel() + mlp.fc2.weight.numel(),
+                         const=0.0, first=st.blocks_run == 0)
+
+
+class LTMPTransformerSequence(nn.Sequential):
+    """MobileViT's `transformer` (`nn.Sequential` of blocks): one `LTMPStageState` per call; the
+    output is unmerged to all N patches (pruned ones: their value at pruning), so timm's norm,
+    fold and convolutions see the full grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx: _HybridContext = self._ltmp_ctx
+        st = _begin_stage(ctx, x, None)
+        outer, ctx.stage = ctx.stage, st
+        try:
+            for block in self:
+                x = block(x)
+        finally:
+            ctx.stage = outer
+        return stage_grid(x, st)
+
+
+class LTMPEfficientVitBlock(EfficientVitBlock):
+    """timm `EfficientVitBlock` on tokens `[B, T, C]` with LTMP's two thresholds.
+
+    Z = x + LiteMLA(x) (`ltmp_lite_mla`), merge and prune, then Z + MBConv(Z) with MBConv's
+    depthwise conv on the unmerged grid (pruned positions 0) and re-merged by the member mean.
+    Called with an NCHW map (or outside a stage run by `LTMPEfficientVitStage`): timm's block.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx: _HybridContext = self._ltmp_ctx
+        st = ctx.stage
+        if st is None or x.dim() != 3:
+            return super().forward(x)
+        from .tome import _pointwise
+
+        if ctx.records is not None:
+            ctx.records.costs.append(self._ltmp_cost(st))
+        context, local = self.context_module, self.local_module
+        attn_out, metric, importance = ltmp_lite_mla(context.main, _pointwise(context.pre_norm, x), st)
+
+        def feedforward(tokens: torch.Tensor) -> torch.Tensor:
+            mbconv = local.main
+            hidden = _pointwise(mbconv.inverted_conv, _pointwise(local.pre_norm, tokens))
+            return _pointwise(mbconv.point_conv, _on_grid(mbconv.depth_conv, hidden, st))
+
+        return _hybrid_step(self, st, ctx.records, x, attn_out, metric, importance, feedforward)
+
+    def _ltmp_cost(self, st: LTMPStageState) -> BlockCost:
+        mla, mbconv = self.context_module.main, self.local_module.main
+        heads = (1 + len(mla.aggreg)) * (mla.qkv.conv.out_channels // (3 * mla.dim))  # all scales
+        aggreg = sum(p.numel() for op in mla.aggreg for p in op.parameters() if p.dim() == 4)
+        return BlockCost(tokens=st.group.shape[1],
+                         lin_in=mla.qkv.conv.weight.numel() + mla.proj.conv.weight.numel()
+                         + 2 * heads * mla.dim * (mla.dim + 1),
+                         quad=0.0,
+                         lin_out=mbconv.inverted_conv.conv.weight.numel() + mbconv.point_conv.conv.weight.numel(),
+                         const=aggreg + mbconv.depth_conv.conv.weight.numel(),
+                         first=st.blocks_run == 0)
+
+
+class LTMPEfficientVitStage(EfficientVitStage):
+    """timm `EfficientVitStage`: its LTMP blocks run on tokens (one `LTMPStageState` per run of
+    them), unmerged to the grid before any other block and at the stage's end."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx: _HybridContext = self._ltmp_ctx
+        tokens, st, outer = None, None, ctx.stage
+        try:
+            for block in self.blocks:
+                if isinstance(block, LTMPEfficientVitBlock):
+                    if tokens is None:
+                        tokens = x.flatten(2).transpose(1, 2)
+                        st = _begin_stage(ctx, tokens, tuple(x.shape[-2:]))
+                        ctx.stage = st
+                    tokens = block(tokens)
+                else:
+                    if tokens is not None:
+                        x, tokens = self._to_map(tokens, st, x.shape[1]), None
+                        ctx.stage = outer
+                    x = block(x)
+            if tokens is not None:
+                x = self._to_map(tokens, st, tokens.shape[-1])
+        finally:
+            ctx.stage = outer
+        return x
+
+    @staticmethod
+    def _to_map(tokens: torch.Tensor, st: LTMPStageState, channels: int) -> torch.Tensor:
+        full = stage_grid(tokens, st)
+        height, width = st.grid
+        return full.transpose(1, 2).reshape(full.shape[0], channels, height, width)
+
+
+def hybrid_flops_ratio(masks: Sequence[torch.Tensor], costs: Sequence[BlockCost]) -> torch.Tensor:
+    """FLOPs ratio of a hybrid model's transformer blocks (the masked model's regulariser).
+
+    masks: the L post-block masks `[S, T0]` of one forward, costs: the L blocks' `BlockCost`.
+    `m_in` = 1 at a stage's first block, else the previous block's mean mask; `m_out` = this
+    block's mean mask. Sum of the blocks' MACs at (m_in, m_out) over their sum unreduced: the
+    ViT formula (spec section 6) generalised to blocks of different sizes, costs as counted.
+    """
+    if not masks or len(masks) != len(costs):
+        raise ModelConfigError("hybrid_flops_ratio needs one mask and one cost per block (run the masked model first)")
+    one = torch.ones((), device=masks[0].device, dtype=masks[0].dtype)
+    reduced, full = torch.zeros_like(one), 0.0
+    for i, (mask, cost) in enumerate(zip(masks, costs)):
+        m_in = one if cost.first else masks[i - 1].mean()
+        m_out = mask.mean()
+        n = float(cost.tokens)
+        reduced = reduced + n * (cost.lin_in * m_in + cost.lin_out * m_out + cost.const) + cost.quad * (n * m_in) ** 2
+        full += n * (cost.lin_in + cost.lin_out + cost.const) + cost.quad * n * n
+    return reduced / full
+
+
+def _is_bn_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters(recurse=False))
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and bool(params) and not any(
+        p.requires_grad for p in params)
+
+
+class _LTMPHybridMixin(_ThresholdAPI):
+    """LTMP on a timm hybrid backbone (MobileViT `ByobNet`, `EfficientVit`); see docs/hybrid_merging.md.
+
+    Masked models record `model.masks` (post-block `[S, T0]` masks) and `model.block_costs`
+    after each forward; inference models `model.ltmp_info["tokens"]` (per block, tokens each
+    sequence keeps). While training, BatchNorm layers whose parameters are frozen (the
+    thresholds-only recipe) stay in eval mode, so the frozen backbone is the one the
+    inference model runs.
+    """
+
+    masked = True
+    return_masks = False
+
+    def _ltmp_attach(self, record: dict) -> None:
+        self.ltmp_kwargs = record
+        self.tau = record["tau"]
+        ctx = _HybridContext()
+        ctx.masked = self.masked
+        self._ltmp_ctx = ctx
+        merge_init = record["merge_threshold"]
+        if merge_init is None:
+            merge_init = MASKED_MERGE_INIT if self.masked else INFERENCE_MERGE_INIT
+        prune_init = PRUNE_INIT if record["prune_threshold"] is None else record["prune_threshold"]
+        blocks = self._ltmp_swap_modules(ctx)
+        if not blocks:
+            raise ModelConfigError(f"{type(self).__name__} has no transformer blocks for LTMP")
+        for block in blocks:
+            block.merge_masker = ThresholdMasker(merge_init, record["tau"])
+            block.prune_masker = ThresholdMasker(prune_init, record["tau"])
+            block._ltmp_ctx = ctx
+        self.masks: List[torch.Tensor] = []
+        self.block_costs: List[BlockCost] = []
+        self.ltmp_info: dict = {}
+
+    def _ltmp_swap_modules(self, ctx: _HybridContext) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def set_return_masks(self, enabled: bool) -> None:
+        self.return_masks = bool(enabled)
+
+    def ltmp_flops_ratio(self, masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        return hybrid_flops_ratio(masks, self.block_costs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if _is_bn_frozen(module):
+                    module.eval()
+        return self
+
+    def _ltmp_run(self, fn, *args, **kwargs):
+        ctx: _HybridContext = self._ltmp_ctx
+        if ctx.records is not None:  # nested (forward -> forward_features)
+            return fn(*args, **kwargs)
+        records = _HybridRecords()
+        ctx.records = records
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            ctx.records = None
+        self.block_costs = records.costs
+        if self.masked:
+            self.masks = records.masks
+        else:
+            self.ltmp_info = {"tokens": records.tokens}
+        return out
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._ltmp_run(super().forward_features, x)
+
+    def forward_intermediates(self, *args, **kwargs):
+        return self._ltmp_run(super().forward_intermediates, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor):
+        logits = self._ltmp_run(super().forward, x)
+        if self.masked and self.training and self.return_masks:
+            return {"logits": logits, "masks": list(self.masks)}
+        return logits
+
+
+def _hybrid_record(kwargs: dict, tau, merge_threshold, prune_threshold) -> dict:
+    tau = _check_tau(tau)
+    if merge_threshold is not None:
+        merge_threshold = _check_threshold(merge_threshold, "merge_threshold")
+    if prune_threshold is not None:
+        prune_threshold = _check_threshold(prune_threshold, "prune_threshold")
+    return dict(kwargs, tau=tau, merge_threshold=merge_threshold, prune_threshold=prune_threshold)
+
+
+class LTMPByobNet(_LTMPHybridMixin, ByobNet):
+    """Masked (training) LTMP MobileViT: every `MobileVitBlock`'s transformer blocks carry the
+    thresholds; tokens are merged and pruned inside each transformer and unmerged before `norm`
+    / fold / `conv_proj`."""
+
+    masked = True
+
+    def __init__(self, cfg, tau: float = 0.1, merge_threshold: Optional[float] = None,
+                 prune_threshold: Optional[float] = None, ltmp_threshold: Optional[float] = None,
+                 ltmp_merge_threshold: Optional[float] = None, **kwargs):
+        record = _hybrid_record(dict(kwargs, cfg=cfg), tau, merge_threshold, prune_threshold)
+        super().__init__(cfg=cfg, **kwargs)
+        self._ltmp_attach(record)
+        self._ltmp_overrides_init(ltmp_threshold, ltmp_merge_threshold, masked=self.masked)
+
+    def _ltmp_swap_modules(self, ctx: _HybridContext) -> List[nn.Module]:
+        blocks = []
+        for module in list(self.modules()):
+            if isinstance(module, MobileVitBlock):
+                if not isinstance(module.transformer, nn.Sequential):
+                    raise ModelConfigError("LTMP needs MobileViT's transformer as a sequence of timm blocks")
+                module.transformer.__class__ = LTMPTransformerSequence
+                module.transformer._ltmp_ctx = ctx
+                for block in module.transformer:
+                    if type(block) is not Block:
+                        raise ModelConfigError(f"LTMP needs timm Blocks in MobileViT's transformer, got "
+                                               f"{type(block).__name__} (MobileViT-v2 is not supported)")
+                    _check_attention(block.attn)
+                    block.__class__ = LTMPHybridBlock
+                    blocks.append(block)
+        return blocks
+
+
+class InferenceLTMPByobNet(LTMPByobNet):
+    """Inference LTMP MobileViT: tokens really merged and removed (padded per sequence)."""
+
+    masked = False
+
+
+class LTMPEfficientVit(_LTMPHybridMixin, EfficientVit):
+    """Masked (training) LTMP EfficientViT-MIT: the `EfficientVitBlock`s carry the thresholds;
+    tokens are merged and pruned inside each attention stage and unmerged before every
+    spatial convolution and at the stage's end."""
+
+    masked = True
+
+    def __init__(self, tau: float = 0.1, merge_threshold: Optional[float] = None,
+                 prune_threshold: Optional[float] = None, ltmp_threshold: Optional[float] = None,
+                 ltmp_merge_threshold: Optional[float] = None, **kwargs):
+        record = _hybrid_record(kwargs, tau, merge_threshold, prune_threshold)
+        super().__init__(**kwargs)
+        self._ltmp_attach(record)
+        self._ltmp_overrides_init(ltmp_threshold, ltmp_merge_threshold, masked=self.masked)
+
+    def _ltmp_swap_modules(self, ctx: _HybridContext) -> List[nn.Module]:
+        blocks = []
+        for stage in self.stages:
+            if not any(type(b) is EfficientVitBlock for b in stage.blocks):
+                continue
+            stage.__class__ = LTMPEfficientVitStage
+            stage._ltmp_ctx = ctx
+            for block in stage.blocks:
+                if type(block) is EfficientVitBlock:
+                    for residual in (block.context_module, block.local_module):
+                        if not isinstance(residual.shortcut, nn.Identity):
+                            raise ModelConfigError("LTMP needs EfficientViT blocks with identity shortcuts")
+                    block.__class__ = LTMPEfficientVitBlock
+                    blocks.append(block)
+        return blocks
+
+
+class InferenceLTMPEfficientVit(LTMPEfficientVit):
+    """Inference LTMP EfficientViT-MIT: tokens really merged and removed (padded per sample)."""
+
+    masked = False
+
+
+# masked class -> (inference class, plain timm class)
+_INFERENCE_CLASSES = dict({
+    LTMPVisionTransformer: (InferenceLTMPVisionTransformer, VisionTransformer),
+    LTMPByobNet: (InferenceLTMPByobNet, ByobNet),
+    LTMPEfficientVit: (InferenceLTMPEfficientVit, EfficientVit),
+})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,6 +1192,15 @@ def flops_ratio(masks: Sequence[torch.Tensor], num_tokens: int, embed_dim: int) 
         block = 2 * (kept[i] * n) * d ** 2 + (kept[i] * n) ** 2 * d + 4 * (kept[i + 1] * n) * d ** 2
         total = total + (1 / layers) * block / (6 * n * d ** 2 + n ** 2 * d)
     return total
+
+
+def model_flops_ratio(model: nn.Module) -> Callable[[Sequence[torch.Tensor]], torch.Tensor]:
+    """masks -> FLOPs ratio for `model`: the spec's ViT formula, or the hybrid blocks' costs."""
+    own = getattr(model, "ltmp_flops_ratio", None)
+    if own is not None:
+        return own
+    embed_dim = int(model.embed_dim)
+    return lambda masks: flops_ratio(masks, masks[0].shape[-1], embed_dim)
 
 
 def _check_fraction(value, name: str, low_open: bool = True) -> float:
@@ -615,7 +1236,7 @@ class LTMPCriterion(nn.Module):
             raise ModelConfigError(f"the LTMP loss needs a masked ltmp_* model, got {type(model).__name__}")
         # a plain reference, not a submodule (the criterion must not own the model's parameters)
         self._masks_of = partial(getattr, model, "masks")
-        self.embed_dim = int(model.embed_dim)
+        self._ratio_of = model_flops_ratio(model)
         if hasattr(model, "set_return_masks"):
             model.set_return_masks(True)
         self.last: Dict[str, float] = {}
@@ -625,7 +1246,7 @@ class LTMPCriterion(nn.Module):
         if self.reg_scale <= 0:
             return base_loss
         masks = outputs["masks"] if isinstance(outputs, dict) and "masks" in outputs else self._masks_of()
-        ratio = flops_ratio(masks, masks[0].shape[-1], self.embed_dim)
+        ratio = self._ratio_of(masks)
         reg_loss = (ratio - self.reduction_target) ** 2
         self.last = {"cls_loss": float(base_loss.detach()), "reg_loss": float(reg_loss.detach()),
                      "flops_ratio": float(ratio.detach())}
@@ -673,12 +1294,21 @@ def clamp_thresholds(model: nn.Module) -> None:
             param.clamp_(0.0, 1.0)
 
 
-def inference_twin(model: nn.Module) -> InferenceLTMPVisionTransformer:
+def _twin_classes(model: nn.Module):
+    for masked_cls, classes in _INFERENCE_CLASSES.items():
+        if isinstance(model, masked_cls):
+            return classes
+    raise ModelConfigError(f"{type(model).__name__} is not an LTMP model; pass an ltmp_* model")
+
+
+def inference_twin(model: nn.Module) -> nn.Module:
     """The `inference_` model with `model`'s architecture and weights (strict load), in eval mode."""
     kwargs = getattr(model, "ltmp_kwargs", None)
     if kwargs is None:
         raise ModelConfigError(f"{type(model).__name__} is not an LTMP model; pass an ltmp_* model")
-    twin = InferenceLTMPVisionTransformer(**dict(kwargs, weight_init="skip"))
+    inference_cls, _ = _twin_classes(model)
+    twin = inference_cls(**(dict(kwargs, weight_init="skip") if issubclass(inference_cls, VisionTransformer)
+                            else kwargs))
     param = next(model.parameters())
     twin.to(device=param.device, dtype=param.dtype)
     twin.load_state_dict(model.state_dict(), strict=True)
@@ -686,10 +1316,11 @@ def inference_twin(model: nn.Module) -> InferenceLTMPVisionTransformer:
     return twin.eval()
 
 
-def _plain_twin(model: nn.Module) -> VisionTransformer:
-    """The unreduced timm ViT with `model`'s backbone weights (thresholds dropped)."""
+def _plain_twin(model: nn.Module) -> nn.Module:
+    """The unreduced timm backbone with `model`'s weights (thresholds dropped)."""
     kwargs = {k: v for k, v in model.ltmp_kwargs.items() if k not in ("tau", "merge_threshold", "prune_threshold")}
-    plain = VisionTransformer(**dict(kwargs, weight_init="skip"))
+    _, plain_cls = _twin_classes(model)
+    plain = plain_cls(**(dict(kwargs, weight_init="skip") if plain_cls is VisionTransformer else kwargs))
     param = next(model.parameters())
     plain.to(device=param.device, dtype=param.dtype)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not is_threshold_key(k)}, strict=True)
@@ -733,7 +1364,7 @@ def realised_flops_ratio(model: nn.Module, images, device=None, max_images: int 
         count, _ = flops._fvcore_macs(twin, image)
         macs.append(count)
         twin(image)
-        tokens.append([int(t[0]) for t in twin.ltmp_info["tokens"]])
+        tokens.append([float(t.float().mean()) for t in twin.ltmp_info["tokens"]])
     if not macs:
         raise ModelConfigError("realised_flops_ratio got no images; pass a non-empty loader or tensor")
     unreduced, _ = flops._fvcore_macs(plain, example)
@@ -754,10 +1385,13 @@ def realised_flops_ratio(model: nn.Module, images, device=None, max_images: int 
 # ---------------------------------------------------------------------------------------------
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """timm ViT checkpoints (and LTMP ones) -> this model: timm's ViT filter (npz, resized
-    position embeddings), then thresholds the checkpoint lacks take the model's init values."""
+    """timm backbone checkpoints (and LTMP ones) -> this model: for ViTs timm's ViT filter (npz,
+    resized position embeddings; the hybrids' timm modules have none), then thresholds the
+    checkpoint lacks take the model's init values."""
     thresholds = {k: v for k, v in state_dict.items() if is_threshold_key(k)}
-    state_dict = vit_filter_fn({k: v for k, v in state_dict.items() if not is_threshold_key(k)}, model)
+    state_dict = {k: v for k, v in state_dict.items() if not is_threshold_key(k)}
+    if isinstance(model, VisionTransformer):
+        state_dict = vit_filter_fn(state_dict, model)
     own = model.state_dict()
     for key, value in own.items():
         if is_threshold_key(key):
@@ -785,13 +1419,62 @@ def _inherited_cfg(name: str, base: str) -> Tuple[str, dict]:
     return f"{name}.{cfg.tag}", fields
 
 
+_HYBRID_BASES = {
+    "mobilevit_xs": dict(model_cfg=mobilevit_cfgs["mobilevit_xs"], feature_cfg=dict(flatten_sequential=True)),
+    "mobilevit_s": dict(model_cfg=mobilevit_cfgs["mobilevit_s"], feature_cfg=dict(flatten_sequential=True)),
+    "efficientvit_b1": dict(widths=(16, 32, 64, 128, 256), depths=(1, 2, 3, 3, 4), head_dim=16,
+                            head_widths=(1536, 1600)),
+}
+
 default_cfgs = generate_default_cfgs(dict(
     [_inherited_cfg(f"ltmp_{base}", base) for base in _BASES if base != "deit_base_patch16_384"]
-    + [_inherited_cfg(f"inference_ltmp_{base}", base) for base in _BASES]))
+    + [_inherited_cfg(f"inference_ltmp_{base}", base) for base in _BASES]
+    + [_inherited_cfg(f"{prefix}ltmp_{base}", base) for prefix in ("", "inference_") for base in _HYBRID_BASES]))
 
 
 def _create(model_cls, variant: str, pretrained: bool = False, **kwargs):
     return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _create_hybrid(model_cls, variant: str, base: str, pretrained: bool = False, **kwargs):
+    """A hybrid LTMP model as timm builds `base` (its cfg, feature cfg and kwargs)."""
+    args = dict(_HYBRID_BASES[base])
+    model_cfg, feature_cfg = args.pop("model_cfg", None), dict(args.pop("feature_cfg", {}))
+    if base.startswith("efficientvit"):
+        feature_cfg = dict(flatten_sequential=True, out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)))
+    return build_model_with_cfg(model_cls, variant, pretrained, model_cfg=model_cfg, feature_cfg=feature_cfg,
+                                pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs))
+
+
+@register_model
+def ltmp_mobilevit_xs(pretrained: bool = False, **kwargs) -> LTMPByobNet:
+    return _create_hybrid(LTMPByobNet, "ltmp_mobilevit_xs", "mobilevit_xs", pretrained, **kwargs)
+
+
+@register_model
+def ltmp_mobilevit_s(pretrained: bool = False, **kwargs) -> LTMPByobNet:
+    return _create_hybrid(LTMPByobNet, "ltmp_mobilevit_s", "mobilevit_s", pretrained, **kwargs)
+
+
+@register_model
+def ltmp_efficientvit_b1(pretrained: bool = False, **kwargs) -> LTMPEfficientVit:
+    return _create_hybrid(LTMPEfficientVit, "ltmp_efficientvit_b1", "efficientvit_b1", pretrained, **kwargs)
+
+
+@register_model
+def inference_ltmp_mobilevit_xs(pretrained: bool = False, **kwargs) -> InferenceLTMPByobNet:
+    return _create_hybrid(InferenceLTMPByobNet, "inference_ltmp_mobilevit_xs", "mobilevit_xs", pretrained, **kwargs)
+
+
+@register_model
+def inference_ltmp_mobilevit_s(pretrained: bool = False, **kwargs) -> InferenceLTMPByobNet:
+    return _create_hybrid(InferenceLTMPByobNet, "inference_ltmp_mobilevit_s", "mobilevit_s", pretrained, **kwargs)
+
+
+@register_model
+def inference_ltmp_efficientvit_b1(pretrained: bool = False, **kwargs) -> InferenceLTMPEfficientVit:
+    return _create_hybrid(InferenceLTMPEfficientVit, "inference_ltmp_efficientvit_b1", "efficientvit_b1",
+                          pretrained, **kwargs)
 
 
 @register_model
@@ -897,7 +1580,7 @@ def inference_ltmp_deit_base_patch16_384(pretrained: bool = False, **kwargs) -> 
 # ---------------------------------------------------------------------------------------------
 
 def _is_masked(model: nn.Module) -> bool:
-    return isinstance(model, LTMPVisionTransformer)
+    return isinstance(model, LTMPVisionTransformer) or (isinstance(model, _LTMPHybridMixin) and model.masked)
 
 
 def _family_check_options(options) -> None:
@@ -931,13 +1614,14 @@ def _family_after_step(model: nn.Module, options) -> None:
 
 
 def _family_log_state(model: nn.Module) -> Dict[str, float]:
-    if not isinstance(model, _LTMPModelMixin):
+    if not isinstance(model, _ThresholdAPI):
         return {}
-    state = {"merge_thr": sum(model.thresholds()["merge"]) / len(model.blocks),
-             "prune_thr": sum(model.thresholds()["prune"]) / len(model.blocks)}
+    thresholds = model.thresholds()
+    state = {"merge_thr": sum(thresholds["merge"]) / len(thresholds["merge"]),
+             "prune_thr": sum(thresholds["prune"]) / len(thresholds["prune"])}
     masks = getattr(model, "masks", None)
     if masks:
-        state["flops_r"] = float(flops_ratio([m.detach() for m in masks], masks[0].shape[-1], model.embed_dim))
+        state["flops_r"] = float(model_flops_ratio(model)([m.detach() for m in masks]))
     return state
 
 
