@@ -128,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--compare-baseline", default=None, metavar="SPEC",
                        help="compare every --model against this spec, alternately")
     which.add_argument("--num-classes", type=int, default=1000, help="classifier size of the built models")
-    which.add_argument("--target-gmacs", type=float, default=None, metavar="G",
-                       help="set the reduction flag given as 'auto' (e.g. --tome-r auto) so each model has G GMACs")
+    which.add_argument("--target-gmacs", type=float, nargs="+", default=None, metavar="G",
+                       help="set the reduction flag given as 'auto' (e.g. --tome-r auto) so each model has G GMACs; "
+                            "several values: each 'auto' spec runs once per value (a model-file line may carry "
+                            "its own --target-gmacs G and --img-size N)")
 
     setting = parser.add_argument_group("settings")
     setting.add_argument("--batch-size", "-b", type=int, default=None,
@@ -193,6 +195,8 @@ class ModelSpec:
     name: str
     method: dict
     explicit: tuple = ()  # flags written in this spec itself (not inherited)
+    img_size: int | None = None  # a spec's own --img-size (models-file lines); None: the run's
+    target_gmacs: float | None = None  # the target its 'auto' reduction flag is searched for
 
     @property
     def label(self) -> str:
@@ -205,6 +209,8 @@ class ModelSpec:
         except (RuntimeError, KeyError, ImportError):  # a name not in the registry (tests, fakes)
             accepted = set(self.method)
         given = [f"{k}={v}" for k, v in self.method.items() if v not in (None, False) and k in accepted]
+        if self.img_size is not None:
+            given.append(f"img_size={self.img_size}")
         return " ".join([self.name] + given)
 
 
@@ -216,16 +222,49 @@ def _method_defaults(args: argparse.Namespace) -> dict:
     return {dest: getattr(args, dest, None) for dest in method_dests()}
 
 
+# Settings a model spec may carry besides method flags (models-file lines): flag -> (field, type).
+SPEC_SETTINGS = {"--img-size": ("img_size", int), "--target-gmacs": ("target_gmacs", float)}
+
+
+def _spec_settings(text: str, tokens: Sequence[str]) -> tuple[dict, list[str]]:
+    """(the spec's own --img-size / --target-gmacs, the remaining tokens)."""
+    settings: dict = {}
+    rest: list[str] = []
+    position = 0
+    while position < len(tokens):
+        name, has_value, value = tokens[position].partition("=")
+        key = name[:2] + name[2:].replace("_", "-")
+        if key not in SPEC_SETTINGS:
+            rest.append(tokens[position])
+            position += 1
+            continue
+        if not has_value:
+            if position + 1 == len(tokens):
+                raise UserError(f"model spec {text!r}: {key} needs a value")
+            value, position = tokens[position + 1], position + 1
+        field_name, kind = SPEC_SETTINGS[key]
+        try:
+            settings[field_name] = kind(value)
+        except ValueError:
+            raise UserError(f"model spec {text!r}: {key} {value!r} is not a {kind.__name__}") from None
+        if not settings[field_name] > 0:
+            raise UserError(f"model spec {text!r}: {key} must be > 0, got {value}")
+        position += 1
+    return settings, rest
+
+
 def parse_spec(text: str, defaults: dict | None = None) -> list[ModelSpec]:
-    """`"NAME [method flags]"` -> specs (several when NAME is a glob); flags override `defaults`."""
+    """`"NAME [method flags] [--img-size N] [--target-gmacs G]"` -> specs (several when NAME is a
+    glob); flags override `defaults`."""
     tokens = shlex.split(text)
     if not tokens or tokens[0].startswith("-"):
         raise UserError(f"model spec {text!r} must start with a model name, e.g. \"deit_small_patch16_224 --tome-r 13\"")
+    settings, flags = _spec_settings(text, tokens[1:])
     dests = method_dests()
     base = argparse.Namespace(**(defaults or {dest: None for dest in dests}))
     given = argparse.Namespace()
     try:
-        _, unknown = _method_parser().parse_known_args(tokens[1:], namespace=given)
+        _, unknown = _method_parser().parse_known_args(flags, namespace=given)
     except argparse.ArgumentError as error:
         raise UserError(f"model spec {text!r}: {error}") from None
     if unknown:
@@ -233,7 +272,7 @@ def parse_spec(text: str, defaults: dict | None = None) -> list[ModelSpec]:
                         f"allowed: {', '.join('--' + d for d in dests)}")
     explicit = tuple(d for d in dests if getattr(given, d, None) not in (None, False))
     method = {d: getattr(given, d) if d in explicit else getattr(base, d, None) for d in dests}
-    return [ModelSpec(name, method, explicit) for name in expand_model_names([tokens[0]])]
+    return [ModelSpec(name, method, explicit, **settings) for name in expand_model_names([tokens[0]])]
 
 
 def expand_model_names(patterns: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
@@ -317,15 +356,21 @@ def _auto_reduction(spec: ModelSpec):
 
 def resolve_auto(spec: ModelSpec, target_gmacs: float | None, num_classes: int, img_size: int | None) -> ModelSpec:
     """A spec whose reduction flag is 'auto': the value that gives `target_gmacs` (logged)."""
+    return _resolve_auto(spec, target_gmacs, num_classes, img_size)[0]
+
+
+def _resolve_auto(spec: ModelSpec, target_gmacs: float | None, num_classes: int,
+                  img_size: int | None) -> tuple[ModelSpec, dict | None]:
+    """(resolved spec, {"target", "dest", "value", "gmacs"} of the search or None without 'auto')."""
     family = _auto_reduction(spec)
     if family is None:
-        return spec
+        return spec, None
     if target_gmacs is None:
         raise UserError(f"{spec.name}: --{family.reduction.dest.replace('_', '-')} auto needs --target-gmacs G")
     dest = family.reduction.dest
 
     def build(value):
-        return build_model(ModelSpec(spec.name, dict(spec.method, **{dest: value}), spec.explicit),
+        return build_model(dataclasses.replace(spec, method=dict(spec.method, **{dest: value})),
                            num_classes, img_size)[0].eval()
 
     def gmacs_of(model):
@@ -337,7 +382,50 @@ def resolve_auto(spec: ModelSpec, target_gmacs: float | None, num_classes: int, 
         raise UserError(f"{spec.name}: {error}") from None
     _logger.info("%s: --target-gmacs %g -> --%s %s (%.3f GMACs, %+.2f%%)", spec.name, target_gmacs,
                  dest.replace("_", "-"), value, gmacs, 100 * (gmacs - target_gmacs) / target_gmacs)
-    return ModelSpec(spec.name, dict(spec.method, **{dest: value}), spec.explicit)
+    result = {"target": target_gmacs, "dest": dest, "value": value, "gmacs": gmacs, "counter": "fvcore",
+              "rel_diff": (gmacs - target_gmacs) / target_gmacs}
+    return dataclasses.replace(spec, method=dict(spec.method, **{dest: value})), result
+
+
+def expand_targets(specs: Sequence[ModelSpec], targets: Sequence[float] | None) -> list[ModelSpec]:
+    """Each spec with a reduction flag set to 'auto' and no target of its own once per value of
+    --target-gmacs; the others once. A target that no spec can use is refused."""
+    expanded: list[ModelSpec] = []
+    for value in targets or ():
+        if not value > 0:
+            raise UserError(f"--target-gmacs must be > 0, got {value:g}")
+    for spec in specs:
+        auto = _auto_reduction(spec) is not None
+        if spec.target_gmacs is not None and not auto:
+            raise UserError(f"{spec.label}: --target-gmacs needs a reduction flag set to auto in the same spec "
+                            "(e.g. --tome-r auto)")
+        if auto and spec.target_gmacs is None and targets:
+            expanded.extend(dataclasses.replace(spec, target_gmacs=value) for value in targets)
+        else:
+            expanded.append(spec)
+    if targets and not any(_auto_reduction(spec) is not None for spec in expanded):
+        reducible = [f"--{f.reduction.dest.replace('_', '-')}" for f in families.families() if f.reduction]
+        raise UserError(f"--target-gmacs needs a model spec with a reduction flag set to auto "
+                        f"({', '.join(reducible)} auto)")
+    return _unique(expanded)
+
+
+def _run_target(spec: ModelSpec, args) -> float | None:
+    """The target a spec's 'auto' flag is searched for: its own, else the run's single value."""
+    if spec.target_gmacs is not None:
+        return spec.target_gmacs
+    targets = getattr(args, "target_gmacs", None)
+    if targets is None or isinstance(targets, (int, float)):
+        return targets
+    if len(targets) > 1 and _auto_reduction(spec) is not None:
+        raise UserError(f"{spec.name}: --compare takes one --target-gmacs value per side; "
+                        "write it into the spec (\"NAME --tome-r auto --target-gmacs G\")")
+    return targets[0] if targets else None
+
+
+def series_label(spec: ModelSpec) -> str:
+    """The plot line a spec belongs to: its label before 'auto' is resolved (one line per method)."""
+    return spec.label
 
 
 def build_model(spec: ModelSpec, num_classes: int = 1000, img_size: int | None = None) -> tuple[nn.Module, dict]:
@@ -773,13 +861,25 @@ def plot_throughput_vs_gmacs(records: Sequence[dict], path: str) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in points:
-        marker = "o" if r.get("mode") == "infer" else "s"
-        tp = r["throughput"]
-        ax.errorbar(r["gmacs"], tp["median"], yerr=[[tp["median"] - tp["q1"]], [tp["q3"] - tp["median"]]],
-                    fmt=marker, capsize=3)
-        ax.annotate(f"{r['label']} ({r['mode']})", (r["gmacs"], tp["median"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+    for (series, mode), group in _series(points).items():
+        group = sorted(group, key=lambda r: r["gmacs"])
+        marker = "o" if mode == "infer" else "s"
+        medians = [r["throughput"]["median"] for r in group]
+        errors = [[m - r["throughput"]["q1"] for m, r in zip(medians, group)],
+                  [r["throughput"]["q3"] - m for m, r in zip(medians, group)]]
+        ax.errorbar([r["gmacs"] for r in group], medians, yerr=errors, fmt=marker + ("-" if len(group) > 1 else ""),
+                    capsize=3, label=f"{series} ({mode})")
+        if len(group) == 1:
+            ax.annotate(f"{group[0]['label']} ({mode})", (group[0]["gmacs"], medians[0]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+        else:  # a line of --target-gmacs points: each labelled with the value the search chose
+            for r, median in zip(group, medians):
+                chosen = (r.get("target_gmacs") or {}).get("value")
+                if chosen is not None:
+                    ax.annotate(str(chosen), (r["gmacs"], median), textcoords="offset points", xytext=(4, 4),
+                                fontsize=6)
+    if any(len(group) > 1 for group in _series(points).values()):
+        ax.legend(fontsize=7)
     first = points[0]
     ax.set_title(f"{first.get('device_name')} | {first.get('precision')} | batch {first.get('batch_size')}",
                  fontsize=9)
@@ -790,6 +890,14 @@ def plot_throughput_vs_gmacs(records: Sequence[dict], path: str) -> int:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return len(points)
+
+
+def _series(points: Sequence[dict]) -> dict:
+    """(series, mode) -> records, in first-seen order; a record without a series is its own."""
+    groups: dict = {}
+    for r in points:
+        groups.setdefault((r.get("series") or r["label"], r.get("mode")), []).append(r)
+    return groups
 
 
 def _no_points_reason(records: Sequence[dict]) -> str:
@@ -941,15 +1049,19 @@ class Prepared:
     img_size: tuple
     flop_info: dict | None
     tokens: list | None
+    target_gmacs: dict | None = None  # the --target-gmacs search result (record field)
+    series: str | None = None  # the plot line: the spec's label before 'auto' was resolved
 
 
 def prepare(spec: ModelSpec, args, device: torch.device) -> Prepared:
     """Build, count (on CPU in fp32, before compile), then move / convert / compile for timing."""
-    spec = resolve_auto(spec, getattr(args, "target_gmacs", None), args.num_classes, args.img_size)
-    model, kwargs = build_model(spec, args.num_classes, args.img_size)
-    if getattr(args, "target_gmacs", None) is not None:
-        kwargs["target_gmacs"] = args.target_gmacs
-    img_size = model_img_size(model, args.img_size)
+    size = spec.img_size if spec.img_size is not None else args.img_size
+    series = series_label(spec)
+    spec, search = _resolve_auto(spec, _run_target(spec, args), args.num_classes, size)
+    model, kwargs = build_model(spec, args.num_classes, size)
+    if search is not None:
+        kwargs["target_gmacs"] = search["target"]
+    img_size = model_img_size(model, size)
     flop_info = tokens = None
     if not args.no_flops:
         flop_info = flops.count_flops(model, img_size, counter=args.counter)
@@ -965,10 +1077,13 @@ def prepare(spec: ModelSpec, args, device: torch.device) -> Prepared:
         cast_for_inference(model, weights_dtype(args.precision))  # before compile: one graph, in bf16
         if args.compile:
             model = torch.compile(model, mode=args.compile_mode)
-    return Prepared(spec, model, kwargs, img_size, flop_info, tokens)
+    return Prepared(spec, model, kwargs, img_size, flop_info, tokens, search, series)
 
 
-def _emit(record: dict, args, records: list) -> None:
+def _emit(record: dict, args, records: list, prepared: Prepared | None = None) -> None:
+    if prepared is not None:
+        record["target_gmacs"] = prepared.target_gmacs
+        record["series"] = prepared.series
     records.append(record)
     if args.output:
         append_jsonl(args.output, record)
@@ -1002,7 +1117,7 @@ def run_sweep(args, specs: Sequence[ModelSpec], device: torch.device, env: dict,
         settings = _settings(args, device, prepared.img_size)
         if args.flops_only:
             _emit(make_record("flops", spec, prepared.kwargs, settings, env, prepared.flop_info,
-                              prepared.tokens, {"mode": "flops"}), args, records)
+                              prepared.tokens, {"mode": "flops"}), args, records, prepared)
             continue
         for mode in _modes(args):
             _logger.info("%s: timing %s", spec.label, mode)
@@ -1019,7 +1134,7 @@ def run_sweep(args, specs: Sequence[ModelSpec], device: torch.device, env: dict,
                 error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             result.update(batch_size=used, oom_backoff=failed)
             _emit(make_record("speed", spec, prepared.kwargs, settings, env, prepared.flop_info,
-                              prepared.tokens, result, peak, error=error), args, records)
+                              prepared.tokens, result, peak, error=error), args, records, prepared)
         del prepared
         _release_memory()
     return records
@@ -1114,7 +1229,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             records.extend(run_compare(args, side_a[0], side_b[0], device, env))
         return records
 
-    specs = collect_specs(args)
+    specs = expand_targets(collect_specs(args), args.target_gmacs)
     if not specs:
         raise UserError("name at least one model: --model NAME [NAME ...], --models-file FILE or --compare A B")
     check_method_flags(specs)

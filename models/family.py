@@ -490,13 +490,54 @@ def r_schedule(text) -> Any:
 
 def search_merge_schedule(build: Callable[[Any], nn.Module], target: float,
                           gmacs_of: Callable[[nn.Module], float], depth: int, max_r: int) -> Tuple[Any, float]:
-    """--target-gmacs for ToMe-style r: the constant r that brackets the target, then the per-block
-    list with the first k blocks at r + 1 and the rest at r that comes closest."""
+    """--target-gmacs for ToMe-style r: the constant r that brackets the target, then per-block
+    lists between r + 1 and r: the first k blocks at r + 1 (bisection on k), then the (k + 1)-th
+    extra merge moved block by block towards the end (bisection on its block: a later merge
+    saves less). The closest schedule seen is returned (an int when it is constant).
+
+    The second step matters when a block's merge is a large share of the model (few tokens,
+    many blocks): one more token merged in block 0 removes it from every later block, in the
+    last block from that block's MLP only, so the step between neighbours is one token in one
+    block rather than one token in every remaining block.
+    """
     constant = list(range(max_r, -1, -1))
     r, gmacs = search_sequence(constant, build, target, gmacs_of)
     lower = r if gmacs >= target else r - 1  # GMACs fall with r: GMACs(lower) >= target >= GMACs(lower + 1)
-    if lower < 0 or lower >= max_r:
+    if lower < 0 or lower >= max_r or depth < 1:
         return r, gmacs
+    seen: Dict[Tuple[int, ...], float] = {}
+
+    def measure(extra: Sequence[int]) -> float:
+        schedule = tuple(lower + 1 if block in extra else lower for block in range(depth))
+        if schedule not in seen:
+            seen[schedule] = gmacs_of(build(list(schedule)))
+        return seen[schedule]
+
+    # first k blocks at r + 1: GMACs fall as k grows; find GMACs(k = lo) >= target > GMACs(k = lo + 1)
+    lo, hi = 0, depth
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(range(mid)) >= target:
+            lo = mid
+        else:
+            hi = mid
+    # the first lo blocks at r + 1 plus one more at block p (p = lo .. depth - 1; p = lo is k = lo + 1):
+    # GMACs grow with p
+    low, high = lo, depth  # high = depth stands for "no extra block" (k = lo)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if measure(list(range(lo)) + [mid]) >= target:
+            high = mid
+        else:
+            low = mid
+    if not seen:  # one block: the constant r is every schedule there is
+        return r, gmacs
+    schedule, best = min(seen.items(), key=lambda item: abs(item[1] - target))
+    if abs(best - target) >= abs(gmacs - target):
+        return r, gmacs
+    if all(v == schedule[0] for v in schedule):
+        return schedule[0], best
+    return list(schedule), best
     lists = [[lower + 1] * k + [lower] * (depth - k) for k in range(depth, -1, -1)]
     best, best_gmacs = search_sequence(lists, build, target, gmacs_of)
     if abs(best_gmacs - target) < abs(gmacs - target):
