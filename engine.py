@@ -230,14 +230,23 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
                 stop_request.request("--preempt-at-step")
             if i + 1 < total_batches:  # after the last step the epoch checkpoint follows instead
                 _maybe_stop_or_save(args, run_state, stop_request, save_mid_epoch, epoch, i + 1, device,
-                                    named_params)
+                                    _with_optimizer_state(named_params, optimizer))
 
     # The epoch checkpoint follows: an update with a finite loss may have left NaN/Inf weights.
-    _stop_if_weights_nonfinite(named_params, epoch, total_batches - 1, device)
+    _stop_if_weights_nonfinite(_with_optimizer_state(named_params, optimizer), epoch, total_batches - 1, device)
     _log_skipped_files(f"epoch {epoch}: ", "training", skipped_files)
     metric_logger.synchronize_between_processes()
     _logger.info(f"Averaged stats: {metric_logger}")
     return metric_logger.global_averages()
+
+
+def _with_optimizer_state(named_params, optimizer) -> list:
+    """The parameters and the optimizer's state tensors (moments can overflow before the weights do)."""
+    names = {id(p): name for name, p in named_params}
+    state = [(f"optimizer.{key}[{names.get(id(param), 'parameter')}]", value)
+             for param, entry in getattr(optimizer, "state", {}).items()
+             for key, value in entry.items() if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    return list(named_params) + state
 
 
 def _nonfinite_weight(named_params, device) -> str | None:
@@ -336,5 +345,6 @@ def evaluate(data_loader, model, device, args=None, header: str = "Test:", summa
         "loss_per_image": totals[0].item() / count,
     }
     logging.getLogger("eval").info(
-        f"{summary_prefix} Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({int(count)} images)")
+        f"{summary_prefix} Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({int(count)} images)"
+        f"  per-image loss {stats['loss_per_image']:.4f}")
     return stats

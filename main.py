@@ -869,11 +869,14 @@ def save_training_checkpoint(args, parts: TrainingParts, path: str, epoch: int, 
     if not dist_utils.is_main_process():
         return True
     state = checkpoint_state(args, parts, epoch, epoch_step, epoch_complete, max_accuracy, rng_states)
-    bad = first_nonfinite_key(state["model"]) or first_nonfinite_key(state["model_ema"] or {})
+    optimizer_state = (state["optimizer"] or {}).get("state", {})
+    bad = first_nonfinite_key(state["model"]) or first_nonfinite_key(state["model_ema"] or {}) or next(
+        (f"optimizer state of parameter {index} ({key})" for index, entry in optimizer_state.items()
+         if (key := first_nonfinite_key(entry))), None)
     if bad:
         # A step with a finite loss can still leave NaN/Inf weights (an overflowing update);
         # the last good checkpoint must survive that.
-        _logger.error(f"not writing {path}: the weights have non-finite values ({bad}); "
+        _logger.error(f"not writing {path}: the weights or optimizer state have non-finite values ({bad}); "
                       f"the previous checkpoint is kept")
         return False
     return write_checkpoint(state, path)

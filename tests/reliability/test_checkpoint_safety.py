@@ -136,4 +136,4 @@ def test_trainer_finetunes_from_an_official_namespace_checkpoint(tmp_path):
     proc = run_main(TINY_FLAGS + ["--synthetic-train-size", "64", "--epochs", "1", "--finetune", path,
                                   "--output_dir", tmp_path / "out"])
     assert_ok(proc)
-    assert "finetune: loaded" in proc.stderr and f"from {path}" in proc.stderr
+    assert f"finetune from {path}: " in proc.stderr and " loaded, " in proc.stderr
