@@ -1650,6 +1650,70 @@ def _family_report(model: nn.Module, options, context) -> Dict[str, object]:
     return result
 
 
+# --ltmp-threshold auto: the prune threshold P is searched on u in [0, 1] with P = THRESHOLD_OF(u),
+# log-spaced (importances are ~1/T: 0.005 for 196 tokens) and decreasing, so GMACs grow with u.
+_SEARCH_DECADES = 5
+
+
+def threshold_of(u: float) -> float:
+    """The prune threshold for search position u in [0, 1]: 1 at u = 0 (strongest), 0 at u = 1 (none)."""
+    return round((10 ** (_SEARCH_DECADES * (1.0 - u)) - 1.0) / (10 ** _SEARCH_DECADES - 1.0), 9)
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def search_threshold(build, target: float, gmacs_of) -> Tuple[float, float]:
+    """`--ltmp-threshold auto --target-gmacs G` for inference_ltmp_* models.
+
+    The rule: every prune threshold P, merge thresholds as built/loaded (`--ltmp-merge-threshold`
+    fixes them too); bisection (`family.search_continuous`) on the log-spaced position u of P.
+    LTMP's GMACs depend on the input: every candidate is built and counted from one RNG state,
+    the one the caller's own next build and count start from (the state is rewound after each
+    candidate), so all candidates are compared on the same input image - `flops.count_flops`'
+    `torch.randn(1, 3, H, W)`, drawn after `--seed` in main.py - and on the same weights when they
+    are random (benchmark.py), and the caller's count of the chosen value reproduces the search's.
+    Returns (P, GMACs); targets outside [GMACs(P=1), GMACs(P=0)] raise ModelConfigError.
+    """
+    saved: List[tuple] = []
+    evaluated: List[Tuple[float, float]] = []
+
+    def build_at(u: float):
+        saved.append(_rng_state())
+        evaluated.append((u, math.nan))
+        return build(threshold_of(u))
+
+    def count(model) -> float:
+        try:
+            gmacs = gmacs_of(model)
+        finally:
+            _set_rng_state(saved.pop())
+        evaluated[-1] = (evaluated[-1][0], gmacs)
+        if len(evaluated) > 2 and abs(gmacs - target) <= _SEARCH_STOP * target:
+            raise _CloseEnough()
+        return gmacs
+
+    try:
+        u, gmacs = _family.search_continuous(0.0, 1.0, build_at, target, count, iterations=24, decimals=7)
+    except _CloseEnough:  # within 0.1 %: the remaining bisection steps cannot matter
+        u, gmacs = evaluated[-1]
+    return threshold_of(u), gmacs
+
+
+_SEARCH_STOP = 1e-3
+
+
+class _CloseEnough(Exception):
+    """Ends the threshold bisection early (caught in `search_threshold`)."""
+
+
 FAMILY = _family.register_family(_family.MethodFamily(
     name="ltmp",
     title="LTMP: learned thresholds token merging and pruning",
@@ -1663,6 +1727,13 @@ FAMILY = _family.register_family(_family.MethodFamily(
         _family.Flag("--tau", type=float, default=0.5, kwarg="tau",
                      help="sigmoid temperature of the threshold masks (official train.py 0.5; the model's own "
                           "default is 0.1); only gradients depend on it"),
+        _family.Flag("--ltmp-threshold", type=_family.auto_or(float), kwarg="ltmp_threshold", metavar="P",
+                     help="inference_ltmp_* models: set every prune threshold to P in [0, 1] (merge thresholds as "
+                          "built or loaded), also over a loaded checkpoint's learned ones; 'auto' with "
+                          "--target-gmacs G searches P (counted on the run's seeded random input image)"),
+        _family.Flag("--ltmp-merge-threshold", type=float, kwarg="ltmp_merge_threshold", metavar="M",
+                     help="inference_ltmp_* models: set every merge threshold to M in [0, 1] (1: no merging), "
+                          "also over a loaded checkpoint's learned ones"),
         _family.Flag("--ltmp-flops-images", type=int, default=1000, metavar="N",
                      help="validation images (batch 1) the end-of-training report counts the inference model's "
                           "FLOPs on (official 1000; 0: no report)"),
@@ -1674,6 +1745,7 @@ FAMILY = _family.register_family(_family.MethodFamily(
     log_state=_family_log_state,
     report=_family_report,
     checkpoint_filter_fn=checkpoint_filter_fn,
+    reduction=_family.Reduction("ltmp_threshold", search_threshold, parse=_family.auto_or(float)),
     # The official trainer is timm's train.py with LTMP's defaults (spec section 6), not DeiT's
     # main.py: these are the defaults for ltmp_* / inference_ltmp_* models (--cfg and the
     # command line still win). The official lrs are used as given (no batch/512 scaling).

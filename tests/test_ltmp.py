@@ -8,6 +8,7 @@ cases' deterministic weights (`shared/parity/fill.py`), and compare the models w
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -736,3 +737,96 @@ def test_masked_source_maps_are_traced_on_request():
     assert torch.equal(model.vizs[-1][:, 0], F.one_hot(torch.zeros(2, dtype=torch.long), 17).float())
     # maps only grow by merging (amax): every token still holds its own original patch somewhere
     assert torch.equal(model.vizs[-1].amax(1), torch.ones(2, 17))
+
+
+# ---------------------------------------------------------------------------------------------
+# --ltmp-threshold: fixed thresholds of the inference models and the --target-gmacs search
+# ---------------------------------------------------------------------------------------------
+
+def test_fixed_thresholds_replace_loaded_ones():
+    model = tiny("inference_ltmp_deit_tiny_patch16_224", ltmp_threshold=0.02)
+    assert model.thresholds()["prune"] == pytest.approx([0.02, 0.02])
+    assert model.thresholds()["merge"] == tiny("inference_ltmp_deit_tiny_patch16_224").thresholds()["merge"]
+    learned = tiny("ltmp_deit_tiny_patch16_224")
+    learned.set_thresholds(merge=[0.7, 0.8], prune=[0.001, 0.002])
+    model.load_state_dict(learned.state_dict(), strict=True)
+    assert model.thresholds()["prune"] == pytest.approx([0.02, 0.02])  # the rule wins over the checkpoint
+    assert model.thresholds()["merge"] == pytest.approx([0.7, 0.8])  # merge thresholds as loaded
+    both = tiny("inference_ltmp_deit_tiny_patch16_224", ltmp_threshold=0.01, ltmp_merge_threshold=0.95)
+    both.load_state_dict(learned.state_dict(), strict=True)
+    assert both.thresholds() == {"merge": pytest.approx([0.95] * 2), "prune": pytest.approx([0.01] * 2)}
+
+
+@pytest.mark.parametrize("name,kwargs", [("ltmp_deit_tiny_patch16_224", dict(ltmp_threshold=0.01)),
+                                         ("inference_ltmp_deit_tiny_patch16_224", dict(ltmp_threshold=1.5)),
+                                         ("inference_ltmp_deit_tiny_patch16_224", dict(ltmp_threshold="auto"))])
+def test_fixed_threshold_misuse_is_one_line(name, kwargs):
+    with pytest.raises(ModelConfigError) as info:
+        timm.create_model(name, **dict(TINY, **kwargs))
+    assert "\n" not in str(info.value)
+
+
+def test_threshold_search_meets_the_target_on_one_rewound_rng_state():
+    """A fake model whose GMACs fall with P and depend on the random draws of build and count: every
+    candidate sees the same draws (those the caller's next build and count would make), and the
+    caller's RNG is left where it was."""
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    draws = []
+
+    def build(p):
+        return {"p": p, "w": float(torch.rand(()))}
+
+    def gmacs_of(model):
+        noise = float(torch.rand(()))
+        draws.append((model["w"], noise))
+        return 1.0 + 3.0 * (1.0 - model["p"]) ** 0.5 * (0.9 + 0.1 * model["w"] * noise)
+
+    p, gmacs = ltmp.search_threshold(build, 2.0, gmacs_of)
+    assert abs(gmacs - 2.0) <= 0.01 * 2.0 and 0.0 < p < 1.0
+    assert len(set(draws)) == 1 and torch.equal(torch.get_rng_state(), before)
+    expected = build(p)
+    assert gmacs == pytest.approx(gmacs_of(expected))  # the caller's own build and count reproduce it
+    for target, word in ((4.5, "above the unreduced"), (0.5, "below what the method reaches")):
+        with pytest.raises(ModelConfigError, match=word):
+            ltmp.search_threshold(build, target, gmacs_of)
+
+
+def test_threshold_search_positions_span_zero_to_one():
+    assert ltmp.threshold_of(1.0) == 0.0 and ltmp.threshold_of(0.0) == 1.0
+    values = [ltmp.threshold_of(u / 10) for u in range(11)]
+    assert values == sorted(values, reverse=True)
+    assert ltmp.FAMILY.reduction.dest == "ltmp_threshold"
+
+
+def _benchmark(*argv):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    return subprocess.run([sys.executable, "benchmark.py", *argv], cwd=root, capture_output=True, text=True,
+                          timeout=1200, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _record_gmacs(record: dict) -> float:
+    for key in ("gmacs", "gmacs_fvcore"):
+        if isinstance(record.get(key), (int, float)):
+            return float(record[key])
+    return _record_gmacs(record["flops"])
+
+
+@pytest.mark.slow
+def test_benchmark_target_gmacs_reaches_three_within_one_percent(tmp_path):
+    out = tmp_path / "records.jsonl"
+    proc = _benchmark("--model", "inference_ltmp_deit_small_patch16_224", "--ltmp-threshold", "auto",
+                      "--target-gmacs", "3.0", "--flops-only", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert abs(_record_gmacs(record) - 3.0) <= 0.03, record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,word", [("9.0", "above the unreduced model"), ("0.1", "below what the method")])
+def test_benchmark_unreachable_target_is_one_error_line(target, word):
+    proc = _benchmark("--model", "inference_ltmp_deit_small_patch16_224", "--ltmp-threshold", "auto",
+                      "--target-gmacs", target, "--flops-only")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if word in line]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
