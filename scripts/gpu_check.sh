@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: the GPU-only paths of main.py and benchmark.py in one go, on one GPU (a few
-# minutes, at most 8 on one H100/H200 class GPU):
+# GPU check: the GPU-only paths of main.py and benchmark.py in one go, on one GPU (sized for
+# about 7 minutes on an H100/H200-class GPU, 8 at most; not yet timed on one):
 #   amp_epoch        one synthetic epoch of DeiT-S with --amp (fp16 autocast + GradScaler)
 #   amp_resume       --resume from that checkpoint, its GradScaler scale set to 1536 first
 #   scaler_restored  the resumed run's checkpoint still has scale 3 * 2^k <= 1536: restored,
