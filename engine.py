@@ -50,9 +50,22 @@ class RunState:
                 setattr(self, key, int(value))
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """The autocast dtype --amp means on `device`: fp16 on CUDA (with a GradScaler), bf16 elsewhere."""
+_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The autocast dtype --amp means on `device`: `--amp-dtype`, or (auto) fp16 on CUDA (with a
+    GradScaler, as DeiT) and bf16 elsewhere."""
+    if requested in _AMP_DTYPES:
+        return _AMP_DTYPES[requested]
     return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
+def amp_dtype(args, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of this run (None: fp32)."""
+    if not bool(getattr(args, "amp", False)):
+        return None
+    return autocast_dtype(device, getattr(args, "amp_dtype", "auto") or "auto")
 
 
 def autocast_in(device: torch.device, dtype: torch.dtype | None):
@@ -156,7 +169,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     unwrapped = model_without_ddp if model_without_ddp is not None else model
     run_state = run_state if run_state is not None else RunState()
     accum_iter = max(int(getattr(args, "accum_iter", 1)), 1)
-    use_amp = bool(getattr(args, "amp", False))
+    dtype = amp_dtype(args, device)
     channels_last = bool(getattr(args, "channels_last", False))
     total_batches = start_step + len(data_loader)
     optimizer_steps_per_epoch = max(total_batches // accum_iter, 1)
@@ -192,7 +205,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
 
         sync_ctx = model.no_sync() if (not need_update and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync_ctx:
-            with autocast(device, use_amp):
+            with autocast_in(device, dtype):
                 outputs = _to_float(model(samples))
                 outputs, aux_loss = _split_outputs(outputs)
                 loss = criterion(samples, outputs, targets)
@@ -308,7 +321,7 @@ def _maybe_stop_or_save(args, run_state: RunState, stop_request, save_mid_epoch,
 def evaluate(data_loader, model, device, args=None, header: str = "Test:", summary_prefix: str = "*") -> dict:
     """Top-1/top-5 accuracy and CE loss, summed exactly over ranks (each sample counted once)."""
     model.eval()
-    use_amp = bool(getattr(args, "amp", False))
+    dtype = amp_dtype(args, device)
     channels_last = bool(getattr(args, "channels_last", False))
     metric_logger = MetricLogger(delimiter="  ", logger=logging.getLogger("eval"))
     if getattr(args, "dist_eval", False):
@@ -322,7 +335,7 @@ def evaluate(data_loader, model, device, args=None, header: str = "Test:", summa
         target = batch[1].to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, use_amp):
+        with autocast_in(device, dtype):
             output = main_logits(model(images))
         output = output.float()
         loss = F.cross_entropy(output, target, reduction="sum")

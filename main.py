@@ -42,7 +42,7 @@ import yaml
 
 import datasets
 import mixing
-from engine import NonFiniteLossError, RunState, TrainingInterrupted, autocast_dtype, evaluate, train_one_epoch
+from engine import NonFiniteLossError, RunState, TrainingInterrupted, amp_dtype, evaluate, train_one_epoch
 from losses import build_criterion, build_teacher
 from models import family as families
 from models.errors import ModelConfigError
@@ -266,6 +266,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     _bool_pair(g, "--amp", "--no-amp", "amp", None,
                "mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU (default: on for CUDA, "
                "off on CPU, as DeiT's CUDA-only autocast)", "full fp32")
+    g.add_argument("--amp-dtype", dest="amp_dtype", choices=("auto", "float16", "bfloat16"), default="auto",
+                   help="autocast dtype of --amp: auto = float16 with a GradScaler on CUDA, bfloat16 on CPU; "
+                        "bfloat16 on CUDA trains without a GradScaler")
     g.add_argument("--print-freq", dest="print_freq", type=int, default=10, help="progress line every N steps")
     g.add_argument("--tensorboard", action="store_true", help="write output_dir/tensorboard (tensorboardX)")
     g.add_argument("--checkpoint-hist", dest="checkpoint_hist", type=int, default=0,
@@ -704,7 +707,7 @@ def apply_attn_only(model) -> None:
 
 def precision_name(args, device) -> str:
     """What the forward runs in: 'fp32', or the autocast dtype."""
-    dtype = autocast_dtype(device) if args.amp else None
+    dtype = amp_dtype(args, device)
     return "fp32" if dtype is None else {torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[dtype]
 
 
@@ -1144,7 +1147,7 @@ def build_run(args, device, world_size: int, rank: int) -> Run:
     lr = scaled_lr(args, world_size)
     optimizer = build_optimizer(args, model_without_ddp, lr, world_size)
     loss_scaler = None
-    if args.amp and device.type == "cuda":
+    if amp_dtype(args, device) == torch.float16 and device.type == "cuda":
         from timm.utils import NativeScaler
         loss_scaler = NativeScaler()
     updates_per_epoch = max(len(train_loader) // args.accum_iter, 1) if train_loader is not None else 1

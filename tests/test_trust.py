@@ -36,6 +36,10 @@ def test_cpu_defaults_to_fp32_and_amp_is_explicit():
     assert main.parse_args(["--no-amp"]).amp is False
     assert main.precision_name(main.parse_args([]), torch.device("cpu")) == "fp32"
     assert main.precision_name(main.parse_args(["--amp"]), torch.device("cpu")) == "bf16 autocast"
+    assert main.precision_name(main.parse_args(["--amp", "--amp-dtype", "float16"]), torch.device("cpu")) \
+        == "fp16 autocast"
+    assert main.precision_name(main.parse_args(["--amp", "--amp-dtype", "bfloat16"]), torch.device("cuda")) \
+        == "bf16 autocast"
 
 
 @pytest.mark.slow
