@@ -228,6 +228,9 @@ def masked_merge(
     protected class row (hybrids; the protected token is the one with +inf importance).
     """
     channels = x.shape[-1]
+    if x.shape[1] < 2:  # a single token (a 1x1 hybrid grid): nothing to match
+        out = (x, size, mask, importance, source)
+        return out + (torch.zeros_like(mask, dtype=torch.long),) if with_index else out
     x = x * size
     metric = metric / metric.norm(dim=-1, keepdim=True)
     metric = metric * mask[..., None].detach()  # masked tokens get a zero metric
@@ -397,8 +400,11 @@ class LTMPState:
 
 
 class _LTMPContext:
-    """Shared by a model and its blocks; `state` is set only during the model's forward."""
+    """Shared by a model and its blocks; `state` is set only during the model's forward.
+    `make` (during `forward_intermediates`, whose loop is timm's): builds the state from the
+    first block's input."""
     state: Optional[LTMPState] = None
+    make: Optional[Callable[[torch.Tensor], LTMPState]] = None
 
 
 class _ThresholdBlock(Block):
@@ -413,8 +419,11 @@ class _ThresholdBlock(Block):
         self.prune_masker = ThresholdMasker(PRUNE_INIT if prune_threshold is None else prune_threshold, tau)
         self._ltmp_ctx = _LTMPContext()
 
-    def _state(self, attn_mask, is_causal) -> Optional[LTMPState]:
-        state = self._ltmp_ctx.state
+    def _state(self, x: torch.Tensor, attn_mask, is_causal) -> Optional[LTMPState]:
+        ctx = self._ltmp_ctx
+        if ctx.state is None and ctx.make is not None:
+            ctx.state = ctx.make(x)
+        state = ctx.state
         if state is not None and (attn_mask is not None or is_causal):
             raise ModelConfigError("LTMP models take no attention mask (tokens are merged and removed); "
                                    "call them without attn_mask/is_causal")
@@ -426,7 +435,7 @@ class LTMPBlock(_ThresholdBlock):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        state = self._state(attn_mask, is_causal)
+        state = self._state(x, attn_mask, is_causal)
         if state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         attn_out, metric, importance = ltmp_attention(self.attn, self.norm1(x), state.size, mask=state.mask)
@@ -448,7 +457,7 @@ class InferenceLTMPBlock(_ThresholdBlock):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        state = self._state(attn_mask, is_causal)
+        state = self._state(x, attn_mask, is_causal)
         if state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         attn_out, metric, importance = ltmp_attention(self.attn, self.norm1(x), state.size, valid=state.valid)
@@ -573,6 +582,35 @@ class _LTMPModelMixin(_ThresholdAPI):
             self._ltmp_ctx.state = None
         self._store(state)
         return self.norm(x)
+
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """timm's `forward_intermediates` with this forward's LTMP state: intermediates are the
+        blocks' outputs without the class token, `output_fmt="NLC"` (tokens in LTMP's order; the
+        inference model's are fewer, padded per sample where samples differ)."""
+        output_fmt = kwargs.get("output_fmt", args[2] if len(args) > 2 else "NCHW")
+        if output_fmt != "NLC":
+            raise ModelConfigError("LTMP intermediates are merged / reordered token sequences, not a grid; "
+                                   "call forward_intermediates(x, output_fmt='NLC')")
+        if kwargs.get("attn_mask") is not None:
+            raise ModelConfigError("LTMP models take no attention mask; call them without attn_mask")
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            raise ModelConfigError("LTMP forward_intermediates cannot run with gradient checkpointing; disable it")
+        made: List[LTMPState] = []
+        ctx = self._ltmp_ctx
+
+        def make(tokens: torch.Tensor) -> LTMPState:
+            made.append(self._new_state(tokens))
+            return made[-1]
+
+        ctx.make = make
+        try:
+            out = super().forward_intermediates(x, *args, **kwargs)
+        finally:
+            ctx.make, ctx.state = None, None
+        if made:
+            self._store(made[-1])
+        return out
 
 
 def _check_attention(attn: nn.Module) -> None:

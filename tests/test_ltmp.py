@@ -830,3 +830,27 @@ def test_benchmark_unreachable_target_is_one_error_line(target, word):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if word in line]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["ltmp_deit_tiny_patch16_224", "inference_ltmp_deit_tiny_patch16_224"])
+def test_forward_intermediates_run_with_the_ltmp_state(name):
+    model = tiny(name)
+    model.set_thresholds(merge=0.5, prune=0.02)
+    x = images(2)
+    outputs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        features = model.forward_features(x)
+        outputs.clear()
+        final, intermediates = model.forward_intermediates(x, output_fmt="NLC")
+    torch.testing.assert_close(final, features)
+    for y, out in zip(intermediates, outputs):
+        torch.testing.assert_close(y, out[:, 1:])
+    if name.startswith("inference"):
+        assert [y.shape[1] + 1 for y in intermediates] == [int(t.max()) for t in model.ltmp_info["tokens"]]
+        assert intermediates[-1].shape[1] < intermediates[0].shape[1]
+    else:
+        assert len(model.masks) == len(model.blocks) and float(model.masks[-1].mean()) < 1
+    with pytest.raises(ModelConfigError, match="output_fmt='NLC'"):
+        model.forward_intermediates(x)

@@ -26,8 +26,6 @@ KNOWN_GAPS = {
     ("tome", "intermediates"): "models/tome.py makes its ToMeState in forward/forward_features only, not in "
                                "forward_intermediates, so timm's loop runs the blocks unmerged",
     ("tofu", "intermediates"): "ToFu reuses ToMe's model mixin, which does not wrap forward_intermediates",
-    ("ltmp", "intermediates"): "models/ltmp.py makes its per-forward state in forward_features only, so "
-                               "timm's forward_intermediates runs the blocks without it",
 }
 
 VIT = dict(img_size=64, patch_size=16, embed_dim=48, num_heads=3)  # 16 patches
@@ -67,6 +65,11 @@ def tiny_config(name: str, family: str):
         if name.startswith("ltm_efficientvit"):
             return dict(widths=(8, 8, 16, 16, 32), depths=(1, 1, 1, 2, 2), head_dim=8, head_widths=(32, 32)), 64, bad
     if family == "ltmp":
+        if "mobilevit" in name:
+            return dict(TINY_MOBILEVIT, merge_threshold=0.5, prune_threshold=0.02), 64, dict(tau=-1.0)
+        if "efficientvit" in name:
+            return dict(widths=(8, 8, 16, 16, 32), depths=(1, 1, 1, 2, 2), head_dim=8, head_widths=(32, 32),
+                        merge_threshold=0.5, prune_threshold=0.02), 64, dict(tau=-1.0)
         return dict(VIT, depth=3), 64, dict(tau=-1.0)
     if family == "dwnet":
         kwargs = dict(embed_dim=16, depths=(1, 1, 1, 1), img_size=64)

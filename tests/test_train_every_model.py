@@ -18,6 +18,25 @@ from e2e_utils import ROOT
 DEIT_TINY = "{'depth': 2, 'embed_dim': 32, 'num_heads': 2, 'patch_size': 8}"
 RAFT_LEVEL = "{'depth': 1, 'dim': 16, 'patch_size': 8, 'raft_size': 2, 'embedding_kernels': [8]}"
 
+LTMP_HYBRID_KWARGS = {"efficientvit_b1": "{'widths': (8, 8, 16, 16, 32), 'depths': (1, 1, 1, 2, 2), "
+                                          "'head_dim': 8, 'head_widths': (32, 32)}"}
+
+
+
+def ltmp_flags(name):
+    """LTMP: ViTs tiny at 32 px, hybrids at 64 px (EfficientViT narrowed); masked ltmp_* models train
+    their thresholds (official lrs), inference_ltmp_* ones the trainer's default groups; 2-image report."""
+    base = name.split("ltmp_", 1)[1]
+    if base in LTMP_HYBRID_KWARGS:
+        flags = ["--model-kwargs", LTMP_HYBRID_KWARGS[base], "--input-size", "64"]
+    elif base.startswith("mobilevit"):
+        flags = ["--input-size", "64"]
+    else:
+        flags = ["--model-kwargs", DEIT_TINY, "--input-size", "32"]
+    flags += ["--ltmp-flops-images", "2"]
+    return flags + (["--lr", "0.000005", "0.005"] if name.startswith("ltmp_") else [])
+
+
 # family -> [(model name, extra main.py flags)]
 RUNS = {
     "shrink": [(name, ["--model-kwargs", DEIT_TINY, "--input-size", "32"]
@@ -46,6 +65,9 @@ RUNS = {
         ("ltm_efficientvit_b1", ["--model-kwargs", "{'widths': (8, 8, 16, 16, 32), 'depths': (1, 1, 1, 2, 2), "
                                  "'head_dim': 8, 'head_widths': (32, 32)}", "--input-size", "64"]),
     ],
+    # every LTMP model: the masked ltmp_* ones with the official recipe (thresholds-only lrs), the
+    # inference_ltmp_* ones with the trainer's default groups; a 2-image realised-FLOPs report
+    "ltmp": [(name, ltmp_flags(name)) for name in timm.list_models(module="ltmp")],
 }
 
 COMMON = ["--data-set", "SYNTHETIC", "--synthetic-train-size", "16", "--synthetic-val-size", "8",
@@ -61,14 +83,17 @@ RUNNER = textwrap.dedent("""
         code = main.cli(argv)
         log = os.path.join(argv[argv.index("--output_dir") + 1], "log.txt")
         lines = open(log).read().splitlines() if os.path.exists(log) else []
-        results[name] = {"code": code, "log": json.loads(lines[-1]) if lines else None}
+        records = [json.loads(line) for line in lines]
+        epochs = [r for r in records if "epoch" in r]  # LTMP also writes an end-of-training report line
+        results[name] = {"code": code, "log": epochs[-1] if epochs else None,
+                         "reports": [r.get("report") for r in records if "report" in r]}
     print("RESULTS " + json.dumps(results))
 """)
 
 
 def test_every_registered_project_model_is_covered():
     covered = {name for runs in RUNS.values() for name, _ in runs}
-    registered = {name for module in ("shrink", "evit", "dwnet", "raftmlp", "ltm")
+    registered = {name for module in ("shrink", "evit", "dwnet", "raftmlp", "ltm", "ltmp")
                   for name in timm.list_models(module=module)}
     assert covered == registered
 
@@ -88,3 +113,5 @@ def test_family_trains_and_evaluates_through_main(family, tmp_path):
         log = result["log"]
         assert log is not None and log["epoch"] == 0, name
         assert log["train_loss"] == log["train_loss"] and 0 <= log["test_acc1"] <= 100, name  # finite, evaluated
+        if family == "ltmp" and name.startswith("ltmp_"):  # the realised-FLOPs report of the inference twin
+            assert result["reports"] == ["ltmp"], name
