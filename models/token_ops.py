@@ -412,12 +412,14 @@ def merge_wavg(
     """
     if match is None:
         return x, size
+    # Features and sizes merged separately: packing them into one [B, T, C + 1] tensor costs a
+    # misaligned copy larger than the merge itself; the per-channel sums are the same either way.
     if size is None:
-        size = torch.ones_like(x[..., :1])
-    # one gather/scatter pass for features and sizes (per-channel sums are unchanged)
-    merged = merge_tokens(torch.cat([x * size, size], dim=-1), match, mode="sum")
-    size = merged[..., -1:]
-    return merged[..., :-1] / size, size
+        size = merge_tokens(torch.ones_like(x[..., :1]), match, mode="sum")
+        return merge_tokens(x, match, mode="sum") / size, size  # x * 1 == x: no multiply
+    merged = merge_tokens(x * size, match, mode="sum")
+    size = merge_tokens(size, match, mode="sum")
+    return merged / size, size
 
 
 def merge_source(
