@@ -1287,6 +1287,8 @@ def train(args, run: Run, device, stop_request) -> int:
                      **({"method": method_state} if method_state else {})}
         if test_stats:
             log_stats.update(run_record(args, device, "model"))
+        elif getattr(args, "target_gmacs_result", None):
+            log_stats["target_gmacs"] = args.target_gmacs_result
         last_stats = log_stats
         if log_path and dist_utils.is_main_process():
             try:
