@@ -85,6 +85,12 @@ def assert_as_close_as_granularity_allows(method, gmacs, target, model_kwargs, n
     setting the method can build comes closer."""
     if abs(gmacs - target) <= TOLERANCE * target:
         return
+    if method == "ltmp":
+        # one prune threshold for every block: a token pruned early leaves every later block, about
+        # 1/16 of the model at 17 tokens; its GMACs depend on the input image, so the settings in
+        # between cannot be enumerated here as LTM's are (the search's own bracket is 2^-24 wide)
+        assert abs(gmacs - target) <= 0.05 * target, f"ltmp: {gmacs} GMACs is {100 * (gmacs / target - 1):+.2f}% off"
+        return
     assert method == "ltm", f"{method}: {gmacs} GMACs is {100 * (gmacs / target - 1):+.2f}% off {target}"
     reachable = [tiny_gmacs(method, r, model_kwargs, num_classes) for r in _ltm_grid_ratios(model_kwargs)]
     assert abs(gmacs - target) <= min(abs(g - target) for g in reachable) + 1e-9
@@ -208,10 +214,12 @@ def test_benchmark_record_names_target_and_chosen_value(method, tmp_path, caplog
     assert_as_close_as_granularity_allows(method, record["gmacs"], target, None, 1000)
     assert record["gmacs"] < base
     assert any(f"{flag(dest)} {value}" in r.getMessage() for r in caplog.records)  # the choice is logged
-    # the record's model is the one the chosen value builds
-    spec = benchmark.ModelSpec(METHODS[method][0], dict(record["method_flags"]))
-    again = flops.count_flops(benchmark.build_model(spec, 1000, IMG)[0], (IMG, IMG), counter="fvcore")["gmacs"]
-    assert again == pytest.approx(record["gmacs"], rel=1e-9)
+    # the record's model is the one the chosen value builds (LTMP's GMACs depend on the random
+    # weights and input image of the run, so a rebuild here counts another model)
+    if method != "ltmp":
+        spec = benchmark.ModelSpec(METHODS[method][0], dict(record["method_flags"]))
+        again = flops.count_flops(benchmark.build_model(spec, 1000, IMG)[0], (IMG, IMG), counter="fvcore")["gmacs"]
+        assert again == pytest.approx(record["gmacs"], rel=1e-9)
 
 
 @pytest.mark.parametrize("fraction, words", [(1.2, "above the unreduced model"), (0.05, "below what the method")])
@@ -270,7 +278,8 @@ def test_main_trains_with_the_chosen_value(method, tmp_path, caplog):
         assert main.cli(_main_argv(method, target, tmp_path)) == 0
     chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"--target-gmacs {target:g}:")]
     assert len(chosen) == 1, [r.getMessage() for r in caplog.records][-20:]
-    epochs = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    epochs = [line for line in lines if "epoch" in line]  # a family's end-of-training report comes after
     result = epochs[-1]["target_gmacs"]
     assert result["dest"] == dest and f"{flag(dest)} {result['value']} gives" in chosen[0]
     assert_as_close_as_granularity_allows(method, result["gmacs"], target, TINY_VIT, 10)
@@ -279,7 +288,8 @@ def test_main_trains_with_the_chosen_value(method, tmp_path, caplog):
     # describes has the recorded GMACs
     saved = yaml.safe_load((tmp_path / "args.yaml").read_text())
     assert saved[dest] == result["value"]
-    assert tiny_gmacs(method, saved[dest]) == pytest.approx(result["gmacs"], rel=1e-9)
+    if method != "ltmp":  # LTMP's GMACs depend on the run's random weights and input image
+        assert tiny_gmacs(method, saved[dest]) == pytest.approx(result["gmacs"], rel=1e-9)
     state = epochs[-1].get("method") or {}
     if method == "tome":
         value = result["value"]
@@ -344,3 +354,88 @@ def test_ltmp_threshold_flag_outside_its_range_exits_2(value, tmp_path, caplog):
         code = benchmark.main(["--model", METHODS["ltmp"][0], dest, value, "--flops-only", "--img-size", str(IMG)])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert code == 2 and len(errors) == 1 and "\n" not in errors[0]
+
+
+# ---------------------------------------------------------------- benchmark.py sweeps over targets
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_several_targets_give_one_record_each_on_one_series(tmp_path):
+    base = flops.count_flops(create_model("deit_tiny_patch16_224", img_size=32), (32, 32), counter="fvcore")["gmacs"]
+    targets = [f"{0.9 * base:.6g}", f"{0.8 * base:.6g}"]
+    out = tmp_path / "sweep.jsonl"
+    assert benchmark.main(["--model", "deit_tiny_patch16_224", "--tome-r", "auto", "--target-gmacs", *targets,
+                           "--img-size", "32", "--flops-only", "--counter", "fvcore", "--output", str(out)]) == 0
+    records = _records(out)
+    assert [r["target_gmacs"]["target"] for r in records] == [float(t) for t in targets]
+    assert {r["series"] for r in records} == {"deit_tiny_patch16_224 tome_r=auto"}
+    assert records[0]["gmacs"] > records[1]["gmacs"]
+    assert all(r["method_flags"]["tome_r"] == r["target_gmacs"]["value"] for r in records)
+
+
+@pytest.mark.slow
+def test_models_file_lines_carry_their_own_size_and_target(tmp_path):
+    base = flops.count_flops(create_model("deit_tiny_patch16_224", img_size=32), (32, 32), counter="fvcore")["gmacs"]
+    spec_file = tmp_path / "specs.txt"
+    spec_file.write_text(f"deit_tiny_patch16_224 --img-size 32\n"
+                         f"deit_tiny_patch16_224 --tome-r auto --target-gmacs {0.85 * base:.6g} --img-size 32\n"
+                         f"deit_tiny_patch16_224 --img-size 48\n")
+    out = tmp_path / "specs.jsonl"
+    assert benchmark.main(["--models-file", str(spec_file), "--flops-only", "--counter", "fvcore",
+                           "--output", str(out)]) == 0
+    plain32, merged, plain48 = _records(out)
+    assert plain32["img_size"] == [32, 32] and plain48["img_size"] == [48, 48] and plain32["gmacs"] == pytest.approx(base)
+    assert plain32["target_gmacs"] is None and merged["target_gmacs"]["target"] == pytest.approx(0.85 * base, rel=1e-5)
+    assert merged["img_size"] == [32, 32] and merged["gmacs"] < base
+
+
+@pytest.mark.parametrize("line, words", [
+    ("deit_tiny_patch16_224 --target-gmacs 0.01", "needs a reduction flag set to auto"),
+    ("deit_tiny_patch16_224 --tome-r auto --target-gmacs -1", "must be > 0"),
+    ("deit_tiny_patch16_224 --img-size", "needs a value"),
+    ("deit_tiny_patch16_224 --img-size big", "is not a int"),
+])
+def test_bad_spec_settings_exit_2(line, words, tmp_path, caplog):
+    spec_file = tmp_path / "specs.txt"
+    spec_file.write_text(line + "\n")
+    with caplog.at_level(logging.ERROR):
+        code = benchmark.main(["--models-file", str(spec_file), "--flops-only"])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2 and len(errors) == 1 and words in errors[0]
+
+
+def test_target_without_an_auto_spec_exits_2(caplog):
+    with caplog.at_level(logging.ERROR):
+        code = benchmark.main(["--model", "deit_tiny_patch16_224", "--target-gmacs", "1.0", "--flops-only"])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2 and len(errors) == 1 and "needs a model spec with a reduction flag set to auto" in errors[0]
+
+
+def _speed_record(series, label, gmacs, median, value=None):
+    return {"kind": "speed", "mode": "infer", "label": label, "series": series, "gmacs": gmacs,
+            "throughput": {"median": median, "q1": 0.9 * median, "q3": 1.1 * median},
+            "target_gmacs": {"value": value} if value is not None else None, "flops_counter": "fvcore",
+            "device_name": "cpu", "precision": "fp32", "batch_size": 32}
+
+
+def test_plot_draws_one_line_per_series(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    drawn = []
+    original = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, *a, **k: drawn.append((tuple(x), k.get("label")))
+                        or original(self, x, y, *a, **k))
+    records = [_speed_record("deit tome_r=auto", f"deit tome_r={r}", g, t, r)
+               for r, g, t in ((8, 3.5, 20.0), (16, 2.6, 28.0), (12, 3.0, 24.0))]
+    records.append(_speed_record("deit", "deit", 4.6, 16.0))
+    path = tmp_path / "plot.png"
+    assert benchmark.plot_throughput_vs_gmacs(records, str(path)) == 4
+    assert path.stat().st_size > 0
+    assert set(drawn) == {((2.6, 3.0, 3.5), "deit tome_r=auto (infer)"), ((4.6,), "deit (infer)")}
+    assert len(drawn) == 2
