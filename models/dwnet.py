@@ -34,7 +34,6 @@ from .errors import ModelConfigError
 __all__ = ["DWNet", "DWUnit", "DynamicDWConv", "IDynamicDWConv", "SpatialBlock",
            "dynamic_depthwise_conv", "position_dynamic_depthwise_conv"]
 
-CLI_KWARGS = ()  # no method-specific command-line options; timm's kwargs suffice
 
 
 def dynamic_depthwise_conv(x: torch.Tensor, kernels: torch.Tensor,

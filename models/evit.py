@@ -43,9 +43,8 @@ from .hooks import TrainingHooks
 from .token_ops import attention_with_keys, class_attention, keep_count, keep_topk_tokens
 from .errors import ModelConfigError
 
-__all__ = ["EViT", "EViTDistilled", "EViTBlock", "EViTState", "keep_rate_schedule", "training_hooks", "CLI_KWARGS"]
+__all__ = ["EViT", "EViTDistilled", "EViTBlock", "EViTState", "keep_rate_schedule", "KeepRateWarmup", "FAMILY"]
 
-CLI_KWARGS = ("base_keep_rate", "drop_loc", "fuse_token")
 
 PerBlock = Union[None, float, int, Sequence[Optional[float]]]
 
@@ -307,17 +306,6 @@ class KeepRateWarmup(TrainingHooks):
     def on_step_start(self, model, epoch, step, steps_per_epoch):
         model.set_keep_rate(keep_rate_schedule(epoch, step, steps_per_epoch, self.base_keep_rate,
                                                self.start_epoch, self.shrink_epochs))
-
-
-def training_hooks(model, args) -> Optional[TrainingHooks]:
-    """Keep-rate warm-up for EViT models (None for other models)."""
-    if not isinstance(model, EViT):
-        return None
-    base = getattr(args, "base_keep_rate", None)
-    base = model.base_keep_rate if base is None else float(base)
-    start = getattr(args, "shrink_start_epoch", None)
-    epochs = getattr(args, "shrink_epochs", None)
-    return KeepRateWarmup(base, 10 if start is None else int(start), 0 if epochs is None else int(epochs))
 
 
 # ---------------------------------------------------------------------------

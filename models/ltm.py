@@ -53,12 +53,10 @@ from .token_ops import neighbor_dot, neighbor_merge, neighbor_unmerge
 from . import family
 
 __all__ = [
-    "CLI_KWARGS", "LTMMaskModule", "MaskState", "LTMState", "CandidateTable", "merged_grid", "candidate_table",
+    "LTMMaskModule", "MaskState", "LTMState", "CandidateTable", "merged_grid", "candidate_table",
     "load_base_weights", "ltm_blocks",
 ]
 
-# main.py passes these argparse options (when not None) as constructor kwargs.
-CLI_KWARGS = ("compression_ratio",)
 
 MASK_KEYS = ("mask_module.logit_scale", "mask_module.prev_weight")
 NUM_CANDIDATES = 9  # 3x3 anchor neighbourhood

@@ -59,12 +59,11 @@ __all__ = [
     "LTMPVisionTransformer", "InferenceLTMPVisionTransformer", "LTMPBlock", "InferenceLTMPBlock",
     "ThresholdMasker", "LTMPState", "softmax_with_mask", "ltmp_attention", "masked_merge", "merge_prune_compact",
     "flops_ratio", "LTMPCriterion", "threshold_param_groups", "clamp_thresholds", "inference_twin",
-    "realised_flops_ratio", "checkpoint_filter_fn", "is_threshold_key", "CLI_KWARGS",
+    "realised_flops_ratio", "checkpoint_filter_fn", "is_threshold_key",
 ]
 
 _logger = logging.getLogger(__name__)
 
-CLI_KWARGS = ("tau",)
 
 THRESHOLD_KEYS = ("merge_masker.threshold", "prune_masker.threshold")
 MASKED_MERGE_INIT = 0.9  # official: "if we set it 1. it only learns to prune"

@@ -31,7 +31,6 @@ from .errors import ModelConfigError
 
 __all__ = ["RaftMLP", "RaftBlock", "MixerBlock", "CrossScaleEmbedding", "resample_tokens"]
 
-CLI_KWARGS = ()  # no method-specific command-line options
 
 TOKEN_MIXING_TYPES = ("ser_pm", "original_tm")
 EMBEDDING_TYPES = ("emb_mixer", "emb_cross_mlp")

@@ -45,9 +45,6 @@ from .hooks import TrainingHooks
 
 _logger = logging.getLogger(__name__)
 
-# The name `training_hooks` raises under (kept as it is until the family registry replaces it).
-UserError = ModelConfigError
-
 __all__ = [
     "LambdaBlock",
     "ShrinkBlock",
@@ -57,11 +54,9 @@ __all__ = [
     "attention_keys",
     "remove_attention_keys",
     "shrink_checkpoint_filter_fn",
-    "training_hooks",
-    "CLI_KWARGS",
+    "FAMILY",
 ]
 
-CLI_KWARGS = ("prune_layer", "done_layer", "frozen_stages")
 
 # The official forward hard-codes this denominator, independent of --epochs.
 OFFICIAL_LAMBDA_DECAY_EPOCHS = 299
@@ -395,16 +390,6 @@ def _lambda_model(model: nn.Module) -> Optional[LambdaVisionTransformer]:
     while not isinstance(model, LambdaVisionTransformer) and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model if isinstance(model, LambdaVisionTransformer) else None
-
-
-def training_hooks(model: nn.Module, args) -> Optional[TrainingHooks]:
-    """Hooks for lambda models (`models.hooks.build_training_hooks` calls this); None otherwise."""
-    if _lambda_model(model) is None:
-        return None
-    decay_epochs = getattr(args, "lambda_decay_epochs", None) or OFFICIAL_LAMBDA_DECAY_EPOCHS
-    if decay_epochs <= 0:
-        raise UserError(f"--lambda_decay_epochs={decay_epochs} must be positive (official value 299)")
-    return LambdaScheduleHooks(decay_epochs)
 
 
 def _create_lambda(variant: str, pretrained: bool = False, **kwargs) -> LambdaVisionTransformer:

@@ -225,7 +225,9 @@ def test_training_hooks_apply_schedule():
     with torch.no_grad():
         assert torch.equal(model(x), model(x, keep_rate=0.7))
     model.set_keep_rate(None)
-    assert evit.training_hooks(timm.create_model("deit_tiny_patch16_224", **TINY), args) is None
+    from models import family
+    plain = timm.create_model("deit_tiny_patch16_224", **TINY)
+    assert evit.FAMILY.training_hooks(plain, family.options_for(evit.FAMILY, args)) is None
 
 
 def test_runtime_keep_rate_set():
@@ -323,7 +325,7 @@ def test_training_step_gradients():
 
 
 def test_cli_kwargs_are_constructor_kwargs():
-    assert evit.CLI_KWARGS == ("base_keep_rate", "drop_loc", "fuse_token")
+    assert [f.kwarg for f in evit.FAMILY.flags if f.kwarg] == ["base_keep_rate", "drop_loc", "fuse_token"]
     model = timm.create_model("deit_tiny_patch16_shrink_base", img_size=32, base_keep_rate=0.6,
                               drop_loc=[1, 2], fuse_token=True, **TINY)
     assert model.keep_rates[1:3] == (0.6, 0.6) and model.fuse_token

@@ -304,7 +304,7 @@ def test_bad_ratio_is_a_one_line_model_config_error(ratio):
 
 
 def test_cli_kwargs_and_flags():
-    assert ltm.CLI_KWARGS == ("compression_ratio",)
+    assert [f.kwarg for f in ltm.FAMILY.flags if f.kwarg] == ["compression_ratio"]
     model = tiny("swin")
     assert model.supports_ib_loss and model.compression_ratio == 0.8
 

@@ -14,9 +14,16 @@ import models  # noqa: F401
 from models.hooks import build_training_hooks
 from models.errors import ModelConfigError
 from models.shrink import (
-    CLI_KWARGS, LambdaBlock, LambdaVisionTransformer, ShrinkBlock, ShrinkVisionTransformer, _lambda_block_fn,
-    attention_keys, lambda_at_epoch, remove_attention_keys, shrink_checkpoint_filter_fn, training_hooks,
+    FAMILY, LambdaBlock, LambdaVisionTransformer, ShrinkBlock, ShrinkVisionTransformer, _lambda_block_fn,
+    attention_keys, lambda_at_epoch, remove_attention_keys, shrink_checkpoint_filter_fn,
 )
+
+
+def training_hooks(model, args):
+    """The shrink family's hook factory, with the flag values of `args` as its options."""
+    from models import family
+    return FAMILY.training_hooks(model, family.options_for(FAMILY, args))
+
 
 # 12 blocks (indices matter), tiny width, 32 px -> 4 patches + cls.
 TINY = dict(img_size=32, embed_dim=48, num_heads=3, num_classes=10)
@@ -292,7 +299,7 @@ def test_registered_names_belong_to_this_module():
         assert timm.models.model_entrypoint(name).__module__ == "models.shrink", name
     for name in ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"):
         assert timm.models.model_entrypoint(name).__module__ == "timm.models.deit"
-    assert CLI_KWARGS == ("prune_layer", "done_layer", "frozen_stages")
+    assert [f.kwarg for f in FAMILY.flags if f.kwarg] == ["prune_layer", "done_layer", "frozen_stages"]
 
 
 def test_deployed_blocks_have_no_attention():
@@ -470,7 +477,7 @@ def test_hooks_only_for_lambda_models():
     args = argparse.Namespace(lambda_decay_epochs=299)
     assert training_hooks(build("deit_tiny_patch16_224_shrink", done_layer=[0]), args) is None
     assert training_hooks(build("deit_tiny_patch16_224", embed_dim=48, num_heads=3), args) is None
-    with pytest.raises(ValueError, match="lambda_decay_epochs"):
+    with pytest.raises(ModelConfigError, match="--lambda-decay-epochs=-5 must be positive"):
         training_hooks(build("deit_tiny_patch16_224_copy_lambda"), argparse.Namespace(lambda_decay_epochs=-5))
     plain = build("deit_tiny_patch16_224_copy_lambda", done_layer=[1])
     hooks = training_hooks(plain, args)
