@@ -1166,7 +1166,7 @@ def run_compare(args, spec_a: ModelSpec, spec_b: ModelSpec, device: torch.device
              "latency_ms": res_b["latency_ms"]},
             label_a=spec_a.label, label_b=spec_b.label, a=sides["a"], b=sides["b"], ratio=ratio,
             ratio_definition="throughput(B) / throughput(A); per-round ratios from interleaved rounds")
-        _emit(record, args, records)
+        _emit(record, args, records, side_b)
         print(format_compare(record), flush=True)
     return records
 
@@ -1211,7 +1211,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             raise UserError("--compare takes its two specs alone; drop --model / --models-file / --compare-baseline")
     elif args.compare_baseline:
         baseline = parse_spec(args.compare_baseline, defaults)
-        pairs = [(baseline, [spec]) for spec in collect_specs(args)]
+        pairs = [(baseline, [spec]) for spec in expand_targets(collect_specs(args), args.target_gmacs)]
         if not pairs:
             raise UserError("--compare-baseline needs --model or --models-file for the models to compare")
     else:
@@ -1227,6 +1227,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         records = []
         for side_a, side_b in pairs:
             records.extend(run_compare(args, side_a[0], side_b[0], device, env))
+        if args.plot:  # B's throughput against B's GMACs, one line per --models-file line
+            _logger.info("wrote %s (%d points)", args.plot, plot_throughput_vs_gmacs(records, args.plot))
         return records
 
     specs = expand_targets(collect_specs(args), args.target_gmacs)

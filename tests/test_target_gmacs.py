@@ -439,3 +439,21 @@ def test_plot_draws_one_line_per_series(tmp_path, monkeypatch):
     assert path.stat().st_size > 0
     assert set(drawn) == {((2.6, 3.0, 3.5), "deit tome_r=auto (infer)"), ((4.6,), "deit (infer)")}
     assert len(drawn) == 2
+
+
+@pytest.mark.slow
+def test_compare_baseline_runs_every_target_and_plots_one_line(tmp_path):
+    base = flops.count_flops(create_model("deit_tiny_patch16_224", img_size=32), (32, 32), counter="fvcore")["gmacs"]
+    spec_file = tmp_path / "specs.txt"
+    spec_file.write_text("deit_tiny_patch16_224 --tome-r auto\n")
+    out, plot = tmp_path / "compare.jsonl", tmp_path / "compare.png"
+    assert benchmark.main(["--compare-baseline", "deit_tiny_patch16_224", "--models-file", str(spec_file),
+                           "--target-gmacs", f"{0.9 * base:.6g}", f"{0.8 * base:.6g}", "--img-size", "32", "-b", "1",
+                           "--warmup", "0", "--rounds", "1", "--iters-per-round", "1", "--counter", "fvcore",
+                           "--output", str(out), "--plot", str(plot)]) == 0
+    records = _records(out)
+    assert [r["kind"] for r in records] == ["compare", "compare"]
+    assert [r["target_gmacs"]["target"] for r in records] == [float(f"{0.9 * base:.6g}"), float(f"{0.8 * base:.6g}")]
+    assert {r["series"] for r in records} == {"deit_tiny_patch16_224 tome_r=auto"}
+    assert all(r["a"]["label"] == "deit_tiny_patch16_224" and r["ratio"]["of_medians"] > 0 for r in records)
+    assert plot.stat().st_size > 0
