@@ -83,6 +83,8 @@ class ThresholdMasker(nn.Module):
     inference decision `values > theta` (bool).
     """
 
+    keep_fp32 = True  # engine.cast_for_inference leaves the thresholds in fp32: they decide
+
     def __init__(self, init: float, tau: float):
         super().__init__()
         self.threshold = nn.Parameter(torch.full((1,), float(init)))

@@ -54,6 +54,10 @@ def test_eval_names_precision_fused_attention_and_weights(tmp_path):
     assert record["fused_attn"] in ("on", "off") and "test_acc1" in record
     # an eval run logs no training-only values
     assert "scaled to" not in proc.stderr and "start training" not in proc.stderr
+    bf16 = run_main(TINY_RUN + ["--eval", "--resume", out / "checkpoint.pth", "--bf16-weights",
+                                "--output_dir", tmp_path / "ev16"])
+    assert_ok(bf16)
+    assert "precision: bf16 weights" in bf16.stderr and read_log(tmp_path / "ev16")[-1]["precision"] == "bf16 weights"
     logged = json.loads(proc.stderr.split("INFO arguments: ", 1)[1].splitlines()[0])
     assert "mixup" not in logged and "lr" not in logged and "epochs" not in logged and "model" in logged
 
@@ -108,6 +112,11 @@ def test_eval_of_ema_weights_is_a_flag_and_logged(tmp_path):
     assert_ok(run_main(TINY_RUN + ["--epochs", "1", "--no-model-ema", "--output_dir", no_ema]))
     proc = run_main(TINY_RUN + ["--eval", "--resume", no_ema / "checkpoint.pth", "--use-ema"])
     assert proc.returncode == 2 and "holds no EMA weights" in _errors(proc)[0]
+
+
+def test_bf16_weights_belongs_to_eval():
+    with pytest.raises(main.UserError, match="--bf16-weights is for evaluation"):
+        main.parse_args(["--bf16-weights"])
 
 
 def test_use_ema_belongs_to_eval():
