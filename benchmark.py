@@ -1143,6 +1143,7 @@ def run_sweep(args, specs: Sequence[ModelSpec], device: torch.device, env: dict,
 def run_compare(args, spec_a: ModelSpec, spec_b: ModelSpec, device: torch.device, env: dict) -> list[dict]:
     """Interleaved rounds of A and B; ratio = median throughput(B) / median throughput(A)."""
     side_a, side_b = prepare(spec_a, args, device), prepare(spec_b, args, device)
+    spec_a, spec_b = side_a.spec, side_b.spec  # with the values --target-gmacs chose
     if side_a.img_size != side_b.img_size:
         raise UserError(f"--compare needs one input size, got {side_a.img_size} and {side_b.img_size}; pass --img-size")
     settings = _settings(args, device, side_a.img_size)

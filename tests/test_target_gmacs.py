@@ -456,4 +456,6 @@ def test_compare_baseline_runs_every_target_and_plots_one_line(tmp_path):
     assert [r["target_gmacs"]["target"] for r in records] == [float(f"{0.9 * base:.6g}"), float(f"{0.8 * base:.6g}")]
     assert {r["series"] for r in records} == {"deit_tiny_patch16_224 tome_r=auto"}
     assert all(r["a"]["label"] == "deit_tiny_patch16_224" and r["ratio"]["of_medians"] > 0 for r in records)
+    assert all(r["method_flags"]["tome_r"] == r["target_gmacs"]["value"] != "auto" for r in records)
+    assert all(r["label_b"] == r["b"]["label"] == r["label"] and "auto" not in r["label"] for r in records)
     assert plot.stat().st_size > 0
