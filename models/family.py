@@ -317,7 +317,8 @@ def options_for(family: MethodFamily, values) -> Options:
     get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
     data = {field_name: get(field_name, None) for field_name in RUN_FIELDS}
     for flag in family.flags:
-        data[flag.dest] = get(flag.dest, flag.default)
+        value = get(flag.dest, None)  # benchmark specs leave unset flags at None: the family's default
+        data[flag.dest] = flag.default if value is None else value
     return Options(**data)
 
 
