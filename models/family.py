@@ -49,9 +49,9 @@ from .hooks import CallbackHooks, CombinedHooks, TrainingHooks
 
 __all__ = [
     "Flag", "Command", "literal", "auto_or", "AUTO", "check_all_options", "import_plugins", "Reduction", "MethodFamily", "Options", "RUN_FIELDS",
-    "register_family", "unregister_family", "families", "get_family", "family_of_model",
-    "patch_families", "active_families", "search_continuous", "search_sequence", "search_merge_schedule", "r_schedule", "models_of", "add_family_args", "family_dests",
-    "options_for", "model_kwargs", "apply_patches", "training_hooks", "model_family_for_module",
+    "register_family", "families", "get_family", "family_of_model",
+    "patch_families", "active_families", "search_continuous", "search_sequence", "search_merge_schedule", "r_schedule", "models_of", "add_family_args",
+    "options_for", "model_kwargs", "apply_patches", "training_hooks",
 ]
 
 # Run-level values every callback may read from its Options (besides its own flags).
@@ -231,9 +231,6 @@ def register_family(family: MethodFamily) -> MethodFamily:
     return family
 
 
-def unregister_family(name: str) -> None:
-    _FAMILIES.pop(name, None)
-
 
 def _caller_module() -> str:
     import inspect
@@ -273,19 +270,10 @@ def family_of_model(model_name: str) -> Optional[MethodFamily]:
     return None
 
 
-def model_family_for_module(module_name: str) -> Optional[MethodFamily]:
-    for family in _FAMILIES.values():
-        if family.module == module_name and not family.is_patch():
-            return family
-    return None
-
 
 def patch_families() -> List[MethodFamily]:
     return [family for family in _FAMILIES.values() if family.is_patch()]
 
-
-def family_dests(family: MethodFamily) -> List[str]:
-    return [flag.dest for flag in family.flags]
 
 
 def add_family_args(parser: argparse.ArgumentParser, kwargs_only: bool = False,
