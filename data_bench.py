@@ -252,18 +252,17 @@ def measure_loader(dataset: Dataset, workers: int, batch_size: int, images: int,
                         collate_fn=datasets.collate_skipping, generator=torch.Generator(),
                         worker_init_fn=dist_utils.ignore_stop_signals)
     start = time.perf_counter()
-    batches = iter(loader)
-    skipped = len(next(batches).skipped)
-    first_batch_s = time.perf_counter() - start
-    for _ in range(warmup_batches - 1):
-        skipped += len(next(batches).skipped)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(batches_per_round):
+    with dist_utils.loader_batches(loader) as batches:
+        skipped = len(next(batches).skipped)
+        first_batch_s = time.perf_counter() - start
+        for _ in range(warmup_batches - 1):
             skipped += len(next(batches).skipped)
-        times.append(time.perf_counter() - start)
-    del batches  # shuts the workers down
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(batches_per_round):
+                skipped += len(next(batches).skipped)
+            times.append(time.perf_counter() - start)
     result = _rates(times, batches_per_round * batch_size)
     result["throughput_per_worker"] = result["throughput"]["median"] / max(workers, 1)
     return {"measurement": "loader", "workers": workers, "batch_size": batch_size,

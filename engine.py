@@ -183,67 +183,68 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     skipped_files: list = []
 
     optimizer.zero_grad(set_to_none=True)
-    batches = metric_logger.log_every(data_loader, print_freq, header, total=total_batches,
-                                      start_index=start_step, batch_size=getattr(args, "batch_size", None))
-    for i, batch in enumerate(batches, start=start_step):
-        skipped_files.extend(getattr(batch, "skipped", None) or [])
-        samples, targets = batch[0], batch[1]
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if channels_last:
-            samples = samples.contiguous(memory_format=torch.channels_last)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+    with contextlib.closing(metric_logger.log_every(data_loader, print_freq, header, total=total_batches,
+                                                    start_index=start_step,
+                                                    batch_size=getattr(args, "batch_size", None))) as batches:
+        for i, batch in enumerate(batches, start=start_step):
+            skipped_files.extend(getattr(batch, "skipped", None) or [])
+            samples, targets = batch[0], batch[1]
+            samples = samples.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if channels_last:
+                samples = samples.contiguous(memory_format=torch.channels_last)
+            if mixup_fn is not None:
+                samples, targets = mixup_fn(samples, targets)
 
-        first_of_step = i % accum_iter == 0
-        need_update = (i + 1) % accum_iter == 0 or i + 1 == total_batches
-        if hooks is not None and first_of_step:
-            opt_step = i // accum_iter
-            hooks.on_step_start(unwrapped, epoch, opt_step, optimizer_steps_per_epoch)
-            if model_ema is not None:
-                hooks.on_step_start(model_ema.module, epoch, opt_step, optimizer_steps_per_epoch)
+            first_of_step = i % accum_iter == 0
+            need_update = (i + 1) % accum_iter == 0 or i + 1 == total_batches
+            if hooks is not None and first_of_step:
+                opt_step = i // accum_iter
+                hooks.on_step_start(unwrapped, epoch, opt_step, optimizer_steps_per_epoch)
+                if model_ema is not None:
+                    hooks.on_step_start(model_ema.module, epoch, opt_step, optimizer_steps_per_epoch)
 
-        sync_ctx = model.no_sync() if (not need_update and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with sync_ctx:
-            with autocast_in(device, dtype):
-                outputs = _to_float(model(samples))
-                outputs, aux_loss = _split_outputs(outputs)
-                loss = criterion(samples, outputs, targets)
-                if aux_loss is not None:
-                    loss = loss + aux_loss
-            loss_value = loss.item()
-            if any_rank(not math.isfinite(loss_value), device):
-                _handle_nonfinite(loss_value, epoch, i, args, run_state, _nonfinite_weight(named_params, device))
+            sync_ctx = model.no_sync() if (not need_update and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            with sync_ctx:
+                with autocast_in(device, dtype):
+                    outputs = _to_float(model(samples))
+                    outputs, aux_loss = _split_outputs(outputs)
+                    loss = criterion(samples, outputs, targets)
+                    if aux_loss is not None:
+                        loss = loss + aux_loss
+                loss_value = loss.item()
+                if any_rank(not math.isfinite(loss_value), device):
+                    _handle_nonfinite(loss_value, epoch, i, args, run_state, _nonfinite_weight(named_params, device))
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                _backward_and_step(loss / accum_iter, optimizer, loss_scaler, clip_grad, params, need_update)
+
+            if need_update:
                 optimizer.zero_grad(set_to_none=True)
-                continue
-            _backward_and_step(loss / accum_iter, optimizer, loss_scaler, clip_grad, params, need_update)
+                run_state.optimizer_steps += 1
+                if hooks is not None:
+                    hooks.after_optimizer_step(unwrapped)
+                if model_ema is not None:
+                    model_ema.update(unwrapped)
+                if lr_scheduler is not None and getattr(args, "sched_step", "epoch") == "iter":
+                    lr_scheduler.step_update(num_updates=epoch * optimizer_steps_per_epoch + i // accum_iter + 1)
 
-        if need_update:
-            optimizer.zero_grad(set_to_none=True)
-            run_state.optimizer_steps += 1
-            if hooks is not None:
-                hooks.after_optimizer_step(unwrapped)
-            if model_ema is not None:
-                model_ema.update(unwrapped)
-            if lr_scheduler is not None and getattr(args, "sched_step", "epoch") == "iter":
-                lr_scheduler.step_update(num_updates=epoch * optimizer_steps_per_epoch + i // accum_iter + 1)
+            metric_logger.update(loss=loss_value)
+            if aux_loss is not None:
+                metric_logger.update(aux_loss=float(aux_loss.detach().float().item()))
+            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+            if hooks is not None and (i + 1) % max(print_freq, 1) == 0:
+                method_state = hooks.log_state(unwrapped)
+                if method_state:
+                    metric_logger.update(**method_state)
 
-        metric_logger.update(loss=loss_value)
-        if aux_loss is not None:
-            metric_logger.update(aux_loss=float(aux_loss.detach().float().item()))
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        if hooks is not None and (i + 1) % max(print_freq, 1) == 0:
-            method_state = hooks.log_state(unwrapped)
-            if method_state:
-                metric_logger.update(**method_state)
-
-        if need_update:
-            preempt_at = int(getattr(args, "preempt_at_step", 0) or 0)
-            if stop_request is not None and preempt_at and run_state.optimizer_steps == preempt_at:
-                stop_request.request("--preempt-at-step")
-            if i + 1 < total_batches:  # after the last step the epoch checkpoint follows instead
-                _maybe_stop_or_save(args, run_state, stop_request, save_mid_epoch, epoch, i + 1, device,
-                                    _with_optimizer_state(named_params, optimizer))
+            if need_update:
+                preempt_at = int(getattr(args, "preempt_at_step", 0) or 0)
+                if stop_request is not None and preempt_at and run_state.optimizer_steps == preempt_at:
+                    stop_request.request("--preempt-at-step")
+                if i + 1 < total_batches:  # after the last step the epoch checkpoint follows instead
+                    _maybe_stop_or_save(args, run_state, stop_request, save_mid_epoch, epoch, i + 1, device,
+                                        _with_optimizer_state(named_params, optimizer))
 
     # The epoch checkpoint follows: an update with a finite loss may have left NaN/Inf weights.
     _stop_if_weights_nonfinite(_with_optimizer_state(named_params, optimizer), epoch, total_batches - 1, device)
@@ -329,22 +330,24 @@ def evaluate(data_loader, model, device, args=None, header: str = "Test:", summa
     # loss sum, correct@1, correct@5, samples, sum of per-batch mean losses, batches
     totals = torch.zeros(6, dtype=torch.float64, device=device)
     skipped_files: list = []
-    for batch in metric_logger.log_every(data_loader, int(getattr(args, "print_freq", 10)), header):
-        skipped_files.extend(getattr(batch, "skipped", None) or [])
-        images = batch[0].to(device, non_blocking=True)
-        target = batch[1].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_in(device, dtype):
-            output = main_logits(model(images))
-        output = output.float()
-        loss = F.cross_entropy(output, target, reduction="sum")
-        acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        n = images.shape[0]
-        # timm's accuracy is a percentage of the batch: back to exact counts
-        totals += torch.tensor([loss.item(), round(acc1.item() * n / 100.0), round(acc5.item() * n / 100.0), n,
-                                loss.item() / n, 1], dtype=torch.float64, device=device)
-        metric_logger.update(n=n, acc1=acc1.item(), acc5=acc5.item())
+    with contextlib.closing(metric_logger.log_every(data_loader, int(getattr(args, "print_freq", 10)),
+                                                    header)) as batches:
+        for batch in batches:
+            skipped_files.extend(getattr(batch, "skipped", None) or [])
+            images = batch[0].to(device, non_blocking=True)
+            target = batch[1].to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast_in(device, dtype):
+                output = main_logits(model(images))
+            output = output.float()
+            loss = F.cross_entropy(output, target, reduction="sum")
+            acc1, acc5 = accuracy(output, target, topk=(1, 5))
+            n = images.shape[0]
+            # timm's accuracy is a percentage of the batch: back to exact counts
+            totals += torch.tensor([loss.item(), round(acc1.item() * n / 100.0), round(acc5.item() * n / 100.0), n,
+                                    loss.item() / n, 1], dtype=torch.float64, device=device)
+            metric_logger.update(n=n, acc1=acc1.item(), acc5=acc5.item())
     _log_skipped_files(f"{header} ", "evaluation", skipped_files)
     if getattr(args, "dist_eval", False):  # sharded: each rank saw a disjoint part
         all_reduce_sum(totals)

@@ -29,7 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from models.token_ops import track_token_positions
-from utils.distributed import unwrap_model
+from utils.distributed import loader_batches, unwrap_model
 
 _logger = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ def visualize_mask(model: nn.Module, data_loader, args, device) -> dict:
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
     correct = seen = written = 0
-    with torch.no_grad():
-        for batch_idx, (images, targets) in enumerate(data_loader):
+    with torch.no_grad(), loader_batches(data_loader) as batches:
+        for batch_idx, (images, targets) in enumerate(batches):
             images, targets = images.to(device), targets.to(device)
             logits, idxs = net(images, get_idx=True)
             correct += (logits.argmax(-1) == targets).sum().item()

@@ -7,6 +7,7 @@ first host of SLURM_NODELIST. One process and no environment: not distributed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -132,11 +133,41 @@ def destroy_process_group() -> None:
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: SIGTERM/SIGUSR1 (Slurm) and SIGINT (Ctrl-C) sent to the whole
     process group must not kill the workers; the main process handles them and shuts the workers
-    down itself."""
+    down itself.
+
+    The price: multiprocessing's exit handler stops leftover daemon workers with SIGTERM and
+    then joins them, which waits forever on these. So whoever iterates such a loader stops its
+    workers when the loop ends, error or not: `stop_loader_workers`.
+    """
     for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         signum = getattr(signal, name, None)
         if signum is not None:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def stop_loader_workers(batches) -> None:
+    """Stop the worker processes of a DataLoader iterator now (no-op without workers).
+
+    Needed on the error path: an error raised in a worker comes back as an exception whose
+    traceback holds the iterator inside a reference cycle. Left to the garbage collector, the
+    iterator's own shutdown either never runs before exit or runs after its index queues were
+    already finalised, and the workers (which ignore SIGTERM) wait forever for their stop signal.
+    `_shutdown_workers` is idempotent and what the iterator's finaliser calls.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+@contextlib.contextmanager
+def loader_batches(loader):
+    """`with loader_batches(loader) as batches: for batch in batches: ...`: the loader's workers
+    are stopped when the block ends, also when the loop body or a worker raises."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        stop_loader_workers(batches)
 
 
 class StopRequest:

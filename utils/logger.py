@@ -18,7 +18,7 @@ from collections import defaultdict, deque
 
 import torch
 
-from utils.distributed import all_reduce_sum, is_dist_avail_and_initialized
+from utils.distributed import all_reduce_sum, is_dist_avail_and_initialized, stop_loader_workers
 
 _FORMAT = "[%(asctime)s %(name)s r{rank}] %(levelname)s %(message)s"
 _HANDLER_TAG = "_spine_handler"
@@ -157,27 +157,33 @@ class MetricLogger:
                   start_index: int = 0, batch_size: int | None = None):
         """Yield items of `iterable`, logging progress every `print_freq` items.
 
-        `start_index` offsets the displayed position (mid-epoch resume).
+        `start_index` offsets the displayed position (mid-epoch resume). The iterator's worker
+        processes are stopped when the loop ends: use it under `contextlib.closing` so that
+        this also happens when the loop body raises.
         """
         total = total if total is not None else len(iterable) + start_index
         width = len(str(total))
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
         start = end = time.time()
         i = start_index
-        for obj in iterable:
-            data_time.update(time.time() - end)
-            yield obj
-            iter_time.update(time.time() - end)
-            i += 1
-            if print_freq > 0 and (i % print_freq == 0 or i == total):
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
-                parts = [f"{header} [{i:>{width}}/{total}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}"]
-                if batch_size:
-                    parts.append(f"img/s: {batch_size / max(iter_time.avg, 1e-9):.1f}")
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
-                self.logger.info(self.delimiter.join(parts))
-            end = time.time()
+        items = iter(iterable)
+        try:
+            for obj in items:
+                data_time.update(time.time() - end)
+                yield obj
+                iter_time.update(time.time() - end)
+                i += 1
+                if print_freq > 0 and (i % print_freq == 0 or i == total):
+                    eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
+                    parts = [f"{header} [{i:>{width}}/{total}]", f"eta: {eta}", str(self),
+                             f"time: {iter_time}", f"data: {data_time}"]
+                    if batch_size:
+                        parts.append(f"img/s: {batch_size / max(iter_time.avg, 1e-9):.1f}")
+                    if torch.cuda.is_available() and torch.cuda.is_initialized():
+                        parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
+                    self.logger.info(self.delimiter.join(parts))
+                end = time.time()
+        finally:
+            stop_loader_workers(items)
         elapsed = datetime.timedelta(seconds=int(time.time() - start))
         self.logger.info(f"{header} Total time: {elapsed} ({(time.time() - start) / max(i - start_index, 1):.4f} s / it)")

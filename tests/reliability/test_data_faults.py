@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .helpers import TINY_MODEL, error_lines, files_under, read_text, run_main
+from .helpers import PYTHON, TINY_MODEL, error_lines, files_under, read_text, run_main
 
 BATCH = 8
 
@@ -115,18 +115,30 @@ def test_strict_data_refuses_a_bad_folder_before_training(tmp_path):
     assert not out.exists()  # nothing written
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1])
-def test_strict_data_stops_at_the_first_unreadable_image(tmp_path, workers):
-    """A folder whose only fault is a truncated JPEG passes the scan; decoding it is fatal."""
-    root, out = tmp_path / "data", tmp_path / "out"
+def _folder_with_one_truncated_jpeg(root):
     files = make_broken_image_folder(root, broken_val=False)
     for path in files["unreadable"][1:] + [files["zero"], files["text"]]:
         os.unlink(path)
     os.rmdir(files["empty"])
     _write(root / "train" / "dog" / "extra.png", _image_bytes("PNG", 77))  # keep 2 full batches
     _write(root / "train" / "dog" / "extra2.png", _image_bytes("PNG", 78))
-    proc = run_main(_flags(root, out, "--num_workers", workers, "--strict-data"))
+    return files
+
+
+# With the garbage collector off, the worker's error (and the loader iterator its traceback holds)
+# is never freed before exit: the case where exit used to hang on the SIGTERM-immune worker.
+_WITHOUT_GC = ["-c", "import gc, runpy, sys; gc.disable(); sys.argv = sys.argv[1:]; "
+                     "runpy.run_path(sys.argv[0], run_name='__main__')"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers,launcher", [(0, None), (1, None), (1, [PYTHON] + _WITHOUT_GC)],
+                         ids=["main-process", "1-worker", "1-worker-gc-off"])
+def test_strict_data_stops_at_the_first_unreadable_image(tmp_path, workers, launcher):
+    """A folder whose only fault is a truncated JPEG passes the scan; decoding it is fatal."""
+    root, out = tmp_path / "data", tmp_path / "out"
+    files = _folder_with_one_truncated_jpeg(root)
+    proc = run_main(_flags(root, out, "--num_workers", workers, "--strict-data"), timeout=120, launcher=launcher)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = error_lines(proc.stderr)
     assert len(errors) == 1, errors
