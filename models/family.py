@@ -312,7 +312,7 @@ def options_for(family: MethodFamily, values) -> Options:
 
 def model_kwargs(model_name: str, values) -> Tuple[Dict[str, Any], List[str]]:
     """(constructor kwargs of `model_name` from the given flag values, dests of other families'
-    kwarg flags that are set and have no effect on this model)."""
+    kwarg flags that are set to something other than their default and have no effect on this model)."""
     owner = family_of_model(model_name)
     get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
     kwargs: Dict[str, Any] = {}
@@ -324,7 +324,7 @@ def model_kwargs(model_name: str, values) -> Tuple[Dict[str, Any], List[str]]:
                 continue
             if family is owner:
                 kwargs[flag.kwarg] = value
-            else:
+            elif value != flag.default:
                 ignored.append(flag.dest)
     return kwargs, ignored
 

@@ -111,3 +111,14 @@ def _code_only(text: str) -> str:
                     if out[row - 1][col] != "\n":
                         out[row - 1][col] = " "
     return "".join("".join(chars) for chars in out)
+
+
+def test_only_flags_given_away_from_their_default_warn_on_another_familys_model(caplog):
+    plain = ["--model", "deit_tiny_patch16_224", "--input-size", "32", "--model-kwargs",
+             "{'depth': 1, 'embed_dim': 32, 'num_heads': 2, 'patch_size': 8}", "--device", "cpu"]
+    caplog.set_level("WARNING")
+    main.build_model(main.parse_args(plain), 10)  # LTMP's --tau has a default (0.5): not "given"
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]
+    main.build_model(main.parse_args(plain + ["--tau", "0.3", "--tome-r", "2"]), 10)
+    warnings = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
+    assert warnings == ["--tau has no effect on --model deit_tiny_patch16_224 (not an option of its family)"]
