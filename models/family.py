@@ -341,7 +341,19 @@ def active_families(model_name: str, values) -> List[MethodFamily]:
     return found
 
 
+def _switch_flag(family: MethodFamily) -> str:
+    dest = family.reduction.dest if family.reduction is not None else family.flags[0].dest
+    return "--" + dest.replace("_", "-")
+
+
 def check_all_options(model_name: str, values) -> None:
+    """Each active family's own checks; and at most one patch family, since each replaces the
+    blocks' forward and a second patch would silently undo the first."""
+    patches = [f for f in active_families(model_name, values) if f.patch is not None]
+    if len(patches) > 1:
+        raise ModelConfigError(f"{' and '.join(f.name for f in patches)} both patch the model's blocks and "
+                               f"cannot be combined ({' with '.join(_switch_flag(f) for f in patches)}); "
+                               "give one of them")
     for family in active_families(model_name, values):
         if family.check_options is not None:
             family.check_options(options_for(family, values))

@@ -349,3 +349,18 @@ def test_family_reduction_search_reaches_a_token_budget():
 
     value, reached = fam.reduction.search(build, 100.0, tokens)
     assert reached == tokens(build(value)) and abs(reached - 100.0) <= 4
+
+
+def test_tome_and_tofu_together_is_one_line_naming_both_flags():
+    import argparse
+
+    from models import family
+    from models.factory import create_model
+    args = family.add_family_args(argparse.ArgumentParser()).parse_args(["--tome-r", "2", "--tofu-r", "2"])
+    with pytest.raises(ModelConfigError) as info:
+        create_model("deit_tiny_patch16_224", options=args, num_classes=10, img_size=32, model_kwargs=TINY)
+    message = str(info.value)
+    assert "\n" not in message and "--tome-r" in message and "--tofu-r" in message
+    one = family.add_family_args(argparse.ArgumentParser()).parse_args(["--tofu-r", "2"])
+    assert tofu.is_patched(create_model("deit_tiny_patch16_224", options=one, num_classes=10, img_size=32,
+                                        model_kwargs=TINY))
