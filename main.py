@@ -1349,6 +1349,8 @@ def report_families(args, run: Run, device, log_path: str) -> None:
                                   batch_size=args.batch_size)
         with preserved_rng():
             report = family.report(run.model_without_ddp, families.options_for(family, args), context)
+        if not report:  # the family had nothing to report for these options
+            continue
         _logger.info(f"{family.name} report: {json.dumps(report, default=str)}")
         if log_path:
             append_json_line(log_path, {"report": family.name, **report})

@@ -854,3 +854,19 @@ def test_forward_intermediates_run_with_the_ltmp_state(name):
         assert len(model.masks) == len(model.blocks) and float(model.masks[-1].mean()) < 1
     with pytest.raises(ModelConfigError, match="output_fmt='NLC'"):
         model.forward_intermediates(x)
+
+
+def test_no_report_line_when_the_flops_count_is_switched_off(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    import main
+    args = main.parse_args(["--model", "ltmp_deit_tiny_patch16_224", "--ltmp-flops-images", "0", "--device", "cpu"])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images(4), torch.zeros(4)), batch_size=2)
+    run = SimpleNamespace(model_without_ddp=tiny(), val_loader=loader)
+    log_path = tmp_path / "log.txt"
+    caplog.set_level("INFO")
+    main.report_families(args, run, torch.device("cpu"), str(log_path))
+    assert not log_path.exists() and not [r for r in caplog.records if "ltmp report" in r.getMessage()]
+    args.ltmp_flops_images = 2
+    main.report_families(args, run, torch.device("cpu"), str(log_path))
+    assert json.loads(log_path.read_text())["images"] == 2
