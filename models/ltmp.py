@@ -53,6 +53,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 from torch import nn
 
 from . import family as _family
+from . import token_ops
 from .errors import ModelConfigError
 
 __all__ = [
@@ -167,18 +168,21 @@ def ltmp_attention(
         probs = logits.softmax(dim=-1)
     # official: importance from the probabilities after attention dropout (identity in eval)
     probs = attn.attn_drop(probs)
+    # Importance and metric decide which tokens go: accumulated / returned in fp32 whatever the
+    # model's precision (a bf16 mean over H x N rows would round the thresholded score itself).
     if valid is None:
-        importance = probs.mean(dim=(1, 2))
+        importance = probs.mean(dim=(1, 2), dtype=torch.float32)
     else:
         rows = valid.to(probs.dtype)
-        importance = (probs * rows[:, None, :, None]).sum(dim=(1, 2)) / (rows.sum(-1, keepdim=True) * attn.num_heads)
+        importance = ((probs * rows[:, None, :, None]).sum(dim=(1, 2), dtype=torch.float32)
+                      / (rows.sum(-1, keepdim=True, dtype=torch.float32) * attn.num_heads))
         importance = importance.masked_fill(~valid, -math.inf)
     importance = protect_importance(importance, class_token)
     out = (probs @ v).transpose(1, 2).reshape(batch, n, attn.attn_dim)
     out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1), importance
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1, dtype=torch.float32), importance
 
 
 def protect_importance(importance: torch.Tensor, class_token: bool = True) -> torch.Tensor:
@@ -195,9 +199,12 @@ def _best_partner(metric: torch.Tensor, b_valid: Optional[torch.Tensor] = None,
     (`class_token=False`: no row is excluded; hybrid backbones).
 
     metric `[B, N, c]` (already normalised and masked by the caller); b_valid `[B, N // 2]`.
+    The scores are fp32 (`token_ops.selection_precision`) whatever the model's precision.
     Returns (node_max `[B, ceil(N/2)]`, node_idx `[B, ceil(N/2)]`).
     """
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    with token_ops.selection_precision(metric):
+        metric = metric.float()
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
     if b_valid is not None:
         scores = scores.masked_fill(~b_valid[:, None, :], -math.inf)
     if class_token:
@@ -821,7 +828,7 @@ def ltmp_lite_mla(mla: nn.Module, x: torch.Tensor, st: LTMPStageState):
     multi = torch.cat([qkv] + [_on_grid(op, qkv, st) for op in mla.aggreg], dim=-1)
     multi = multi.reshape(seqs, count, -1, 3 * mla.dim).transpose(1, 2)  # timm's channel order
     q, k, v = multi.chunk(3, dim=-1)
-    metric = k.mean(dim=1)
+    metric = k.mean(dim=1, dtype=torch.float32)  # fp32 like ltmp_attention's
     q, k = mla.kernel_func(q), mla.kernel_func(k)
     weight = st.size[..., 0].to(k.dtype)
     if st.mask is not None:

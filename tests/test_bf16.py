@@ -14,6 +14,7 @@ import torch
 import benchmark
 import models  # noqa: F401  (registers the project's models)
 import models.ltm
+import models.ltmp
 import models.tome
 from engine import autocast_in, cast_for_inference
 from models import token_ops
@@ -113,6 +114,31 @@ def test_tome_merge_metric_is_fp32_in_a_bf16_model():
     tokens = torch.randn(2, 17, 48, dtype=torch.bfloat16)
     out, metric = models.tome._attention_with_metric(model.blocks[0].attn, tokens, None)
     assert out.dtype == torch.bfloat16 and metric.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["bf16 weights", "autocast"])
+def test_ltmp_importance_and_merge_scores_are_fp32_in_a_bf16_model(mode):
+    model = timm.create_model("ltmp_deit_tiny_patch16_224", **dict(VIT, depth=1)).eval()
+    tokens = torch.randn(2, 17, 48)
+    size = torch.ones(2, 17, 1)
+    mask = torch.ones(2, 17)
+    attn = model.blocks[0].attn
+    _, metric32, importance32 = models.ltmp.ltmp_attention(attn, tokens, size, mask=mask)
+    if mode == "bf16 weights":
+        cast_for_inference(model, torch.bfloat16)
+        context, tokens, size, mask = torch.no_grad(), tokens.bfloat16(), size.bfloat16(), mask.bfloat16()
+    else:
+        context = autocast_in("cpu", torch.bfloat16)
+    with context:
+        out, metric, importance = models.ltmp.ltmp_attention(attn, tokens, size, mask=mask)
+        normed = metric / metric.norm(dim=-1, keepdim=True)
+        node_max, _ = models.ltmp._best_partner(normed)
+    assert out.dtype == torch.bfloat16
+    assert metric.dtype == importance.dtype == node_max.dtype == torch.float32
+    expected, _ = models.ltmp._best_partner(normed.float())  # the scores: the fp32 path of the metric
+    assert torch.equal(node_max, expected)
+    # only the bf16 inputs of the scores differ from fp32, not their accumulation
+    torch.testing.assert_close(importance[:, 1:], importance32[:, 1:], rtol=0.05, atol=1e-3)
 
 
 def test_well_separated_evit_selection_survives_bf16():
