@@ -46,7 +46,8 @@ RUNS = {
     "evit": [(name, ["--model-kwargs", DEIT_TINY, "--input-size", "32", "--drop_loc", "(1,)",
                      "--base_keep_rate", "0.5", "--fuse_token"])
              for name in timm.list_models(module="evit")],
-    "dwnet": [(name, ["--model-kwargs", "{'depths': (1, 1, 1, 1)}", "--input-size", "64"])
+    "dwnet": [(name, ["--model-kwargs", "{'depths': (1, 1, 1, 1), 'embed_dim': 16"
+                      + (", 'inhomo_heads': (4, 4, 4, 4)}" if name.startswith("iddwnet") else "}"), "--input-size", "64"])
               for name in timm.list_models(module="dwnet")],
     "raftmlp": [(name, ["--model-kwargs",
                         "{'layers': [{'depth': 1, 'dim': 16, 'patch_size': 8}], 'pretrained_image_size': 32}"
