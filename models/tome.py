@@ -158,7 +158,7 @@ def _attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torc
     averaged in float32 so bf16 runs match like fp32 runs, a no-op for fp32 keys).
     """
     out = attention_with_keys(attn, x, size)
-    return out.out, out.k.float().mean(dim=1)
+    return out.out, out.k.mean(dim=1, dtype=torch.float32)
 
 
 class ToMeBlockMixin:
