@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--compare-baseline", default=None, metavar="SPEC",
                        help="compare every --model against this spec, alternately")
     which.add_argument("--num-classes", type=int, default=1000, help="classifier size of the built models")
+    which.add_argument("--model-kwargs", dest="model_kwargs", type=families.literal("dict"), default=None,
+                       metavar="DICT", help="constructor kwargs for every model, as main.py's, e.g. "
+                                            "\"{'depth': 6}\" (a model-file line may carry its own)")
     which.add_argument("--target-gmacs", type=float, nargs="+", default=None, metavar="G",
                        help="set the reduction flag given as 'auto' (e.g. --tome-r auto) so each model has G GMACs; "
                             "several values: each 'auto' spec runs once per value (a model-file line may carry "
@@ -197,6 +200,7 @@ class ModelSpec:
     explicit: tuple = ()  # flags written in this spec itself (not inherited)
     img_size: int | None = None  # a spec's own --img-size (models-file lines); None: the run's
     target_gmacs: float | None = None  # the target its 'auto' reduction flag is searched for
+    model_kwargs: dict | None = None  # constructor kwargs (--model-kwargs), e.g. {"depth": 6}
 
     @property
     def label(self) -> str:
@@ -211,6 +215,7 @@ class ModelSpec:
         given = [f"{k}={v}" for k, v in self.method.items() if v not in (None, False) and k in accepted]
         if self.img_size is not None:
             given.append(f"img_size={self.img_size}")
+        given.extend(f"{k}={v}" for k, v in (self.model_kwargs or {}).items())
         return " ".join([self.name] + given)
 
 
@@ -223,7 +228,8 @@ def _method_defaults(args: argparse.Namespace) -> dict:
 
 
 # Settings a model spec may carry besides method flags (models-file lines): flag -> (field, type).
-SPEC_SETTINGS = {"--img-size": ("img_size", int), "--target-gmacs": ("target_gmacs", float)}
+SPEC_SETTINGS = {"--img-size": ("img_size", int), "--target-gmacs": ("target_gmacs", float),
+                 "--model-kwargs": ("model_kwargs", families.literal("dict"))}
 
 
 def _spec_settings(text: str, tokens: Sequence[str]) -> tuple[dict, list[str]]:
@@ -245,9 +251,9 @@ def _spec_settings(text: str, tokens: Sequence[str]) -> tuple[dict, list[str]]:
         field_name, kind = SPEC_SETTINGS[key]
         try:
             settings[field_name] = kind(value)
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
             raise UserError(f"model spec {text!r}: {key} {value!r} is not a {kind.__name__}") from None
-        if not settings[field_name] > 0:
+        if kind in (int, float) and not settings[field_name] > 0:
             raise UserError(f"model spec {text!r}: {key} must be > 0, got {value}")
         position += 1
     return settings, rest
@@ -433,10 +439,12 @@ def build_model(spec: ModelSpec, num_classes: int = 1000, img_size: int | None =
     returns (model, the method settings used)."""
     from models.factory import create_model
     try:
-        model = create_model(spec.name, options=spec.method, num_classes=num_classes, img_size=img_size)
+        model = create_model(spec.name, options=spec.method, num_classes=num_classes, img_size=img_size,
+                             model_kwargs=spec.model_kwargs)
     except ModelConfigError as error:
         raise UserError(f"{spec.name}: {error}") from None
     kwargs, _ = split_method_args(spec)
+    kwargs.update(spec.model_kwargs or {})
     for family in families.active_families(spec.name, spec.method):
         if family.is_patch():
             kwargs.update({flag.dest: spec.method.get(flag.dest) for flag in family.flags
@@ -1179,7 +1187,16 @@ def collect_specs(args) -> list[ModelSpec]:
         specs.extend(ModelSpec(name, dict(defaults)) for name in expand_model_names([pattern]))
     if args.models_file:
         specs.extend(read_models_file(args.models_file, defaults))
-    return _unique(specs)
+    return _unique(with_run_model_kwargs(specs, args))
+
+
+def with_run_model_kwargs(specs: Sequence[ModelSpec], args) -> list[ModelSpec]:
+    """The run's --model-kwargs on every spec that has none of its own."""
+    run_kwargs = getattr(args, "model_kwargs", None)
+    if not run_kwargs:
+        return list(specs)
+    return [spec if spec.model_kwargs is not None else dataclasses.replace(spec, model_kwargs=dict(run_kwargs))
+            for spec in specs]
 
 
 def _unique(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
@@ -1207,11 +1224,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     check_plot_path(args)
     defaults = _method_defaults(args)
     if args.compare:
-        pairs = [(parse_spec(args.compare[0], defaults), parse_spec(args.compare[1], defaults))]
+        pairs = [tuple(with_run_model_kwargs(parse_spec(text, defaults), args) for text in args.compare)]
         if args.model or args.models_file or args.compare_baseline:
             raise UserError("--compare takes its two specs alone; drop --model / --models-file / --compare-baseline")
     elif args.compare_baseline:
-        baseline = parse_spec(args.compare_baseline, defaults)
+        baseline = with_run_model_kwargs(parse_spec(args.compare_baseline, defaults), args)
         pairs = [(baseline, [spec]) for spec in expand_targets(collect_specs(args), args.target_gmacs)]
         if not pairs:
             raise UserError("--compare-baseline needs --model or --models-file for the models to compare")

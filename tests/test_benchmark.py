@@ -352,3 +352,32 @@ def test_impossible_plot_is_refused_before_measuring(argv, words, tmp_path, monk
     assert code == 2 and len(messages) == 1 and "\n" not in messages[0]
     assert all(word in messages[0] for word in words), messages[0]
     assert not (tmp_path / "p.png").exists()
+
+
+TINY_KWARGS = "{'depth': 2, 'embed_dim': 32, 'num_heads': 2}"
+
+
+def test_model_kwargs_for_the_run_and_per_models_file_line(tmp_path):
+    models_file = tmp_path / "models.txt"
+    models_file.write_text("deit_tiny_patch16_224 --tome-r 2\n"
+                           "deit_tiny_patch16_224 --model-kwargs \"{'depth': 3, 'embed_dim': 32, 'num_heads': 2}\"\n")
+    out = tmp_path / "r.jsonl"
+    code = benchmark.main(["--models-file", str(models_file), "--model-kwargs", TINY_KWARGS, "--img-size", "64",
+                           "--flops-only", "--counter", "fvcore", "--output", str(out)])
+    assert code == 0
+    first, second = [json.loads(line) for line in out.read_text().splitlines()]
+    assert first["model_kwargs"]["depth"] == 2 and first["model_kwargs"]["tome_r"] == 2  # the run's kwargs
+    assert second["model_kwargs"]["depth"] == 3  # the line's own kwargs win
+    assert "depth=3" in second["label"] and second["params"] > first["params"]
+    assert first["tokens_per_block"] == [15, 13] and second["tokens_per_block"] == [17, 17, 17]  # 64 px / 16 + cls
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--model-kwargs", "[1]"], "is not a dict"),
+    (["--model-kwargs", "{'depthx': 2}"], "unexpected keyword argument 'depthx'"),
+])
+def test_bad_model_kwargs_is_one_line(argv, words, caplog):
+    with caplog.at_level(logging.ERROR):
+        code = benchmark.main(["--model", "deit_tiny_patch16_224", "--img-size", "64", "--flops-only", *argv])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code != 0 and len(errors) == 1 and words in errors[0] and "\n" not in errors[0]
