@@ -497,7 +497,7 @@ def test_regulariser_gradient_moves_flops_toward_target(target):
     prune_grad = float(model.blocks[0].prune_masker.threshold.grad)
     merge_grad = float(model.blocks[0].merge_masker.threshold.grad)
     # higher prune threshold -> fewer tokens; higher merge threshold -> more tokens
-    if float(ratio) > target:
+    if float(ratio.detach()) > target:
         assert prune_grad < 0 and merge_grad > 0  # descent raises prune and lowers merge thresholds
     else:
         assert prune_grad > 0 and merge_grad < 0
@@ -523,7 +523,7 @@ def test_criterion_adds_the_regulariser_and_reads_the_output_masks():
     ratio = ltmp.flops_ratio(outputs["masks"], 17, 32)
     expected = 2.0 * F.cross_entropy(outputs["logits"], y) + 10.0 * (ratio - 0.6) ** 2
     assert torch.allclose(loss, expected)
-    assert criterion.last["flops_ratio"] == pytest.approx(float(ratio))
+    assert criterion.last["flops_ratio"] == pytest.approx(float(ratio.detach()))
     no_reg = ltmp.LTMPCriterion(base, model, reduction_target=0.6, reg_scale=0.0, cls_scale=2.0)
     assert torch.allclose(no_reg(x, outputs, y), F.cross_entropy(outputs["logits"], y))  # official: CE alone
     model.eval()
