@@ -161,7 +161,6 @@ class Reduction:
     """
     dest: str
     search: Callable[[Callable[[Any], nn.Module], float, Callable[[nn.Module], float]], Tuple[Any, float]]
-    parse: Callable[[str], Any] = float
 
 
 @dataclass

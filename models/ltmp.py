@@ -1791,7 +1791,7 @@ FAMILY = _family.register_family(_family.MethodFamily(
     log_state=_family_log_state,
     report=_family_report,
     checkpoint_filter_fn=checkpoint_filter_fn,
-    reduction=_family.Reduction("ltmp_threshold", search_threshold, parse=_family.auto_or(float)),
+    reduction=_family.Reduction("ltmp_threshold", search_threshold),
     # The official trainer is timm's train.py with LTMP's defaults (spec section 6), not DeiT's
     # main.py: these are the defaults for ltmp_* / inference_ltmp_* models (--cfg and the
     # command line still win). The official lrs are used as given (no batch/512 scaling).

@@ -140,5 +140,5 @@ FAMILY = _family.register_family(_family.MethodFamily(
     active=_family_active,
     check_options=_family_check,
     log_state=_family_log_state,
-    reduction=_family.Reduction("tofu_r", tome._search_r, parse=_family.r_schedule),
+    reduction=_family.Reduction("tofu_r", tome._search_r),
 ))

@@ -559,5 +559,5 @@ FAMILY = _family.register_family(_family.MethodFamily(
     active=_family_active,
     check_options=_family_check,
     log_state=_family_log_state,
-    reduction=_family.Reduction("tome_r", _search_r, parse=_family.r_schedule),
+    reduction=_family.Reduction("tome_r", _search_r),
 ))
