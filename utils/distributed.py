@@ -137,7 +137,7 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
     The price: multiprocessing's exit handler stops leftover daemon workers with SIGTERM and
     then joins them, which waits forever on these. So whoever iterates such a loader stops its
-    workers when the loop ends, error or not: `stop_loader_workers`.
+    workers when the loop ends, error or not: `loader_batches`.
     """
     for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         signum = getattr(signal, name, None)

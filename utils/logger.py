@@ -18,7 +18,7 @@ from collections import defaultdict, deque
 
 import torch
 
-from utils.distributed import all_reduce_sum, is_dist_avail_and_initialized, stop_loader_workers
+from utils.distributed import all_reduce_sum, is_dist_avail_and_initialized, loader_batches
 
 _FORMAT = "[%(asctime)s %(name)s r{rank}] %(levelname)s %(message)s"
 _HANDLER_TAG = "_spine_handler"
@@ -166,8 +166,7 @@ class MetricLogger:
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
         start = end = time.time()
         i = start_index
-        items = iter(iterable)
-        try:
+        with loader_batches(iterable) as items:
             for obj in items:
                 data_time.update(time.time() - end)
                 yield obj
@@ -183,7 +182,5 @@ class MetricLogger:
                         parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
                     self.logger.info(self.delimiter.join(parts))
                 end = time.time()
-        finally:
-            stop_loader_workers(items)
         elapsed = datetime.timedelta(seconds=int(time.time() - start))
         self.logger.info(f"{header} Total time: {elapsed} ({(time.time() - start) / max(i - start_index, 1):.4f} s / it)")
