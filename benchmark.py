@@ -71,6 +71,7 @@ from engine import autocast_in, cast_for_inference
 from losses import main_logits
 import models  # noqa: F401  (registers the project's model families)
 from models import family as families
+from models.compiling import compile_model
 from models.errors import ModelConfigError
 from utils.errors import UserError
 
@@ -1084,7 +1085,7 @@ def prepare(spec: ModelSpec, args, device: torch.device) -> Prepared:
             model.to(memory_format=torch.channels_last)
         cast_for_inference(model, weights_dtype(args.precision))  # before compile: one graph, in bf16
         if args.compile:
-            model = torch.compile(model, mode=args.compile_mode)
+            model = compile_model(model, mode=args.compile_mode)
     return Prepared(spec, model, kwargs, img_size, flop_info, tokens, search, series)
 
 

@@ -46,6 +46,7 @@ from engine import (NonFiniteLossError, RunState, TrainingInterrupted, amp_dtype
                     train_one_epoch)
 from losses import build_criterion, build_teacher
 from models import family as families
+from models.compiling import compile_model
 from models.errors import ModelConfigError
 from samplers import ExactDistributedEvalSampler, PerSampleSeeded, RASampler, ShardedShuffleSampler, mix_seed
 from utils import distributed as dist_utils
@@ -1150,7 +1151,7 @@ def build_run(args, device, world_size: int, rank: int) -> Run:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_model(model)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     _logger.info(f"number of params: {n_parameters}")
 

@@ -194,7 +194,7 @@ def protect_importance(importance: torch.Tensor, class_token: bool = True) -> to
 
 
 def _best_partner(metric: torch.Tensor, b_valid: Optional[torch.Tensor] = None,
-                  class_token: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                  class_token: bool = True, sink: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity of every A token (even) to its best B token (odd); the class row is -inf
     (`class_token=False`: no row is excluded; hybrid backbones).
 
@@ -204,9 +204,16 @@ def _best_partner(metric: torch.Tensor, b_valid: Optional[torch.Tensor] = None,
     """
     with token_ops.selection_precision(metric):
         metric = metric.float()
-        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        if torch.compiler.is_compiling():
+            # all pairs, then the A x B block: inductor's CPU bmm lowering cannot take the halves
+            # of a data-dependent length (it guards on `(T + 1) // 2 == 1`)
+            scores = (metric @ metric.transpose(-1, -2))[:, ::2, 1::2]
+        else:
+            scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
     if b_valid is not None:
         scores = scores.masked_fill(~b_valid[:, None, :], -math.inf)
+    if sink:
+        scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), -math.inf)], dim=-1)
     if class_token:
         scores[:, 0, :] = -math.inf
     return scores.max(dim=-1)
@@ -320,14 +327,13 @@ def merge_prune_compact(
     num_a, num_b = (tokens + 1) // 2, tokens // 2
     a_valid = None if valid is None else valid[:, ::2]
     b_valid = None if valid is None else valid[:, 1::2]
-    if num_b > 0:
-        node_max, node_idx = _best_partner(metric / metric.norm(dim=-1, keepdim=True), b_valid, class_token)
-        merge = node_max > merge_threshold
-        if a_valid is not None:
-            merge = merge & a_valid
-    else:
-        node_idx = torch.zeros(batch, num_a, dtype=torch.long, device=x.device)
-        merge = torch.zeros(batch, num_a, dtype=torch.bool, device=x.device)
+    # a -inf sink column: with no B token (a lone class token) every A token stays unmerged,
+    # without a branch on the sequence length (data-dependent after the first block)
+    node_max, node_idx = _best_partner(metric / metric.norm(dim=-1, keepdim=True), b_valid, class_token,
+                                       sink=True)
+    merge = node_max > merge_threshold
+    if a_valid is not None:
+        merge = merge & a_valid
     # unmerged A tokens go to a sink slot past the B tokens, dropped afterwards
     target = torch.where(merge, node_idx, torch.full_like(node_idx, num_b))
 
@@ -341,21 +347,27 @@ def merge_prune_compact(
     packed = into_b(torch.cat([x * size, size], dim=-1), "sum")
     unpacked = packed  # before compaction (packed order [A, B])
     importance = into_b(importance, "amax")
-    keep = importance > prune_threshold
-    keep[:, :num_a] &= ~merge
-    if valid is not None:
-        keep &= torch.cat([a_valid, b_valid], dim=1)
     in_sequence = ~torch.cat([merge, torch.zeros_like(merge[:, :num_b])], dim=1)
     if valid is not None:
-        in_sequence &= torch.cat([a_valid, b_valid], dim=1)
+        in_sequence = in_sequence & torch.cat([a_valid, b_valid], dim=1)
+    keep = (importance > prune_threshold) & in_sequence
     pruned_size = (packed[..., -1] * (in_sequence & ~keep).to(packed.dtype)).sum(dim=1)
 
     counts = keep.sum(dim=1)
-    longest = int(counts.max())
+    compiling = torch.compiler.is_compiling()
+    if compiling and tokens >= 2:
+        # A data-dependent ("unbacked") length for the compiler: needs Dynamo's capture_scalar_outputs
+        # (`dynamo_config`, see models.compiling). At least 2 slots, so inductor's CPU matmuls never
+        # ask whether the length is 1; a slot past a sample's count is padding (valid False) as usual.
+        longest = counts.max().clamp(min=2).item()
+        torch._check(longest >= 2)
+        torch._check(longest <= tokens)
+    else:
+        longest = int(counts.max())
     if source is not None:
         source = into_b(source, "amax")
     order = None
-    if bool(keep.all()):
+    if not compiling and bool(keep.all()):  # eager shortcuts; compiled code always takes the general path
         new_valid = None
     else:
         order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
@@ -363,7 +375,7 @@ def merge_prune_compact(
         if source is not None:
             source = source.gather(1, order[..., None].expand(-1, -1, source.shape[-1]))
         new_valid = torch.arange(longest, device=x.device)[None, :] < counts[:, None]
-        if bool(new_valid.all()):
+        if not compiling and bool(new_valid.all()):
             new_valid = None
     x, size = packed[..., :channels], packed[..., channels:]
     x = x / size
@@ -462,6 +474,8 @@ class InferenceLTMPBlock(_ThresholdBlock):
     """Inference block: tokens really merged and removed (padded per sample, see module docstring)."""
 
     merge_init = INFERENCE_MERGE_INIT
+    # the sequence length after each block is data-dependent (`merge_prune_compact`)
+    dynamo_config = {"capture_scalar_outputs": True}
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """torch.compile for every method family: no graph breaks at a fixed reduction setting.
 
 `torch._dynamo.explain` traces each family's tiny model (eval and training mode) and
-counts graph breaks; none are allowed except LTMP inference, whose token counts depend
-on the data (see the xfail). Tracing uses no backend compiler, so these tests are fast;
+counts graph breaks; none are allowed. The LTMP inference model, whose token counts depend
+on the data, traces with the Dynamo setting it declares (`models.compiling`: unbacked sizes
+from `capture_scalar_outputs`). Tracing uses no backend compiler, so these tests are fast;
 the inductor compile (C++ on CPU, slow) is exercised by the tests marked slow: the
 compiled output against eager, `benchmark.py --compile` and one `main.py --compile`
 training epoch.
@@ -17,6 +18,7 @@ import torch
 import models  # noqa: F401  (registers the project's models)
 import models.tofu
 import models.tome
+from models.compiling import compile_model, dynamo_settings
 from engine import cast_for_inference
 from tests.e2e_utils import TINY_RUN, assert_ok, read_log, run_main
 
@@ -52,17 +54,11 @@ CASES = {
     "raftmlp": lambda: timm.create_model("raftmlp_s", layers=_raft_layers(), pretrained_image_size=64, num_classes=10),
 }
 
-LTMP_INFERENCE_BREAKS = pytest.mark.xfail(
-    strict=True,
-    reason="LTMP inference removes tokens per sample: the sequence length after each block is "
-           "int(counts.max()) of data-dependent counts and `keep.all()` picks the padding path, so Dynamo "
-           "must break there (a fixed-length variant would need padding to the full length, losing the "
-           "speed-up the inference model exists for); the masked LTMP model compiles without breaks")
+INFERENCE_ONLY = ("ltmp_inference",)  # trained as the masked model (`ltmp_masked`)
 
 
 def _params(training: bool):
-    return [pytest.param(name, training, marks=LTMP_INFERENCE_BREAKS) if name == "ltmp_inference"
-            else pytest.param(name, training) for name in CASES]
+    return [pytest.param(name, training) for name in CASES if not (training and name in INFERENCE_ONLY)]
 
 
 def _images(batch=2):
@@ -72,13 +68,13 @@ def _images(batch=2):
 def _graph_breaks(model, x, training: bool):
     torch._dynamo.reset()
     model.train(training)
-    with torch.set_grad_enabled(training):
+    with torch.set_grad_enabled(training), torch._dynamo.config.patch(**dynamo_settings(model)):
         explanation = torch._dynamo.explain(model)(x)
     reasons = [str(r.reason).splitlines()[0] for r in explanation.break_reasons]
     return explanation.graph_break_count, reasons
 
 
-@pytest.mark.parametrize("name,training", _params(False) + [p for p in _params(True) if p.values[0] != "ltmp_inference"])
+@pytest.mark.parametrize("name,training", _params(False) + _params(True))
 def test_no_graph_breaks(name, training):
     torch.manual_seed(0)
     model = CASES[name]()
@@ -123,6 +119,56 @@ def test_inductor_compiled_tome_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_ltmp_inference_model_declares_dynamo_settings():
+    assert dynamo_settings(CASES["ltmp_inference"]()) == {"capture_scalar_outputs": True}
+    for name in ("deit", "ltmp_masked", "tome", "evit_fuse"):
+        assert dynamo_settings(CASES[name]()) == {}, name
+
+
+def test_ltmp_inference_breaks_without_its_declared_setting():
+    """The declaration is what removes the break: without it Dynamo stops at the token count."""
+    model = CASES["ltmp_inference"]().eval()
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=False):
+        explanation = torch._dynamo.explain(model)(_images())
+    assert explanation.graph_break_count > 0
+
+
+def _ltmp_inference_model():
+    """Tiny LTMP inference ViT with sharpened attention, so prune thresholds split the samples."""
+    torch.manual_seed(0)
+    model = CASES["ltmp_inference"]().eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(6)
+    return model
+
+
+@pytest.mark.slow
+def test_inductor_compiled_ltmp_inference_matches_eager():
+    """Per-sample token counts (padding), nothing removed, and everything but the class token
+    removed: the compiled model keeps eager's counts and logits."""
+    model = _ltmp_inference_model()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=False):  # compile_model sets what the model needs
+        compiled = compile_model(model, fullgraph=True)
+        assert torch._dynamo.config.capture_scalar_outputs is True
+        seen = set()
+        for merge, prune in ((0.5, 0.05), (1.0, 0.0), (1.0, 1.0)):
+            model.set_thresholds(merge=merge, prune=prune)
+            with torch.no_grad():
+                expected = model(x)
+                eager_counts = [c.tolist() for c in model.ltmp_info["tokens"]]
+                got = compiled(x)
+                counts = [c.tolist() for c in model.ltmp_info["tokens"]]
+            assert counts == eager_counts, (merge, prune)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+            seen.add("padded" if any(len(set(c)) > 1 for c in counts) else
+                     "full" if counts[-1][0] == 17 else "class token only" if counts[-1][0] == 1 else "other")
+    assert seen == {"padded", "full", "class token only"}
 
 
 @pytest.mark.slow
