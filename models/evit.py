@@ -93,6 +93,7 @@ class EViTBlock(Block):
         self.num_prefix_tokens = num_prefix_tokens
         self.block_index = depth
         self._state_slot = state_slot
+        self.runtime_tokens: Optional[int] = None  # set by EViT.set_keep_rate
 
     def keep_count(self, candidates: int, keep_rate: Optional[float] = None,
                    tokens: Optional[int] = None) -> Optional[int]:
@@ -176,6 +177,10 @@ class EViT(VisionTransformer):
     `set_keep_rate`, else the configured rates); blocks are called through `__call__`.
     """
 
+    # set_keep_rate stores per-block integer counts on the blocks; with this Dynamo keeps them
+    # symbolic after the first change, so a warm-up compiles a few graphs, not one per step
+    dynamo_config = {"allow_unspec_int_on_nn_module": True}
+
     def __init__(self, *args, base_keep_rate: float = 0.7, drop_loc: Sequence[int] = (3, 6, 9),
                  fuse_token: bool = False, keep_rate: Optional[Sequence[float]] = None,
                  depth: int = 12, **kwargs):
@@ -191,6 +196,8 @@ class EViT(VisionTransformer):
         self.base_keep_rate = float(base_keep_rate)
         self.fuse_token = fuse_token
         self.runtime_keep_rate: Optional[float] = None
+        # patch tokens per image that the blocks' `runtime_tokens` (set_keep_rate's counts) are for
+        self.runtime_tokens_grid: Optional[int] = None
 
     @staticmethod
     def _num_protected_tokens() -> int:
@@ -201,6 +208,26 @@ class EViT(VisionTransformer):
         if value is not None:
             _check_keep_rate(value, "keep rate")
         self.runtime_keep_rate = None if value is None else float(value)
+        counts = None if value is None else self._runtime_token_counts(self.runtime_keep_rate)
+        self.runtime_tokens_grid = None if counts is None else self.patch_embed.num_patches
+        for index, block in enumerate(self.blocks):
+            block.runtime_tokens = None if counts is None else counts[index]
+
+    def _runtime_token_counts(self, rate: float) -> Optional[Tuple[int, ...]]:
+        """What every block keeps at the run-time `rate` on the model's own patch grid, worked out
+        as the blocks would (a block that does not prune keeps all its candidates). Forward uses
+        these integers for images of that grid: a compiled model then sees token counts, which
+        Dynamo can keep symbolic (`dynamo_config`), instead of a new float at every warm-up step."""
+        candidates = getattr(self.patch_embed, "num_patches", None)
+        if not isinstance(candidates, Integral):
+            return None
+        counts = []
+        for block in self.blocks:
+            keep = block.keep_count(candidates, rate)
+            counts.append(candidates if keep is None else keep)
+            if keep is not None:
+                candidates = keep + int(block.fuse_token)
+        return tuple(counts)
 
     def _broadcast(self, value: PerBlock, name: str) -> List[Optional[float]]:
         depth = len(self.blocks)
@@ -214,7 +241,8 @@ class EViT(VisionTransformer):
         return values
 
     @contextmanager
-    def _forward_state(self, keep_rate: PerBlock, tokens: PerBlock) -> Iterator[EViTState]:
+    def _forward_state(self, keep_rate: PerBlock, tokens: PerBlock, images: Optional[torch.Tensor] = None
+                       ) -> Iterator[EViTState]:
         """This call's EViTState, visible to the blocks until the outermost forward returns."""
         slot = self._state_slot
         if slot.state is not None:  # nested call (forward -> forward_features)
@@ -223,7 +251,10 @@ class EViT(VisionTransformer):
         if self.grad_checkpointing and torch.is_grad_enabled():
             # re-run blocks would see no state (and hence other rates) after the forward
             raise ValueError("EViT does not support gradient checkpointing; call set_grad_checkpointing(False).")
-        if keep_rate is None:
+        if keep_rate is None and tokens is None and self.runtime_tokens_grid is not None and images is not None \
+                and self._grid_tokens(images) == self.runtime_tokens_grid:
+            tokens = [block.runtime_tokens for block in self.blocks]
+        elif keep_rate is None:
             keep_rate = self.runtime_keep_rate
         slot.state = EViTState(self._broadcast(keep_rate, "keep_rate"), self._broadcast(tokens, "tokens"))
         try:
@@ -238,34 +269,38 @@ class EViT(VisionTransformer):
             tokens: PerBlock = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Features `[B, N', C]` and the kept-index tensors of the blocks that pruned."""
-        with self._forward_state(keep_rate, tokens) as state:
+        with self._forward_state(keep_rate, tokens, x) as state:
             return super().forward_features(x), list(state.kept)
 
     def forward_features(self, x: torch.Tensor, keep_rate: PerBlock = None, tokens: PerBlock = None,
                          **kwargs) -> torch.Tensor:
-        with self._forward_state(keep_rate, tokens):
+        with self._forward_state(keep_rate, tokens, x):
             return super().forward_features(x, **kwargs)
 
     def forward_intermediates(self, x: torch.Tensor, *args, keep_rate: PerBlock = None, tokens: PerBlock = None,
                               output_fmt: str = "NCHW", **kwargs):
         """timm's `forward_intermediates`; once tokens are pruned only `output_fmt="NLC"` can hold them."""
-        with self._forward_state(keep_rate, tokens) as state:
+        with self._forward_state(keep_rate, tokens, x) as state:
             if output_fmt == "NCHW" and self._prunes(x, state):
                 raise ValueError("EViT prunes tokens, so its intermediates do not fill the patch grid; "
                                  "pass output_fmt='NLC'.")
             return super().forward_intermediates(x, *args, output_fmt=output_fmt, **kwargs)
 
+    def _grid_tokens(self, images: torch.Tensor) -> int:
+        """Patch tokens of images `[B, C, H, W]`."""
+        return math.prod(self.patch_embed.dynamic_feat_size(images.shape[-2:]))
+
     def _prunes(self, x: torch.Tensor, state: EViTState) -> bool:
         """Whether any block prunes an input `x` `[B, C, H, W]` under `state`."""
         # blocks up to the first pruning one all see the full patch grid
-        candidates = math.prod(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        candidates = self._grid_tokens(x)
         return any(block.keep_count(candidates, state.keep_rates[block.block_index],
                                     state.tokens[block.block_index]) is not None
                    for block in self.blocks)
 
     def forward(self, x: torch.Tensor, keep_rate: PerBlock = None, tokens: PerBlock = None,
                 get_idx: bool = False):
-        with self._forward_state(keep_rate, tokens) as state:
+        with self._forward_state(keep_rate, tokens, x) as state:
             logits = self.forward_head(self.forward_features(x))
             return (logits, list(state.kept)) if get_idx else logits
 

@@ -121,10 +121,50 @@ def test_inductor_compiled_tome_matches_eager():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_only_the_ltmp_inference_model_declares_dynamo_settings():
+def test_declared_dynamo_settings():
     assert dynamo_settings(CASES["ltmp_inference"]()) == {"capture_scalar_outputs": True}
-    for name in ("deit", "ltmp_masked", "tome", "evit_fuse"):
+    assert dynamo_settings(CASES["evit_fuse"]()) == {"allow_unspec_int_on_nn_module": True}
+    for name in ("deit", "ltmp_masked", "tome"):
         assert dynamo_settings(CASES[name]()) == {}, name
+
+
+def test_conflicting_dynamo_settings_are_an_error():
+    class Wants(torch.nn.Module):
+        dynamo_config = {"capture_scalar_outputs": True}
+
+    class Refuses(torch.nn.Module):
+        dynamo_config = {"capture_scalar_outputs": False}
+
+    with pytest.raises(models.errors.ModelConfigError, match="capture_scalar_outputs"):
+        dynamo_settings(torch.nn.Sequential(Wants(), Refuses()))
+
+
+def test_evit_keep_rate_warmup_compiles_a_few_graphs_not_one_per_step():
+    """Training-mode warm-up (a new keep rate every step): set_keep_rate's integer counts stay
+    symbolic under the model's declared setting, so 31 rates give at most 3 graphs (before: one
+    per rate up to Dynamo's limit of 8, then eager), and every step matches eager."""
+    from models.evit import keep_rate_schedule
+
+    torch.manual_seed(0)
+    model = CASES["evit_fuse"]().train()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    x = _images()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=False):
+        compiled = compile_model(model, backend=counting_backend)
+        for step in range(31):
+            model.set_keep_rate(keep_rate_schedule(0, step, 30, 0.5, 0, 1))
+            torch.manual_seed(step)
+            got = compiled(x)
+            got.sum().backward()
+            torch.manual_seed(step)
+            torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+    assert 2 <= len(graphs) <= 3
 
 
 def test_ltmp_inference_breaks_without_its_declared_setting():

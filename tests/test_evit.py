@@ -240,6 +240,32 @@ def test_runtime_keep_rate_set():
         model.set_keep_rate(1.5)
 
 
+@pytest.mark.parametrize("distilled", [False, True])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_runtime_keep_rate_counts_equal_the_rate_path(distilled, fuse):
+    """set_keep_rate's per-block integer counts (what forward uses on the model's own grid) are
+    the ones the rate gives block by block, float rounding included (0.55 * 100 keeps 56), and
+    another image size falls back to the rate itself."""
+    model, _ = make_pair(img_size=160, distilled=distilled, drop_loc=(1, 2, 3), fuse_token=fuse,
+                         dynamic_img_size=True)  # 100 patches
+    x = torch.randn(2, 3, 160, 160)
+    for rate in (0.55, 0.7, 0.93, 0.999, 0.3):
+        model.set_keep_rate(rate)
+        with torch.no_grad():
+            logits, kept = model(x, get_idx=True)
+            expected, expected_kept = model(x, keep_rate=rate, get_idx=True)
+        assert [k.shape[1] for k in kept] == [k.shape[1] for k in expected_kept], rate
+        assert torch.equal(logits, expected), rate
+        assert model.runtime_tokens_grid == 100
+    model.set_keep_rate(0.55)
+    assert model.blocks[1].runtime_tokens == 56 and model.blocks[0].runtime_tokens == 100
+    small = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(small), model(small, keep_rate=0.55))
+    model.set_keep_rate(None)
+    assert model.runtime_tokens_grid is None and all(b.runtime_tokens is None for b in model.blocks)
+
+
 def _layout(model):
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
