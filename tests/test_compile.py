@@ -49,6 +49,9 @@ CASES = {
     "ltm_vit": lambda: timm.create_model("ltm_vit_small_patch16_224", **dict(VIT, depth=2, compression_ratio=0.8)),
     "ltmp_masked": lambda: timm.create_model("ltmp_deit_tiny_patch16_224", **dict(VIT, depth=3)),
     "ltmp_inference": lambda: timm.create_model("inference_ltmp_deit_tiny_patch16_224", **dict(VIT, depth=3)),
+    # hybrid backbones (the LTMP inference hybrids still break: see the README)
+    "tome_mobilevit": lambda: models.tome.patch(timm.create_model("mobilevit_xs", num_classes=10), r=2),
+    "ltmp_masked_efficientvit": lambda: timm.create_model("ltmp_efficientvit_b1", num_classes=10),
     "dwnet": lambda: timm.create_model("dwnet_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 1, 1),
                                        img_size=64, num_classes=10),
     "raftmlp": lambda: timm.create_model("raftmlp_s", layers=_raft_layers(), pretrained_image_size=64, num_classes=10),
