@@ -36,6 +36,12 @@ size (VmHWM) over the timed rounds: it is reset after warm-up through
 `/proc/self/clear_refs` (Linux >= 4.0); where that is not possible, the lifetime peak
 from `resource.getrusage` is reported and `peak_mem_kind` says so. `peak_mem_delta_mb`
 is the peak minus what was resident/allocated just before the timed rounds.
+
+Host malloc: on CPU, freed blocks up to 32 MB stay in the process (`utils.host_memory`,
+recorded as `malloc_settings`), so forwards reuse their activation memory instead of
+page-faulting on fresh pages every iteration; `--default-malloc` keeps glibc's defaults.
+Memory freed after warm-up stays resident, so on CPU `peak_mem_delta_mb` is then small
+and `peak_mem_mb` (weights plus the largest working set) is the number to read.
 """
 from __future__ import annotations
 
@@ -74,6 +80,7 @@ from models import family as families
 from models.compiling import compile_model
 from models.errors import ModelConfigError
 from utils.errors import UserError
+from utils.host_memory import keep_freed_memory
 
 _logger = logging.getLogger("benchmark")
 
@@ -156,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--rounds", type=int, default=7, help="timed rounds (median and spread over them)")
     setting.add_argument("--iters-per-round", type=int, default=10)
     setting.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    setting.add_argument("--default-malloc", action="store_true",
+                         help="on CPU, keep glibc's malloc defaults; by default freed blocks up to 32 MB stay "
+                              "in the process for reuse (utils.host_memory), so forwards do not page-fault")
     setting.add_argument("--no-backoff", action="store_true", help="fail instead of halving the batch on OOM")
 
     counting = parser.add_argument_group("counting")
@@ -1214,6 +1224,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.data_loading is not None:
         return run_data_loading(args)
     device = resolve_device(args.device)
+    args.malloc_settings = {} if args.default_malloc or device.type != "cpu" else keep_freed_memory()
+    if args.malloc_settings:
+        _logger.info("host malloc: freed memory kept for reuse (%s; --default-malloc to keep glibc's defaults)",
+                     ", ".join(f"{k}={v}" for k, v in args.malloc_settings.items()))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as timm's benchmark; recorded in every record
     if args.batch_size is None:
@@ -1242,7 +1256,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         check_method_flags(_unique([spec for pair in pairs for side in pair for spec in side]))
         if args.flops_only:
             raise UserError("--compare measures speed; drop --flops-only")
-        env = environment_info(device)
+        env = dict(environment_info(device), malloc_settings=args.malloc_settings)
         records = []
         for side_a, side_b in pairs:
             records.extend(run_compare(args, side_a[0], side_b[0], device, env))
@@ -1254,7 +1268,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if not specs:
         raise UserError("name at least one model: --model NAME [NAME ...], --models-file FILE or --compare A B")
     check_method_flags(specs)
-    env = environment_info(device)
+    env = dict(environment_info(device), malloc_settings=args.malloc_settings)
     peak = None
     if args.peak and not args.flops_only:
         peak = measure_peak_gflops(device, args.peak_size, dtype=compute_dtype(args.precision, device))

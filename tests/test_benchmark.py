@@ -25,7 +25,7 @@ REQUIRED_FIELDS = {
     "counters_rel_diff", "counters_disagree", "skipped_ops", "counter_errors", "tokens_per_block",
     "throughput", "latency_ms",
     "per_image_ms", "round_times_s", "peak_mem_mb", "peak_mem_delta_mb", "peak_mem_kind", "argv", "error",
-    "peak_gflops", "achieved_gflops", "pct_of_peak",
+    "peak_gflops", "achieved_gflops", "pct_of_peak", "malloc_settings",
 }
 
 
