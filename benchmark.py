@@ -782,11 +782,12 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def environment_info(device) -> dict:
+def environment_info(device, malloc_settings: dict | None = None) -> dict:
     device = torch.device(device)
     cuda = device.type == "cuda"
     return {
         "device": str(device),
+        "malloc_settings": dict(malloc_settings or {}),  # utils.host_memory, applied by run()
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -1256,7 +1257,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         check_method_flags(_unique([spec for pair in pairs for side in pair for spec in side]))
         if args.flops_only:
             raise UserError("--compare measures speed; drop --flops-only")
-        env = dict(environment_info(device), malloc_settings=args.malloc_settings)
+        env = environment_info(device, args.malloc_settings)
         records = []
         for side_a, side_b in pairs:
             records.extend(run_compare(args, side_a[0], side_b[0], device, env))
@@ -1268,7 +1269,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if not specs:
         raise UserError("name at least one model: --model NAME [NAME ...], --models-file FILE or --compare A B")
     check_method_flags(specs)
-    env = dict(environment_info(device), malloc_settings=args.malloc_settings)
+    env = environment_info(device, args.malloc_settings)
     peak = None
     if args.peak and not args.flops_only:
         peak = measure_peak_gflops(device, args.peak_size, dtype=compute_dtype(args.precision, device))
