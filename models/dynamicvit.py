@@ -1,0 +1,450 @@
+"""DynamicViT: "Efficient Vision Transformers with Dynamic Token Sparsification"
+(Rao et al., NeurIPS 2021, arXiv 2106.02034).
+
+A timm DeiT plus three small score predictors (`score_predictor.{0,1,2}`, `PredictorLG`)
+placed before blocks 3, 6 and 9 (`pruning_loc`). Each predictor scores the patch tokens
+that reach its location; the model keeps a fraction `rho, rho**2, rho**3` (`base_rate`) of
+the original patches. Changes relative to timm's `VisionTransformer`:
+
+* blocks are `DynamicViTBlock` (timm `Block`, same parameters): a block at a pruning
+  location first runs its predictor. In eval it keeps the top-K patch tokens by keep
+  log-probability, `K = int(num_patches * ratio)` (cls stays first, kept tokens in score
+  order), then runs as timm's block on the shorter sequence. In training no token is removed:
+  a straight-through Gumbel-softmax draws a 0/1 keep decision per token and every block
+  (from block 0 on) runs the official eps-softmax attention masked by the current policy;
+* `model(x)` in eval returns logits; in training it returns a dict with `logits`, `tokens`
+  (final patch tokens after the norm), `decision` (the final keep decision, detached) and
+  `masks` (the three hard masks `[B, N]`), which `DynamicViTLoss` consumes;
+* per-forward state (policy, decisions, kept indices) lives in one `DynamicViTState` in a
+  `StateSlot` shared with the blocks, so blocks keep timm's `Tensor -> Tensor` signature,
+  forward hooks fire and timm's `forward_intermediates` works (`output_fmt="NLC"` once
+  tokens are pruned);
+* the predictors are fp32 islands (`keep_fp32`, autocast off): the keep scores are the same
+  under bf16 as in fp32 up to their inputs.
+
+State dict: timm DeiT's keys plus 30 predictor keys, identical to the official layout, so
+official checkpoints load with `strict=True` and a plain DeiT checkpoint loads with exactly
+the predictor keys missing. Differences from the official code (docs/methods/dynamicvit.md):
+K is relative to the actual number of patches (official: hard-coded 196, so 224 px only);
+a location that would keep every token skips its predictor and keeps the spatial order
+(same logits up to rounding); gradient checkpointing is not supported.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from numbers import Integral, Real
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from .errors import ModelConfigError
+from .token_ops import keep_topk_tokens, selection_precision
+
+__all__ = [
+    "PredictorLG", "DynamicViTBlock", "DynamicViT", "DynamicViTState", "DynamicViTLoss", "DeiTTeacher",
+    "keep_ratios", "keep_counts", "policy_softmax", "policy_attention", "gumbel_keep_decision", "map_kept_to_patches",
+]
+
+_logger = logging.getLogger(__name__)
+
+# The official training attention's smoothing constant (softmax_with_policy).
+POLICY_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+def keep_ratios(base_rate: float, num_locations: int) -> Tuple[float, ...]:
+    """`(rho, rho**2, ...)` as Python floats, exactly as the official code forms them."""
+    return tuple(base_rate ** (k + 1) for k in range(num_locations))
+
+
+def keep_counts(ratios: Sequence[float], num_patches: int) -> Tuple[int, ...]:
+    """Patch tokens kept at each location: `int(num_patches * ratio)`, each relative to the
+    original patch count (not to the current length), truncated as the official code does."""
+    return tuple(int(num_patches * ratio) for ratio in ratios)
+
+
+class PredictorLG(nn.Module):
+    """The official score predictor: local features plus the policy-weighted global mean.
+
+    forward(x `[B, n, C]` patch tokens, policy `[B, n, 1]` 1 = active or None = all active)
+    -> `[B, n, 2]` float32 log-probabilities (`[..., 0]` keep, `[..., 1]` drop). Submodule
+    names and indices follow the official module (`in_conv.{0,1}`, `out_conv.{0,2,4}`);
+    the LayerNorm has eps 1e-5 (PyTorch's default) unlike the backbone's 1e-6.
+    """
+
+    # engine.cast_for_inference leaves the predictors in fp32: they decide which tokens survive
+    keep_fp32 = True
+
+    def __init__(self, embed_dim: int = 384):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
+            nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1))
+
+    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with selection_precision(x):
+            h = self.in_conv(x.to(self.in_conv[1].weight.dtype))
+            batch, n, channels = h.shape
+            half = channels // 2
+            local, rest = h[..., :half], h[..., half:]
+            if policy is None:
+                global_x = rest.sum(dim=1, keepdim=True) / n
+            else:
+                policy = policy.to(h.dtype)
+                # unguarded as in the official code: a sample with no active token gives NaN
+                global_x = (rest * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
+            z = torch.cat([local, global_x.expand(batch, n, half)], dim=-1)
+            return self.out_conv(z)
+
+
+def gumbel_keep_decision(log_probs: torch.Tensor, decision: Optional[torch.Tensor]) -> torch.Tensor:
+    """Training decision: `gumbel_softmax(log_probs, hard=True)[..., 0:1] * decision`.
+
+    log_probs `[B, n, 2]`, decision `[B, n, 1]` (None = all ones) -> `[B, n, 1]` exact 0/1 values
+    with the straight-through gradient of the soft sample; a dropped token stays dropped.
+    """
+    hard = F.gumbel_softmax(log_probs, hard=True)[..., 0:1]
+    return hard if decision is None else hard * decision
+
+
+def policy_softmax(logits: torch.Tensor, policy: Optional[torch.Tensor], eps: float = POLICY_EPS) -> torch.Tensor:
+    """The official training attention weights (`softmax_with_policy`).
+
+    logits `[B, H, N, N]` = `(q k^T) * scale`; policy `[B, N, 1]` key mask (1 active, 0 dropped;
+    the class token is always 1) or None (all active). `M = m + (1 - m) I` (a dropped token may
+    attend to itself), `e = exp(a - max_j a) * M` (max over all keys, masked ones included; exp
+    in float32 even under autocast), `A = (e + eps / N) / (sum_j e + eps)`. Returns `A` in the
+    dtype of `logits`: active queries see active keys plus a uniform `eps / N` leak.
+    """
+    batch, _, _, n = logits.shape
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    e = shifted.float().exp()
+    if policy is not None:
+        keys = policy.reshape(batch, 1, 1, n).float()
+        eye = torch.eye(n, dtype=e.dtype, device=e.device).view(1, 1, n, n)
+        e = e * (keys + (1.0 - keys) * eye)
+    return ((e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
+
+
+def policy_attention(attn, x: torch.Tensor, policy: Optional[torch.Tensor], eps: float = POLICY_EPS) -> torch.Tensor:
+    """A timm `Attention` forward with the official training weights (`policy_softmax`).
+
+    x `[B, N, C]` the block's `norm1(x)`; policy `[B, N, 1]` or None. Returns `[B, N, C]` after
+    `proj` / `proj_drop`; attention dropout is not applied (the official module never does).
+    """
+    batch, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = policy_softmax((q @ k.transpose(-2, -1)) * attn.scale, policy, eps)
+    out = attn.norm((weights @ v).transpose(1, 2).reshape(batch, n, attn.attn_dim))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def map_kept_to_patches(kept: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Original patch ids kept at each location.
+
+    kept: per location `[B, K_p]` indices into the patch tokens present at that location (which
+    the previous locations reordered by score). Returns per location `[B, K_p]` original ids in
+    the model's token order (descending keep score).
+    """
+    ids: List[torch.Tensor] = []
+    current: Optional[torch.Tensor] = None
+    for idx in kept:
+        current = idx if current is None else current.gather(1, idx)
+        ids.append(current)
+    return ids
+
+
+# ---------------------------------------------------------------------------
+# Per-forward state and the block
+# ---------------------------------------------------------------------------
+
+@dataclass
+class DynamicViTState:
+    """One forward: mode, ratios, the running policy and what was kept or masked.
+
+    num_patches: patch tokens of the input grid (K counts are relative to it);
+    policy `[B, N + 1, 1]` / decision `[B, N, 1]`: training keep masks (None = all ones);
+    masks: the training hard masks `[B, N]` in location order; kept: eval `[B, K]` indices
+    into the tokens present at each location; counts: the eval K of each location that pruned.
+    """
+    training: bool
+    num_patches: int
+    ratios: Tuple[float, ...]
+    predictors: nn.ModuleList
+    policy: Optional[torch.Tensor] = None
+    decision: Optional[torch.Tensor] = None
+    masks: List[torch.Tensor] = field(default_factory=list)
+    kept: List[torch.Tensor] = field(default_factory=list)
+    counts: List[int] = field(default_factory=list)
+
+
+class _StateSlot:
+    """Holds the DynamicViTState of the forward in progress: one per model, shared with its blocks."""
+    __slots__ = ("state",)
+
+    def __init__(self):
+        self.state: Optional[DynamicViTState] = None
+
+
+class DynamicViTBlock(Block):
+    """timm `Block` that may first prune (eval) or mask (training) its input tokens.
+
+    Modifications relative to timm's Block (its `Tensor -> Tensor` forward is kept):
+
+    * `location` is the index of this block's predictor (None: not a pruning location);
+    * outside a DynamicViT forward (no state) or with an attention mask it is timm's block;
+    * eval: at a location, keep the top-K patch tokens by the predictor's keep log-probability,
+      then timm's attention (fused SDPA) on the shorter sequence;
+    * training: at a location, draw the Gumbel keep decision; every block then runs
+      `policy_attention` with the current policy (the official training attention).
+    """
+
+    def __init__(self, *args, location_of: Optional[Dict[int, int]] = None, depth: int = 0,
+                 state_slot: Optional[_StateSlot] = None, **kwargs):
+        super().__init__(*args, depth=depth, **kwargs)
+        self.block_index = depth
+        self.location = (location_of or {}).get(depth)
+        self._state_slot = state_slot
+
+    def _select(self, x: torch.Tensor, state: DynamicViTState) -> torch.Tensor:
+        """Eval pruning before the block: x `[B, 1 + n, C]` -> `[B, 1 + K, C]`."""
+        n = x.shape[1] - 1
+        keep = keep_counts(state.ratios[self.location:self.location + 1], state.num_patches)[0]
+        if keep >= n:  # nothing to drop (the official code would only reorder by score)
+            return x
+        if keep < 1:
+            raise ValueError(f"DynamicViT keeps {keep} of {state.num_patches} patches at location {self.location}; "
+                             f"raise base_rate / token_ratio or use a larger input.")
+        scores = state.predictors[self.location](x[:, 1:])[..., 0]
+        x, idx = keep_topk_tokens(x, scores, keep, num_prefix=1)
+        state.kept.append(idx)
+        state.counts.append(keep)
+        return x
+
+    def _mask(self, x: torch.Tensor, state: DynamicViTState) -> None:
+        """Training decision at this location (tokens stay; the policy changes)."""
+        log_probs = state.predictors[self.location](x[:, 1:], state.decision)
+        decision = gumbel_keep_decision(log_probs, state.decision)
+        state.masks.append(decision.reshape(x.shape[0], -1))
+        state.decision = decision
+        cls_policy = torch.ones(x.shape[0], 1, 1, dtype=decision.dtype, device=decision.device)
+        state.policy = torch.cat([cls_policy, decision], dim=1)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        state = self._state_slot.state if self._state_slot is not None else None
+        if state is None or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if not state.training:
+            if self.location is not None:
+                x = self._select(x, state)
+            return super().forward(x)
+        if self.location is not None:
+            self._mask(x, state)
+        x = x + self.drop_path1(self.ls1(policy_attention(self.attn, self.norm1(x), state.policy)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+def _check_rate(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= 1:
+        raise ModelConfigError(f"DynamicViT {name} must be in (0, 1], got {value!r}; e.g. {name}=0.7.")
+    return float(value)
+
+
+def _check_locations(pruning_loc, depth: int) -> Tuple[int, ...]:
+    locs = (pruning_loc,) if isinstance(pruning_loc, Integral) else tuple(pruning_loc)
+    if not locs:
+        raise ModelConfigError("DynamicViT pruning_loc is empty; give at least one block index, e.g. (3, 6, 9).")
+    for loc in locs:
+        if isinstance(loc, bool) or not isinstance(loc, Integral) or not 0 <= loc < depth:
+            raise ModelConfigError(f"DynamicViT pruning_loc entry {loc!r} is outside blocks 0..{depth - 1}; "
+                                   f"e.g. pruning_loc=(3, 6, 9).")
+    if any(b <= a for a, b in zip(locs, locs[1:])):
+        raise ModelConfigError(f"DynamicViT pruning_loc {locs} must be strictly increasing, e.g. (3, 6, 9).")
+    return tuple(int(loc) for loc in locs)
+
+
+class DynamicViT(VisionTransformer):
+    """DeiT with DynamicViT's score predictors (see the module docstring).
+
+    Kwargs beyond timm's: `base_rate` (rho, 0.7 = the released checkpoints), `pruning_loc`
+    (block indices, pruning happens before each), `token_ratio` (explicit keep fractions of the
+    original patches, one per location; default `rho, rho**2, ...`).
+    """
+
+    def __init__(self, *args, base_rate: float = 0.7, pruning_loc: Sequence[int] = (3, 6, 9),
+                 token_ratio: Optional[Sequence[float]] = None, depth: int = 12, embed_dim: int = 768,
+                 **kwargs):
+        locs = _check_locations(pruning_loc, depth)
+        base_rate = _check_rate(base_rate, "base_rate")
+        if token_ratio is None:
+            ratios = keep_ratios(base_rate, len(locs))
+        else:
+            ratios = (token_ratio,) if isinstance(token_ratio, Real) else tuple(token_ratio)
+            if len(ratios) != len(locs):
+                raise ModelConfigError(f"DynamicViT token_ratio has {len(ratios)} entries for {len(locs)} pruning "
+                                       f"locations; give one keep fraction per location.")
+            ratios = tuple(_check_rate(r, "token_ratio entry") for r in ratios)
+        slot = _StateSlot()
+        kwargs.setdefault("block_fn", partial(DynamicViTBlock, location_of={loc: p for p, loc in enumerate(locs)},
+                                              state_slot=slot))
+        super().__init__(*args, depth=depth, embed_dim=embed_dim, **kwargs)
+        if self.cls_token is None or self.global_pool != "token" or self.num_prefix_tokens != 1:
+            raise ModelConfigError("DynamicViT needs exactly one class token and token pooling; drop "
+                                   "class_token / global_pool / reg_tokens overrides.")
+        self._state_slot = slot
+        self.base_rate = base_rate
+        self.pruning_loc = locs
+        self.token_ratio = ratios
+        self.score_predictor = nn.ModuleList([PredictorLG(embed_dim) for _ in locs])
+        self.score_predictor.apply(_init_predictor)
+        num_patches = getattr(self.patch_embed, "num_patches", None)
+        if isinstance(num_patches, Integral):
+            low = min(keep_counts(ratios, num_patches))
+            if low < 1:
+                raise ModelConfigError(f"DynamicViT keeps {low} of {num_patches} patches at its last location; "
+                                       f"raise base_rate / token_ratio (e.g. base_rate=0.7).")
+
+    def keep_counts(self, num_patches: Optional[int] = None) -> Tuple[int, ...]:
+        """Eval K of each location for `num_patches` patches (default: the model's grid)."""
+        return keep_counts(self.token_ratio, num_patches or self.patch_embed.num_patches)
+
+    def _grid_tokens(self, images: torch.Tensor) -> int:
+        return math.prod(self.patch_embed.dynamic_feat_size(images.shape[-2:]))
+
+    @contextmanager
+    def _forward_state(self, images: torch.Tensor) -> Iterator[DynamicViTState]:
+        """This call's DynamicViTState, visible to the blocks until the outermost forward returns."""
+        slot = self._state_slot
+        if slot.state is not None:  # nested call (forward -> forward_features)
+            yield slot.state
+            return
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # re-run blocks would see no state (and draw new Gumbel noise)
+            raise ValueError("DynamicViT does not support gradient checkpointing; call set_grad_checkpointing(False).")
+        slot.state = DynamicViTState(self.training, self._grid_tokens(images), self.token_ratio, self.score_predictor)
+        try:
+            yield slot.state
+        finally:
+            slot.state = None
+
+    def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        with self._forward_state(x):
+            return super().forward_features(x, **kwargs)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, output_fmt: str = "NCHW", **kwargs):
+        """timm's `forward_intermediates`; once tokens are pruned (eval) only `output_fmt="NLC"` holds them."""
+        with self._forward_state(x) as state:
+            if output_fmt == "NCHW" and not state.training and \
+                    min(keep_counts(self.token_ratio, state.num_patches)) < state.num_patches:
+                raise ValueError("DynamicViT prunes tokens in eval, so its intermediates do not fill the patch "
+                                 "grid; pass output_fmt='NLC'.")
+            return super().forward_intermediates(x, *args, output_fmt=output_fmt, **kwargs)
+
+    def forward(self, x: torch.Tensor):
+        with self._forward_state(x) as state:
+            features = self.forward_features(x)
+            logits = self.forward_head(features)
+            if not state.training:
+                return logits
+            decision = state.decision
+            if decision is None:
+                decision = torch.ones(features.shape[0], features.shape[1] - 1, 1, device=x.device)
+            return {"logits": logits, "tokens": features[:, 1:], "decision": decision.detach(),
+                    "masks": list(state.masks)}
+
+    def forward_kept(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Eval forward that also returns, per location that pruned, the kept original patch ids
+        `[B, K]` in the model's token order (descending keep score)."""
+        if self.training:
+            raise ValueError("forward_kept is an eval forward; call model.eval() first.")
+        with self._forward_state(x) as state:
+            logits = self.forward_head(self.forward_features(x))
+            return logits, map_kept_to_patches(state.kept)
+
+
+def _init_predictor(module: nn.Module) -> None:
+    # official init: trunc-normal 0.02 Linear weights, zero biases (LayerNorms keep 1 / 0)
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+def _cfg(**kwargs) -> dict:
+    # no hub weights: the released checkpoints are loaded from files (--model_path / --resume)
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "dynamicvit_deit_tiny_patch16_224": _cfg(),
+    "dynamicvit_deit_256_patch16_224": _cfg(),
+    "dynamicvit_deit_small_patch16_224": _cfg(),
+    "dynamicvit_deit_base_patch16_224": _cfg(),
+})
+
+
+def _create_dynamicvit(variant: str, pretrained: bool = False, **kwargs) -> DynamicViT:
+    return build_model_with_cfg(
+        DynamicViT, variant, pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, adapt_layer_scale=True),
+        **kwargs,
+    )
+
+
+@register_model
+def dynamicvit_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> DynamicViT:
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_dynamicvit("dynamicvit_deit_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dynamicvit_deit_256_patch16_224(pretrained: bool = False, **kwargs) -> DynamicViT:
+    model_args = dict(patch_size=16, embed_dim=256, depth=12, num_heads=4)
+    return _create_dynamicvit("dynamicvit_deit_256_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dynamicvit_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> DynamicViT:
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_dynamicvit("dynamicvit_deit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dynamicvit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> DynamicViT:
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_dynamicvit("dynamicvit_deit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
