@@ -54,6 +54,7 @@ from .token_ops import keep_topk_tokens, selection_precision
 
 __all__ = [
     "PredictorLG", "DynamicViTBlock", "DynamicViT", "DynamicViTState", "DynamicViTLoss", "DeiTTeacher",
+    "kept_token_mse", "load_checkpoint_state",
     "keep_ratios", "keep_counts", "policy_softmax", "policy_attention", "gumbel_keep_decision", "map_kept_to_patches",
 ]
 
@@ -394,6 +395,144 @@ def _init_predictor(module: nn.Module) -> None:
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------
+# Teacher and losses (official losses.py `DistillDiffPruningLoss_dynamic`)
+# ---------------------------------------------------------------------------
+
+class DeiTTeacher(nn.Module):
+    """The official `VisionTransformerTeacher`: a plain DeiT, frozen and always in eval mode.
+
+    forward(x) -> (logits `[B, classes]`, final patch tokens after the norm `[B, N, C]`).
+    """
+
+    def __init__(self, vit: VisionTransformer):
+        super().__init__()
+        self.vit = vit
+        self.vit.eval()
+        for p in self.vit.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def like(cls, student: DynamicViT, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> "DeiTTeacher":
+        """A teacher with the student's backbone architecture; `state_dict` (DeiT keys) loads strictly."""
+        attn = student.blocks[0].attn
+        vit = VisionTransformer(
+            img_size=student.patch_embed.img_size, patch_size=student.patch_embed.patch_size,
+            embed_dim=student.embed_dim, depth=len(student.blocks), num_heads=attn.num_heads,
+            mlp_ratio=student.blocks[0].mlp.fc1.out_features / student.embed_dim,
+            qkv_bias=attn.qkv.bias is not None, num_classes=student.num_classes)
+        if state_dict is not None:
+            state = {k: v for k, v in state_dict.items() if not k.startswith("score_predictor.")}
+            own = vit.state_dict()
+            missing = [k for k in own if k not in state]
+            unexpected = [k for k in state if k not in own]
+            resized = [k for k in own if k in state and state[k].shape != own[k].shape]
+            if missing or unexpected or resized:
+                raise ModelConfigError(f"DynamicViT teacher checkpoint does not fit a DeiT of the student's size: "
+                                       f"missing {_short(missing)}; unexpected {_short(unexpected)}; "
+                                       f"other shape {_short(resized)}")
+            vit.load_state_dict(state, strict=True)
+        vit.to(device=student.cls_token.device)
+        return cls(vit)
+
+    def train(self, mode: bool = True) -> "DeiTTeacher":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        features = self.vit.forward_features(x)
+        return self.vit.forward_head(features), features[:, 1:]
+
+
+def _short(keys: Sequence[str], shown: int = 5) -> str:
+    keys = list(keys)
+    return (", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")) or "none"
+
+
+def load_checkpoint_state(path: str) -> Dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file: its `'model'` entry, else the file itself.
+
+    Read with `weights_only=True`; an `argparse.Namespace` under `'args'` (as the official
+    trainers save) is allowed, nothing else is unpickled.
+    """
+    if not os.path.isfile(path):
+        raise ModelConfigError(f"DynamicViT: no checkpoint file at {path}; pass the DeiT weights with --teacher-path "
+                               f"(the official recipe reads ./pretrained/deit_*_patch16_224-*.pth)")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ModelConfigError(f"DynamicViT: {path} holds no state dict (expected a 'model' entry or a bare state dict)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+
+
+class DynamicViTLoss(nn.Module):
+    """The official DynamicViT objective on the training outputs of `DynamicViT`.
+
+    `loss = clf_weight * cls + ratio_weight * ratio / ratio_divisor + distill_weight * (cls_kl + token)`:
+
+    * cls = `base_criterion(samples, logits, targets)` (the trainer's criterion: soft-target CE
+      with mixup);
+    * ratio = sum over locations of `mean_b((mean_n masks[k][b, n] - keep_ratios[k]) ** 2)`
+      (hard 0/1 masks, straight-through gradients), divided by 3 as the official loss does
+      whatever the number of locations;
+    * cls_kl = `KL(p_teacher || p_student)`, batch mean, T = 1;
+    * token = mean squared error between the student's and the teacher's final patch tokens over
+      the rows the final decision keeps (pooled over the batch; 0 when no row is kept).
+
+    Without a teacher (`distill_weight == 0`) it is the official `DiffPruningLoss`
+    (cls + ratio term). The parts of the last call are kept in `last_parts` (detached).
+    Outputs that are not the training dict (a model evaluated in eval mode) get `base_criterion` only.
+    """
+
+    def __init__(self, base_criterion: nn.Module, teacher: Optional[nn.Module], keep_ratios: Sequence[float],
+                 ratio_weight: float = 2.0, distill_weight: float = 0.5, clf_weight: float = 1.0,
+                 ratio_divisor: float = 3.0):
+        super().__init__()
+        self.base_criterion = base_criterion
+        self.teacher = teacher
+        self.keep_ratios = tuple(float(r) for r in keep_ratios)
+        self.ratio_weight = float(ratio_weight)
+        self.distill_weight = float(distill_weight)
+        self.clf_weight = float(clf_weight)
+        self.ratio_divisor = float(ratio_divisor)
+        self.last_parts: Dict[str, torch.Tensor] = {}
+
+    def forward(self, samples: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, dict) or "masks" not in outputs:
+            return self.base_criterion(samples, outputs, targets)
+        logits, masks = outputs["logits"], outputs["masks"]
+        ratio_loss = logits.new_zeros(())
+        for k, mask in enumerate(masks):
+            ratio_loss = ratio_loss + ((mask.float().mean(dim=1) - self.keep_ratios[k]) ** 2).mean()
+        cls_loss = self.base_criterion(samples, logits, targets)
+        loss = self.clf_weight * cls_loss + self.ratio_weight * ratio_loss / self.ratio_divisor
+        parts = {"cls_loss": cls_loss, "ratio_loss": ratio_loss}
+        if self.teacher is not None and self.distill_weight:
+            teacher_logits, teacher_tokens = self.teacher(samples)
+            cls_kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
+                              reduction="batchmean", log_target=True)
+            token_loss = kept_token_mse(outputs["tokens"], teacher_tokens.float(), outputs["decision"])
+            loss = loss + self.distill_weight * cls_kl + self.distill_weight * token_loss
+            parts.update(cls_kl=cls_kl, token_kl=token_loss)
+        for k, mask in enumerate(masks):
+            parts[f"keep_{k}"] = mask.float().mean()
+        self.last_parts = {name: value.detach() for name, value in parts.items()}
+        return loss
+
+
+def kept_token_mse(tokens: torch.Tensor, teacher_tokens: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
+    """Mean over the kept rows (decision > 0.5, pooled over the batch) and all channels of the
+    squared difference; 0 when the decision keeps nothing (official: a batch with `mask.sum() < 0.1`).
+
+    tokens, teacher_tokens `[B, N, C]`; decision `[B, N, 1]` (or `[B, N]`).
+    """
+    keep = (decision.reshape(tokens.shape[0], tokens.shape[1], 1) > 0.5).to(tokens.dtype)
+    squared = ((tokens - teacher_tokens) ** 2 * keep).sum()
+    return squared / (keep.sum() * tokens.shape[-1]).clamp_min(1.0)
 
 
 # ---------------------------------------------------------------------------

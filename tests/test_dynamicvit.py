@@ -394,3 +394,130 @@ def test_train_forward_under_bf16_autocast():
         out = model(torch.randn(2, 3, 64, 64))
     assert all(m.dtype == torch.float32 for m in out["masks"])
     assert torch.isfinite(out["logits"].float()).all()
+
+
+# ---------------------------------------------------------------------------
+# Checks 9-10: teacher and losses
+# ---------------------------------------------------------------------------
+
+class _Base(torch.nn.Module):
+    """The trainer's criterion signature: criterion(samples, outputs, targets)."""
+
+    def forward(self, samples, outputs, targets):
+        return torch.sum(-targets * F.log_softmax(outputs, dim=-1), dim=-1).mean()
+
+
+class _FixedTeacher(torch.nn.Module):
+    def __init__(self, logits, tokens):
+        super().__init__()
+        self.out = (logits, tokens)
+
+    def forward(self, x):
+        return self.out
+
+
+def official_loss(outputs, labels, teacher_out, keep_ratio, ratio_weight, distill_weight):
+    """losses.py DistillDiffPruningLoss_dynamic (mse_token=True, clf weight 1), re-stated."""
+    pred, token_pred, mask, scores = outputs["logits"], outputs["tokens"], outputs["decision"], outputs["masks"]
+    pred_loss = 0.0
+    for i, score in enumerate(scores):
+        pred_loss = pred_loss + ((score.mean(1) - keep_ratio[i]) ** 2).mean()
+    cls_loss = torch.sum(-labels * F.log_softmax(pred, dim=-1), dim=-1).mean()
+    cls_t, token_t = teacher_out
+    cls_kl = F.kl_div(F.log_softmax(pred, dim=-1), F.log_softmax(cls_t, dim=-1), reduction="batchmean", log_target=True)
+    b, n, c = token_pred.shape
+    bool_mask = mask.reshape(b * n) > 0.5
+    token_pred, token_t = token_pred.reshape(b * n, c), token_t.reshape(b * n, c)
+    if mask.sum() < 0.1:
+        token_loss = token_pred.new(1,).fill_(0.0)
+    else:
+        token_loss = torch.pow(token_pred[bool_mask] - token_t[bool_mask], 2).mean()
+    return cls_loss + ratio_weight * pred_loss / 3 + distill_weight * cls_kl + distill_weight * token_loss
+
+
+def random_outputs(b=4, n=16, c=8, classes=5, keep_none=False):
+    masks = [(torch.rand(b, n) < 0.8).float()]
+    for _ in range(2):
+        masks.append(masks[-1] * (torch.rand(b, n) < 0.7).float())
+    if keep_none:
+        masks[2].zero_()
+    return {"logits": torch.randn(b, classes), "tokens": torch.randn(b, n, c), "decision": masks[2][..., None],
+            "masks": masks}
+
+
+@pytest.mark.parametrize("keep_none", [False, True])
+@pytest.mark.parametrize("ratio_weight,distill_weight", [(2.0, 0.5), (5.0, 0.5), (2.0, 0.3)])
+def test_loss_formula(keep_none, ratio_weight, distill_weight):
+    torch.manual_seed(1)
+    outputs = random_outputs(keep_none=keep_none)
+    labels = torch.softmax(torch.randn(4, 5), -1)
+    teacher_out = (torch.randn(4, 5), torch.randn(4, 16, 8))
+    ratios = dynamicvit.keep_ratios(0.7, 3)
+    loss_fn = dynamicvit.DynamicViTLoss(_Base(), _FixedTeacher(*teacher_out), ratios, ratio_weight=ratio_weight,
+                                        distill_weight=distill_weight)
+    got = loss_fn(torch.zeros(4, 3, 8, 8), outputs, labels)
+    want = official_loss(outputs, labels, teacher_out, ratios, ratio_weight, distill_weight)
+    torch.testing.assert_close(got, want.reshape(()), rtol=1e-6, atol=1e-7)
+    assert set(loss_fn.last_parts) == {"cls_loss", "ratio_loss", "cls_kl", "token_kl", "keep_0", "keep_1", "keep_2"}
+    if keep_none:
+        assert loss_fn.last_parts["token_kl"].item() == 0.0
+
+
+def test_loss_without_teacher_is_diff_pruning_loss():
+    torch.manual_seed(2)
+    outputs = random_outputs()
+    labels = torch.softmax(torch.randn(4, 5), -1)
+    ratios = dynamicvit.keep_ratios(0.7, 3)
+    got = dynamicvit.DynamicViTLoss(_Base(), None, ratios, ratio_weight=2.0)(None, outputs, labels)
+    ratio = sum(((m.mean(1) - r) ** 2).mean() for m, r in zip(outputs["masks"], ratios))
+    want = _Base()(None, outputs["logits"], labels) + 2.0 * ratio / 3
+    torch.testing.assert_close(got, want)
+    # eval-mode outputs (plain logits) get the base criterion only
+    assert torch.equal(dynamicvit.DynamicViTLoss(_Base(), None, ratios)(None, outputs["logits"], labels),
+                       _Base()(None, outputs["logits"], labels))
+
+
+def test_ratio_term_alone_reaches_the_predictors():
+    model = make("small", img_size=64).train()
+    loss_fn = dynamicvit.DynamicViTLoss(_Base(), None, model.token_ratio, clf_weight=0.0)
+    torch.manual_seed(0)
+    loss = loss_fn(None, model(torch.randn(4, 3, 64, 64)), torch.full((4, 10), 0.1))
+    loss.backward()
+    for p in model.score_predictor.parameters():
+        assert p.grad is not None
+    assert all(model.score_predictor[k].out_conv[4].weight.grad.abs().sum() > 0 for k in range(3))
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # the masks also reach earlier blocks
+
+
+def test_teacher_is_the_students_deit():
+    student = make("small", img_size=64)
+    deit = plain_deit(student)
+    teacher = dynamicvit.DeiTTeacher.like(student, deit.state_dict())
+    teacher.train()
+    assert not teacher.vit.training and not any(p.requires_grad for p in teacher.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    logits, tokens = teacher(x)
+    with torch.no_grad():
+        features = deit.forward_features(x)
+        assert torch.equal(logits, deit.forward_head(features)) and torch.equal(tokens, features[:, 1:])
+    # the full objective with this teacher backpropagates into predictors and backbone
+    student.train()
+    loss_fn = dynamicvit.DynamicViTLoss(_Base(), teacher, student.token_ratio)
+    loss_fn(x, student(x), torch.full((2, 10), 0.1)).backward()
+    assert student.score_predictor[2].in_conv[1].weight.grad.abs().sum() > 0
+    assert set(loss_fn.last_parts) >= {"cls_kl", "token_kl"}
+    with pytest.raises(ModelConfigError, match="does not fit"):
+        dynamicvit.DeiTTeacher.like(make("tiny", img_size=64), deit.state_dict())
+
+
+def test_load_checkpoint_state_official_layout(tmp_path):
+    import argparse
+    model = make("small", img_size=64)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "epoch": 29, "args": argparse.Namespace(model="deit-s")}, path)
+    state = dynamicvit.load_checkpoint_state(str(path))
+    assert state.keys() == model.state_dict().keys()
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "bare.pth")
+    assert dynamicvit.load_checkpoint_state(str(tmp_path / "bare.pth")).keys() == state.keys()
+    with pytest.raises(ModelConfigError, match="no checkpoint file at .*missing.pth"):
+        dynamicvit.load_checkpoint_state(str(tmp_path / "missing.pth"))
