@@ -521,3 +521,24 @@ def test_load_checkpoint_state_official_layout(tmp_path):
     assert dynamicvit.load_checkpoint_state(str(tmp_path / "bare.pth")).keys() == state.keys()
     with pytest.raises(ModelConfigError, match="no checkpoint file at .*missing.pth"):
         dynamicvit.load_checkpoint_state(str(tmp_path / "missing.pth"))
+
+
+# ---------------------------------------------------------------------------
+# Visualisation
+# ---------------------------------------------------------------------------
+
+def test_visualize_kept_patches(tmp_path):
+    from PIL import Image
+
+    from tools import dynamicvit_visualize
+    model = make("small", img_size=64, base_rate=0.5).eval()
+    masks = dynamicvit_visualize.kept_masks(model, torch.randn(2, 3, 64, 64))
+    assert [int(m[0].sum()) for m in masks] == list(model.keep_counts())
+    assert torch.all(masks[1] <= masks[0]) and torch.all(masks[2] <= masks[1])
+    out = tmp_path / "kept.png"
+    rc = dynamicvit_visualize.main(["--model", "dynamicvit_deit_small_patch16_224", "--input-size", "64",
+                                    "--model-kwargs", "{'embed_dim': 48, 'num_heads': 6, 'base_rate': 0.5}",
+                                    "--out", str(out)])
+    assert rc == 0
+    assert Image.open(out).size == (64 * 4, 64)
+    assert dynamicvit_visualize.main(["--model", "deit_small_patch16_224", "--out", str(out)]) == 2
