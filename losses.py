@@ -115,15 +115,10 @@ def build_teacher(args, num_classes: int, device) -> nn.Module:
 
 
 def build_criterion(args, model: nn.Module, mixup_active, teacher: nn.Module | None) -> nn.Module:
-    """Base criterion, wrapped for distillation, and for LTM's IB loss when the model supports it.
+    """Base criterion wrapped for distillation. A method's own loss terms (LTM's IB loss, LTMP's
+    FLOPs regulariser) are added by its hooks' `wrap_criterion`, once, in main.py.
 
     `mixup_active` may be a bool or the mixup callable (truthy when mixing is on).
     """
     base = build_base_criterion(args, bool(mixup_active))
-    criterion: nn.Module = DistillationLoss(
-        base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
-    if (getattr(args, "ib_weight", 0) or 0) > 0 and getattr(model, "supports_ib_loss", False):
-        import ib_loss  # lazy: only LTM models need it
-
-        criterion = ib_loss.build_ib_criterion(criterion, model, args)
-    return criterion
+    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)

@@ -48,6 +48,7 @@ from losses import build_criterion, build_teacher
 from models import family as families
 from models.compiling import compile_model
 from models.errors import ModelConfigError
+from models.hooks import MethodHooks
 from samplers import ExactDistributedEvalSampler, PerSampleSeeded, RASampler, ShardedShuffleSampler, mix_seed
 from utils import distributed as dist_utils
 from utils.checkpoint import (capture_rng_state, close_matches, extract_state_dict, keep_epoch_copy,
@@ -735,19 +736,17 @@ def scaled_lr(args, world_size: int) -> float:
     return args.lr * lr_scale(args, world_size)
 
 
-def build_optimizer(args, model, lr: float, world_size: int = 1):
+def build_optimizer(args, model, lr: float, world_size: int = 1, hooks: MethodHooks | None = None):
     """timm's optimizer factory: no weight decay on 1-D params and no_weight_decay() names, unless
-    --decay-norm-and-bias; a family may give its own parameter groups (one lr per --lr value)."""
+    --decay-norm-and-bias; a method's hooks may give their own parameter groups (one lr per --lr value)."""
     from timm.optim import create_optimizer_v2, optimizer_kwargs
 
     kwargs = optimizer_kwargs(args)
     kwargs["lr"] = lr
     lrs = [value * lr_scale(args, world_size) for value in getattr(args, "lr_values", [args.lr])]
-    for family in families.active_families(args.model, args):
-        if family.param_groups is None:
-            continue
+    if hooks is not None:
         try:
-            groups = family.param_groups(model, families.options_for(family, args), lrs)
+            groups = hooks.param_groups(model, lrs)
         except ModelConfigError as err:
             raise UserError(str(err)) from None
         if groups is not None:
@@ -1083,7 +1082,7 @@ def run_commands(args, run, device, before_eval: bool) -> bool:
             if args.output_dir:
                 make_output_dir(args.output_dir)
             _logger.info(f"--{command.dest.replace('_', '-')} ({family.name})")
-            command.run(run.model_without_ddp, context)
+            families.resolve_command(command)(run.model_without_ddp, context)
             ran_exiting = ran_exiting or command.exits
     return ran_exiting
 
@@ -1144,10 +1143,13 @@ def build_run(args, device, world_size: int, rank: int) -> Run:
         from timm.utils import ModelEmaV2
         model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
 
-    active = families.active_families(args.model, args)
     model_without_ddp = model
+    try:
+        hooks = families.training_hooks(model_without_ddp, args.model, args)
+    except ModelConfigError as err:
+        raise UserError(str(err)) from None
     if args.distributed:
-        find_unused = any(f.ddp_find_unused_parameters(model) for f in active if f.ddp_find_unused_parameters)
+        find_unused = hooks.ddp_find_unused_parameters(model_without_ddp)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
     if args.compile:
@@ -1156,7 +1158,7 @@ def build_run(args, device, world_size: int, rank: int) -> Run:
     _logger.info(f"number of params: {n_parameters}")
 
     lr = scaled_lr(args, world_size)
-    optimizer = build_optimizer(args, model_without_ddp, lr, world_size)
+    optimizer = build_optimizer(args, model_without_ddp, lr, world_size, hooks)
     loss_scaler = None
     if amp_dtype(args, device) == torch.float16 and device.type == "cuda":
         from timm.utils import NativeScaler
@@ -1169,26 +1171,22 @@ def build_run(args, device, world_size: int, rank: int) -> Run:
 
     teacher = build_teacher(args, nb_classes, device) if args.distillation_type != "none" and not args.eval else None
     criterion = build_criterion(args, model_without_ddp, mixup_fn, teacher)
-    try:
-        for family in active:
-            if family.wrap_criterion is not None and not args.eval:
-                criterion = family.wrap_criterion(criterion, model_without_ddp, families.options_for(family, args))
-        hooks = families.training_hooks(model_without_ddp, args.model, args)
-    except ModelConfigError as err:
-        raise UserError(str(err)) from None
+    if not args.eval:
+        try:
+            criterion = hooks.wrap_criterion(criterion, model_without_ddp)
+        except ModelConfigError as err:
+            raise UserError(str(err)) from None
     parts = TrainingParts(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema, RunState(), hooks)
     resume = resume_if_possible(args, parts)
     if args.eval:
-        for family in active:
-            if family.prepare_eval is not None:
-                family.prepare_eval(model_without_ddp, families.options_for(family, args))
+        hooks.prepare_eval(model_without_ddp)
         if args.bf16_weights:
             cast_for_inference(model_without_ddp, torch.bfloat16)
     set_training_mode = args.train_mode
-    if args.finetune and args.train_mode and any(f.train_mode_when_finetuning is False for f in active):
+    if args.finetune and args.train_mode and hooks.train_mode_when_finetuning is False:
         set_training_mode = False
         _logger.info("fine-tuning with model.train(False) (dropout and drop-path off), as the official code of "
-                     f"{', '.join(f.name for f in active if f.train_mode_when_finetuning is False)} does")
+                     f"{', '.join(n for n, h in zip(hooks.names, hooks.hooks) if h.train_mode_when_finetuning is False)} does")
     return Run(model, model_without_ddp, parts, train_loader, sampler_train, val_loader, dataset_val,
                mixup_fn, criterion, n_parameters, resume, set_training_mode)
 
@@ -1343,18 +1341,17 @@ def report_families(args, run: Run, device, log_path: str) -> None:
     """End-of-training reports of the active families (e.g. a realised FLOPs ratio), logged and in log.txt."""
     if not dist_utils.is_main_process():
         return
-    for family in families.active_families(args.model, args):
-        if family.report is None:
-            continue
-        context = SimpleNamespace(data_loader=run.val_loader, device=device, input_size=args.input_size,
-                                  batch_size=args.batch_size)
+    hooks = run.parts.hooks
+    context = SimpleNamespace(data_loader=run.val_loader, device=device, input_size=args.input_size,
+                              batch_size=args.batch_size, output_dir=args.output_dir)
+    for name, hook in zip(hooks.names, hooks.hooks):
         with preserved_rng():
-            report = family.report(run.model_without_ddp, families.options_for(family, args), context)
+            report = hook.report(run.model_without_ddp, context)
         if not report:  # the family had nothing to report for these options
             continue
-        _logger.info(f"{family.name} report: {json.dumps(report, default=str)}")
+        _logger.info(f"{name} report: {json.dumps(report, default=str)}")
         if log_path:
-            append_json_line(log_path, {"report": family.name, **report})
+            append_json_line(log_path, {"report": name, **report})
 
 
 def one_line(err: BaseException) -> str:

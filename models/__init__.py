@@ -2,7 +2,14 @@
 
     import timm, models
     model = timm.create_model("deit_small_patch16_shrink_base", base_keep_rate=0.7)
+
+Every module of this package is imported here, so a method family that is one new file
+under `models/` registers its models and its family declaration with no other edit.
 """
-from . import dwnet, evit, ltm, ltmp, raftmlp, shrink, tofu, tome  # noqa: F401  (registration side effects)
-from . import family  # noqa: F401  (the method-family registry)
-from .hooks import TrainingHooks  # noqa: F401
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+for _module in sorted(_info.name for _info in _pkgutil.iter_modules(__path__)):
+    _importlib.import_module(f"{__name__}.{_module}")
+
+from .hooks import MethodHooks  # noqa: E402,F401

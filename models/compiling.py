@@ -5,6 +5,7 @@ forward needs to trace in one graph (the LTMP inference model's data-dependent t
 `capture_scalar_outputs`). `compile_model` applies them before compiling. Dynamo reads its config
 when it traces, at the first call, so the values are set for the process, not scoped to one
 call; the CLIs (`main.py`, `benchmark.py`) compile one model family per process.
+`unwrap_model` finds the plain module under torch.compile and DDP wrappers.
 """
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from torch import nn
 from .errors import ModelConfigError
 
 _logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def dynamo_settings(model: nn.Module) -> Dict[str, Any]:

@@ -39,8 +39,8 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
 from . import family
-from .hooks import TrainingHooks
-from .token_ops import attention_with_keys, class_attention, keep_count, keep_topk_tokens
+from .hooks import MethodHooks
+from .token_ops import StateSlot, attention_with_keys, class_attention, keep_count, keep_topk_tokens
 from .errors import ModelConfigError
 
 __all__ = ["EViT", "EViTDistilled", "EViTBlock", "EViTState", "keep_rate_schedule", "KeepRateWarmup", "FAMILY"]
@@ -62,14 +62,6 @@ class EViTState:
     kept: List[torch.Tensor] = field(default_factory=list)
 
 
-class _StateSlot:
-    """Holds the EViTState of the forward in progress: one per model, shared with its blocks."""
-    __slots__ = ("state",)
-
-    def __init__(self):
-        self.state: Optional[EViTState] = None
-
-
 class EViTBlock(Block):
     """timm `Block` that may prune tokens between attention and MLP.
 
@@ -86,7 +78,7 @@ class EViTBlock(Block):
     prunes_tokens = True
 
     def __init__(self, *args, keep_rates: Sequence[float] = (), fuse_token: bool = False,
-                 num_prefix_tokens: int = 1, depth: int = 0, state_slot: Optional[_StateSlot] = None, **kwargs):
+                 num_prefix_tokens: int = 1, depth: int = 0, state_slot: Optional[StateSlot] = None, **kwargs):
         super().__init__(*args, depth=depth, **kwargs)
         self.keep_rate = float(keep_rates[depth]) if keep_rates else 1.0
         self.fuse_token = fuse_token
@@ -185,7 +177,7 @@ class EViT(VisionTransformer):
                  fuse_token: bool = False, keep_rate: Optional[Sequence[float]] = None,
                  depth: int = 12, **kwargs):
         rates = _per_block_rates(depth, base_keep_rate, drop_loc, keep_rate)
-        slot = _StateSlot()
+        slot = StateSlot()
         kwargs.setdefault("block_fn", partial(EViTBlock, keep_rates=rates, fuse_token=fuse_token,
                                               num_prefix_tokens=self._num_protected_tokens(), state_slot=slot))
         super().__init__(*args, depth=depth, **kwargs)
@@ -330,10 +322,14 @@ def keep_rate_schedule(epoch: int, step: int, steps_per_epoch: int, base_keep_ra
     return base_keep_rate + (1 - base_keep_rate) * (math.cos(math.pi * progress) + 1) / 2
 
 
-class KeepRateWarmup(TrainingHooks):
-    """Sets the EViT run-time keep rate before every training step."""
+class KeepRateWarmup(MethodHooks):
+    """EViT's training hooks: the run-time keep rate before every training step (the cosine
+    warm-up), the rate in progress lines, and fine-tuning in eval mode as the official recipe."""
+
+    train_mode_when_finetuning = False
 
     def __init__(self, base_keep_rate: float, start_epoch: int, shrink_epochs: int):
+        super().__init__()
         self.base_keep_rate = base_keep_rate
         self.start_epoch = start_epoch
         self.shrink_epochs = shrink_epochs
@@ -341,6 +337,10 @@ class KeepRateWarmup(TrainingHooks):
     def on_step_start(self, model, epoch, step, steps_per_epoch):
         model.set_keep_rate(keep_rate_schedule(epoch, step, steps_per_epoch, self.base_keep_rate,
                                                self.start_epoch, self.shrink_epochs))
+
+    def log_state(self, model) -> dict:
+        rate = model.runtime_keep_rate
+        return {"keep_rate": model.base_keep_rate if rate is None else rate}
 
 
 # ---------------------------------------------------------------------------
@@ -427,28 +427,19 @@ def deit_base_distilled_patch16_shrink_base(pretrained: bool = False, **kwargs) 
 # Method family: flags, hooks and commands the trainer, benchmark and tools discover
 # ---------------------------------------------------------------------------
 
-def _family_hooks(model, options) -> Optional[TrainingHooks]:
+def _family_hooks(model, options) -> Optional[KeepRateWarmup]:
     if not isinstance(model, EViT):
         return None
     base = model.base_keep_rate if options.base_keep_rate is None else float(options.base_keep_rate)
     return KeepRateWarmup(base, int(options.shrink_start_epoch), int(options.shrink_epochs))
 
 
-def _family_log_state(model) -> dict:
-    if not isinstance(model, EViT):
-        return {}
-    rate = model.runtime_keep_rate
-    return {"keep_rate": model.base_keep_rate if rate is None else rate}
-
-
-def _run_speed_test(model, context) -> None:
-    from tools import evit_tools
-    evit_tools.run_speed_test(model, context, context.device)
-
-
-def _visualize_mask(model, context) -> None:
-    from tools import evit_tools
-    evit_tools.visualize_mask(model, context.data_loader, context, context.device)
+_COMMANDS = (
+    family.Command("only_test_speed", "tools.evit_tools:speed_test_command", exits=True, needs_data=False),
+    family.Command("test_speed", "tools.evit_tools:speed_test_command", exits=False, needs_data=False),
+    family.Command("visualize_mask", "tools.evit_tools:visualize_mask_command", exits=True, needs_data=True),
+)
+_TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 
 
 def _search_keep_rate(build, target, gmacs_of):
@@ -477,13 +468,13 @@ FAMILY = family.register_family(family.MethodFamily(
                     help="save images of the kept tokens of --n_visualization validation images, then exit"),
         family.Flag("--n_visualization", type=int, default=128, help="images for --visualize_mask"),
     ),
-    training_hooks=_family_hooks,
-    train_mode_when_finetuning=False,
-    commands=(
-        family.Command("only_test_speed", _run_speed_test, exits=True, needs_data=False),
-        family.Command("test_speed", _run_speed_test, exits=False, needs_data=False),
-        family.Command("visualize_mask", _visualize_mask, exits=True, needs_data=True),
-    ),
-    log_state=_family_log_state,
+    hooks=_family_hooks,
+    commands=_COMMANDS,
     reduction=family.Reduction("base_keep_rate", _search_keep_rate),
+    examples=(
+        family.Example("evit_fuse", model="deit_tiny_patch16_shrink_base",
+                       kwargs=dict(_TINY, depth=4, drop_loc=(1, 2)), flags=("--base_keep_rate", "0.7", "--fuse_token")),
+        family.Example("evit_distilled", model="deit_tiny_distilled_patch16_shrink_base",
+                       kwargs=dict(_TINY, depth=2, drop_loc=(1,)), flags=("--base_keep_rate", "0.5"), compile=()),
+    ),
 ))

@@ -39,7 +39,7 @@ from . import family as family_registry
 from .errors import ModelConfigError
 
 __all__ = ["create_model", "check_model_name", "load_weights", "LoadSummary", "CheckpointMismatchError",
-           "saved_args", "head_keys_of", "default_input_size"]
+           "saved_args", "head_keys_of", "default_input_size", "build_example"]
 
 _logger = logging.getLogger(__name__)
 
@@ -148,11 +148,8 @@ def _accepted(model_name: str, names, model_kwargs: Dict[str, Any]) -> set:
 
 
 def head_keys_of(model: nn.Module, model_name: Optional[str] = None) -> tuple:
-    """Classifier keys: the family's, the model's pretrained_cfg `classifier`, and timm's usual names."""
+    """Classifier keys: the model's pretrained_cfg `classifier` (timm's convention) and timm's usual names."""
     keys = list(_DEFAULT_HEAD_KEYS)
-    owner = family_registry.family_of_model(model_name) if model_name else None
-    if owner is not None:
-        keys = list(owner.head_keys) + keys
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     for name in ([classifier] if isinstance(classifier, str) else list(classifier or ())):
         keys += [f"{name}.weight", f"{name}.bias"]
@@ -307,7 +304,6 @@ def create_model(name: str, *, options=None, num_classes: Optional[int] = None, 
     check_model_name(name)
     options = options if options is not None else {}
     saved = saved_args(checkpoint) if checkpoint is not None else {}
-    owner = family_registry.family_of_model(name)
     family_registry.check_all_options(name, options)
 
     kwargs, ignored = family_registry.model_kwargs(name, options)
@@ -328,9 +324,8 @@ def create_model(name: str, *, options=None, num_classes: Optional[int] = None, 
                "img_size": img_size if img_size is not None and img_size != default_input_size(name) else None}
     generic = {k: v for k, v in generic.items() if v is not None and k not in kwargs}
     if generic:
-        unsupported = set(owner.unsupported_kwargs) if owner is not None else set()
         try:
-            accepted = _accepted(name, [k for k in generic if k not in unsupported], kwargs)
+            accepted = _accepted(name, list(generic), kwargs)
         except TypeError as err:
             raise ModelConfigError(f"model {name} rejected its arguments ({err}); check --model-kwargs "
                                    f"and the method flags") from None
@@ -353,6 +348,13 @@ def create_model(name: str, *, options=None, num_classes: Optional[int] = None, 
     if apply_patches:
         family_registry.apply_patches(model, name, options)
     return model
+
+
+def build_example(example: "family_registry.Example", num_classes: int = 10, **kwargs) -> nn.Module:
+    """The model an `Example` describes, built as main.py builds it (flags -> options, kwargs,
+    patches), with random weights; how the parametrized tests get every family's models."""
+    return create_model(example.model, options=family_registry.example_options(example), num_classes=num_classes,
+                        img_size=example.input_size, model_kwargs=dict(example.kwargs), **kwargs)
 
 
 def _saved_num_classes(checkpoint) -> Optional[int]:

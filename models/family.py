@@ -1,33 +1,28 @@
-"""Method families: how a method plugs into the trainer, the benchmark and the tools.
+"""Method families: how a method plugs into the trainer, the benchmark, the tools and the tests.
 
-A family declares, in its own module, everything the rest of the project needs to know
-about the method; `main.py`, `engine.py`, `benchmark.py` and `tools/` ask this registry
-and name no method. There are two kinds:
+A family declares, at the bottom of its own module, everything the rest of the project needs
+to know about the method; `main.py`, `engine.py`, `benchmark.py`, `tools/` and the
+parametrized tests ask this registry and name no method. There are two kinds:
 
 * a **model family** owns registered model names (EViT owns `deit_*_patch16_shrink_base`):
   its flags that carry `kwarg=` become constructor kwargs of those models;
 * a **patch family** (ToMe, ToFu) has `owns=None` and a `patch`: it is applied, after the
   model is built and its weights loaded, to a model of any family when `active(options)`.
 
-A declaration sits at the bottom of the family module (a researcher's own file works the
-same way: import it before parsing, e.g. `python main.py --plugin my_method ...`):
-
     FAMILY = register_family(MethodFamily(
         name="evit",
         title="EViT: keep the attentive tokens, fuse the rest",
         owns=models_of(__name__),
-        flags=(
-            Flag("--base_keep_rate", "--base-keep-rate", type=float, kwarg="base_keep_rate",
-                 help="keep rate at the drop locations (model default 0.7)"),
-            Flag("--shrink_start_epoch", "--shrink-start-epoch", type=int, default=10,
-                 help="first epoch of the keep-rate warm-up"),
-        ),
-        training_hooks=lambda model, options: KeepRateWarmup(...),
+        flags=(Flag("--base_keep_rate", type=auto_or(float), kwarg="base_keep_rate", help="..."),),
+        reduction=Reduction("base_keep_rate", search),
+        hooks=KeepRateWarmup,              # (model, options) -> models.hooks.MethodHooks or None
+        examples=(Example("evit", model="deit_tiny_patch16_shrink_base", kwargs={...}),),
     ))
 
-Every callback receives the model and an `Options` namespace that holds this family's
-own flag values (by dest) plus the run-level values in `RUN_FIELDS` (`epochs`, `lr`,
-`weight_decay`, `input_size`), never the trainer's full argument namespace.
+`models/__init__.py` imports every module of the package, so a new in-tree family is one new
+file; a researcher's own file plugs in the same way with `--plugin my_module` (main.py,
+benchmark.py and the tools). Every callback receives an `Options` namespace holding this
+family's own flag values (by dest) plus `RUN_FIELDS`, never the trainer's full namespace.
 Flags with `kwarg=` default to None ("use the model's default") and are passed only when
 given. Callbacks raise `models.errors.ModelConfigError` for bad user input.
 """
@@ -44,14 +39,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from .errors import ModelConfigError
-
-from .hooks import CallbackHooks, CombinedHooks, TrainingHooks
+from .gmacs_search import search_continuous, search_merge_schedule, search_sequence
+from .hooks import CombinedHooks, MethodHooks
 
 __all__ = [
-    "Flag", "Command", "literal", "auto_or", "AUTO", "check_all_options", "import_plugins", "Reduction", "MethodFamily", "Options", "RUN_FIELDS",
-    "register_family", "families", "get_family", "family_of_model",
-    "patch_families", "active_families", "search_continuous", "search_sequence", "search_merge_schedule", "r_schedule", "models_of", "add_family_args",
-    "options_for", "model_kwargs", "apply_patches", "training_hooks",
+    "Flag", "Command", "Example", "literal", "auto_or", "AUTO", "r_schedule", "Reduction", "MethodFamily",
+    "Options", "RUN_FIELDS", "register_family", "families", "get_family", "family_of_model", "patch_families",
+    "active_families", "check_all_options", "import_plugins", "translate_argv", "models_of", "add_family_args",
+    "options_for", "model_kwargs", "apply_patches", "training_hooks", "example_options", "resolve_command",
+    "search_continuous", "search_sequence", "search_merge_schedule",
 ]
 
 # Run-level values every callback may read from its Options (besides its own flags).
@@ -141,10 +137,13 @@ class Command:
 
     `run(model, context)` gets a `SimpleNamespace` with `data_loader` (validation), `device`,
     `output_dir`, `batch_size`, `input_size`, `options`. With `exits=True` the run ends
-    after the command (status 0); otherwise training or evaluation continues.
+    after the command (status 0); otherwise training or evaluation continues. `run` may be
+    a "module:function" string naming an implementation outside `models/` (a tool that
+    draws images or times the model), which the trainer imports when the flag is given, so
+    this library never imports the layers above it.
     """
     dest: str
-    run: Callable[[nn.Module, SimpleNamespace], None]
+    run: Any
     exits: bool = True
     main_process_only: bool = True
     needs_data: bool = True
@@ -163,47 +162,53 @@ class Reduction:
     search: Callable[[Callable[[Any], nn.Module], float, Callable[[nn.Module], float]], Tuple[Any, float]]
 
 
+@dataclass(frozen=True)
+class Example:
+    """A tiny configuration of the family that the parametrized tests read.
+
+    `model`: a registered name (for a patch family, the model it patches); `kwargs`:
+    constructor kwargs that make it tiny; `flags`: main.py flags of the family's options
+    (e.g. `("--tome-r", "2")`); `train`: one synthetic epoch through main.py
+    (`tests/test_train_every_model.py`); `compile`: the modes in which `torch.compile` must
+    trace it without graph breaks and match eager (`tests/test_compile.py`).
+    """
+    name: str
+    model: str
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    flags: Tuple[str, ...] = ()
+    input_size: int = 32
+    train: bool = True
+    compile: Tuple[str, ...] = ("eval", "train")
+
+
 @dataclass
 class MethodFamily:
-    """Everything the trainer, benchmark and tools need from one method (see the module docstring)."""
+    """Everything the trainer, benchmark, tools and tests need from one method (module docstring)."""
     name: str
     title: str
     flags: Tuple[Flag, ...] = ()
+    # Model family: which registered names it builds (`models_of(__name__)`).
     owns: Optional[Callable[[str], bool]] = None
-    # Post-build patch (patch families): patch(model, options); applied when active(options).
+    # Patch family: patch(model, options) after the weights are loaded, when active(options).
     patch: Optional[Callable[[nn.Module, Options], None]] = None
     active: Optional[Callable[[Options], bool]] = None
-    # Checks of flag combinations before anything is built (raise ModelConfigError).
+    # Checks of flag values and combinations before anything is built (raise ModelConfigError).
     check_options: Optional[Callable[[Options], None]] = None
-    training_hooks: Optional[Callable[[nn.Module, Options], Optional[TrainingHooks]]] = None
-    # criterion -> criterion wrapping the loss (LTM's IB loss, LTMP's FLOPs regulariser).
-    wrap_criterion: Optional[Callable[[nn.Module, nn.Module, Options], nn.Module]] = None
-    # Optimizer parameter groups (LTMP: thresholds only); None = the trainer's default groups.
-    param_groups: Optional[Callable[[nn.Module, Options, List[float]], Optional[list]]] = None
-    after_optimizer_step: Optional[Callable[[nn.Module, Options], None]] = None
-    # Evaluation-time state for --eval (the dilution models evaluate at lambda 0).
-    prepare_eval: Optional[Callable[[nn.Module, Options], None]] = None
-    # State dict keys of the classifier, dropped by --finetune when their shape differs.
-    head_keys: Tuple[str, ...] = ()
-    # The state-dict filter for --finetune/--pretrained; default: the filter of timm's
-    # module that defines the base architecture (found from the registering module).
-    checkpoint_filter_fn: Optional[Callable[[dict, nn.Module], dict]] = None
-    ddp_find_unused_parameters: Optional[Callable[[nn.Module], bool]] = None
-    # None: the trainer's --train-mode decides; False: fine-tuning runs with model.train(False).
-    train_mode_when_finetuning: Optional[bool] = None
-    commands: Tuple[Command, ...] = ()
-    # One-line method state for progress lines and log.txt: {name: number}.
-    log_state: Optional[Callable[[nn.Module], Dict[str, float]]] = None
-    # End-of-training report: report(model, options, context) -> {name: value}, logged and
-    # written to log.txt (LTMP: the realised FLOPs ratio of the inference model).
-    report: Optional[Callable[[nn.Module, Options, SimpleNamespace], Dict[str, Any]]] = None
+    # The knob `--target-gmacs` solves for.
     reduction: Optional[Reduction] = None
-    # Defaults (dest -> value) for this family's models, applied below --cfg and the command
-    # line: the official recipe when the official code is not DeiT's main.py (LTMP's train.py).
+    # (model, options) -> MethodHooks or None: every training-time callback.
+    hooks: Optional[Callable[[nn.Module, Options], Optional[MethodHooks]]] = None
+    # Trainer defaults (dest -> value) for this family's models: the official recipe when the
+    # official trainer is not DeiT's main.py. --cfg and the command line still win.
     recipe: Dict[str, Any] = field(default_factory=dict)
-    # Constructor kwargs the trainer passes to every model (img_size, drop_rate, drop_path_rate)
-    # that this family's models do not take.
-    unsupported_kwargs: Tuple[str, ...] = ()
+    # An official launch line's argv rewritten into this project's flags, before parsing.
+    translate_argv: Optional[Callable[[List[str]], List[str]]] = None
+    # State-dict filter for --finetune / --pretrained; default: the filter of the timm module
+    # that defines the base architecture.
+    checkpoint_filter_fn: Optional[Callable[[dict, nn.Module], dict]] = None
+    # Extra actions switched on by the family's flags (a visualisation, a speed test).
+    commands: Tuple[Command, ...] = ()
+    examples: Tuple[Example, ...] = ()
     module: str = field(default="")
 
     def is_patch(self) -> bool:
@@ -369,20 +374,43 @@ def apply_patches(model: nn.Module, model_name: str, values) -> List[str]:
     return applied
 
 
-def training_hooks(model: nn.Module, model_name: str, values) -> TrainingHooks:
-    """The combined training hooks of the model's active families (with their log/step callbacks)."""
-    found: List[TrainingHooks] = []
+def training_hooks(model: nn.Module, model_name: str, values) -> CombinedHooks:
+    """The combined hooks of the model's active families."""
+    found: List[MethodHooks] = []
+    names: List[str] = []
     for family in active_families(model_name, values):
-        options = options_for(family, values)
-        if family.training_hooks is not None:
-            hook = family.training_hooks(model, options)
+        if family.hooks is not None:
+            hook = family.hooks(model, options_for(family, values))
             if hook is not None:
                 found.append(hook)
-        after_step = family.after_optimizer_step
-        if family.log_state is not None or after_step is not None:
-            found.append(CallbackHooks(family.log_state,
-                                       (lambda m, fn=after_step, o=options: fn(m, o)) if after_step else None))
-    return CombinedHooks(found)
+                names.append(family.name)
+    return CombinedHooks(found, names)
+
+
+def translate_argv(argv: Sequence[str]) -> List[str]:
+    """An official launch line's argv in this project's flags: every family's translator in turn."""
+    argv = list(argv)
+    for family in _FAMILIES.values():
+        if family.translate_argv is not None:
+            argv = list(family.translate_argv(argv))
+    return argv
+
+
+def resolve_command(command: Command) -> Callable[[nn.Module, SimpleNamespace], None]:
+    """The callable of `command.run` ("module:function" strings are imported now)."""
+    if callable(command.run):
+        return command.run
+    module_name, _, function = str(command.run).partition(":")
+    return getattr(importlib.import_module(module_name), function)
+
+
+def example_options(example: Example) -> Dict[str, Any]:
+    """The method option values (by dest) that an Example's flags give, every other method flag at
+    its default; trainer flags among them (`--lr`) are main.py's and ignored here."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_family_args(parser)
+    values, _trainer_flags = parser.parse_known_args(list(example.flags))
+    return vars(values)
 
 
 def import_plugins(module_names: Sequence[str]) -> None:
@@ -395,60 +423,6 @@ def import_plugins(module_names: Sequence[str]) -> None:
                 raise ModelConfigError(f"--plugin {name}: no such module on the Python path; "
                                        f"pass an importable module name (a file my_method.py -> my_method)") from None
             raise
-
-
-def search_continuous(low: float, high: float, build: Callable[[float], nn.Module], target: float,
-                      gmacs_of: Callable[[nn.Module], float], iterations: int = 14,
-                      decimals: int = 4) -> Tuple[float, float]:
-    """Bisection on a parameter whose GMACs grow with it (keep rate, compression ratio).
-
-    Returns (value, gmacs) of the closest value found; raises ModelConfigError when `target`
-    lies outside [gmacs(low), gmacs(high)].
-    """
-    g_low, g_high = gmacs_of(build(low)), gmacs_of(build(high))
-    _check_reachable(target, g_low, g_high)
-    best = min(((low, g_low), (high, g_high)), key=lambda item: abs(item[1] - target))
-    for _ in range(iterations):
-        mid = round((low + high) / 2, decimals)
-        if mid in (low, high):
-            break
-        g_mid = gmacs_of(build(mid))
-        if abs(g_mid - target) < abs(best[1] - target):
-            best = (mid, g_mid)
-        if g_mid < target:
-            low = mid
-        else:
-            high = mid
-    return best
-
-
-def search_sequence(candidates: Sequence[Any], build: Callable[[Any], nn.Module], target: float,
-                    gmacs_of: Callable[[nn.Module], float]) -> Tuple[Any, float]:
-    """Binary search over candidates ordered from most to least reduction (GMACs increasing)."""
-    if not candidates:
-        raise ModelConfigError("no reduction setting to search")
-    g_first, g_last = gmacs_of(build(candidates[0])), gmacs_of(build(candidates[-1]))
-    _check_reachable(target, g_first, g_last)
-    low, high = 0, len(candidates) - 1
-    results = {low: g_first, high: g_last}
-    while high - low > 1:
-        mid = (low + high) // 2
-        results[mid] = gmacs_of(build(candidates[mid]))
-        if results[mid] < target:
-            low = mid
-        else:
-            high = mid
-    best = min((low, high), key=lambda i: abs(results[i] - target))
-    return candidates[best], results[best]
-
-
-def _check_reachable(target: float, g_min: float, g_max: float) -> None:
-    if target > g_max * 1.0005:
-        raise ModelConfigError(f"--target-gmacs {target:g} is above the unreduced model ({g_max:.3f} GMACs); "
-                               f"pass a value at most {g_max:.3f}")
-    if target < g_min * 0.9995:
-        raise ModelConfigError(f"--target-gmacs {target:g} is below what the method reaches ({g_min:.3f} GMACs "
-                               f"at its strongest setting); pass a value of at least {g_min:.3f}")
 
 
 AUTO = "auto"
@@ -486,62 +460,3 @@ def r_schedule(text) -> Any:
     if (isinstance(value, int) and value < 0) or (isinstance(value, (list, tuple)) and any(v < 0 for v in value)):
         raise argparse.ArgumentTypeError(f"{text!r}: r must be >= 0")
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def search_merge_schedule(build: Callable[[Any], nn.Module], target: float,
-                          gmacs_of: Callable[[nn.Module], float], depth: int, max_r: int) -> Tuple[Any, float]:
-    """--target-gmacs for ToMe-style r: the constant r that brackets the target, then per-block
-    lists between r + 1 and r: the first k blocks at r + 1 (bisection on k), then the (k + 1)-th
-    extra merge moved block by block towards the end (bisection on its block: a later merge
-    saves less). The closest schedule seen is returned (an int when it is constant).
-
-    The second step matters when a block's merge is a large share of the model (few tokens,
-    many blocks): one more token merged in block 0 removes it from every later block, in the
-    last block from that block's MLP only, so the step between neighbours is one token in one
-    block rather than one token in every remaining block.
-    """
-    constant = list(range(max_r, -1, -1))
-    r, gmacs = search_sequence(constant, build, target, gmacs_of)
-    lower = r if gmacs >= target else r - 1  # GMACs fall with r: GMACs(lower) >= target >= GMACs(lower + 1)
-    if lower < 0 or lower >= max_r or depth < 1:
-        return r, gmacs
-    seen: Dict[Tuple[int, ...], float] = {}
-
-    def measure(extra: Sequence[int]) -> float:
-        schedule = tuple(lower + 1 if block in extra else lower for block in range(depth))
-        if schedule not in seen:
-            seen[schedule] = gmacs_of(build(list(schedule)))
-        return seen[schedule]
-
-    # first k blocks at r + 1: GMACs fall as k grows; find GMACs(k = lo) >= target > GMACs(k = lo + 1)
-    lo, hi = 0, depth
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if measure(range(mid)) >= target:
-            lo = mid
-        else:
-            hi = mid
-    # the first lo blocks at r + 1 plus one more at block p (p = lo .. depth - 1; p = lo is k = lo + 1):
-    # GMACs grow with p
-    low, high = lo, depth  # high = depth stands for "no extra block" (k = lo)
-    while high - low > 1:
-        mid = (low + high) // 2
-        if measure(list(range(lo)) + [mid]) >= target:
-            high = mid
-        else:
-            low = mid
-    if not seen:  # one block: the constant r is every schedule there is
-        return r, gmacs
-    schedule, best = min(seen.items(), key=lambda item: abs(item[1] - target))
-    if abs(best - target) >= abs(gmacs - target):
-        return r, gmacs
-    if all(v == schedule[0] for v in schedule):
-        return schedule[0], best
-    return list(schedule), best
-    lists = [[lower + 1] * k + [lower] * (depth - k) for k in range(depth, -1, -1)]
-    best, best_gmacs = search_sequence(lists, build, target, gmacs_of)
-    if abs(best_gmacs - target) < abs(gmacs - target):
-        if all(v == best[0] for v in best):
-            return best[0], best_gmacs
-        return best, best_gmacs
-    return r, gmacs

@@ -48,9 +48,11 @@ from timm.models.vision_transformer import (
     Block, VisionTransformer, checkpoint_filter_fn as vit_filter_fn)
 
 from .errors import ModelConfigError
-from .token_ops import neighbor_dot, neighbor_merge, neighbor_unmerge
+from .token_ops import StateSlot, neighbor_dot, neighbor_merge, neighbor_unmerge
 
 from . import family
+from .hooks import MethodHooks
+from .ltm_ib_loss import build_ib_criterion
 
 __all__ = [
     "LTMMaskModule", "MaskState", "LTMState", "CandidateTable", "merged_grid", "candidate_table",
@@ -246,16 +248,8 @@ class LTMState:
     prev: Optional[MaskState] = None
 
 
-class _StateSlot:
-    """Holds the LTMState of the chain being run; one per chain owner, shared with its blocks."""
-    __slots__ = ("state",)
-
-    def __init__(self):
-        self.state: Optional[LTMState] = None
-
-
 def _share_slot(owner: nn.Module, blocks) -> None:
-    slot = _StateSlot()
+    slot = StateSlot()
     owner._ltm_slot = slot
     for block in blocks:
         if isinstance(getattr(block, "mask_module", None), LTMMaskModule):
@@ -267,7 +261,7 @@ def _current_state(block: nn.Module) -> Optional[LTMState]:
     return None if slot is None else slot.state
 
 
-def _chain_step(slot: _StateSlot, block: nn.Module, x: torch.Tensor, state: LTMState):
+def _chain_step(slot: StateSlot, block: nn.Module, x: torch.Tensor, state: LTMState):
     """``block(x)`` with a copy of ``state`` in ``slot`` -> (output, the state after the block).
 
     ``state`` itself is left as given, so a checkpointed step re-runs identically.
@@ -281,7 +275,7 @@ def _chain_step(slot: _StateSlot, block: nn.Module, x: torch.Tensor, state: LTMS
     return x, step
 
 
-def _run_chain(slot: _StateSlot, blocks, x: torch.Tensor, state: LTMState, checkpointing: bool = False):
+def _run_chain(slot: StateSlot, blocks, x: torch.Tensor, state: LTMState, checkpointing: bool = False):
     """x through ``blocks`` in order (each through ``__call__``), the mask chain carried in ``state``."""
     for block in blocks:
         if checkpointing and not torch.jit.is_scripting():
@@ -302,7 +296,7 @@ class LTMBlock(Block):
     ``LTMState`` of the chain running it (timm's ``Tensor -> Tensor`` forward is kept). Below
     ratio 1 it runs only inside its model, which knows the grid.
     """
-    _ltm_slot: Optional[_StateSlot] = None
+    _ltm_slot: Optional[StateSlot] = None
 
     def __init__(self, *args, compression_ratio: float = 0.8, **kwargs):
         super().__init__(*args, **kwargs)
@@ -334,7 +328,7 @@ class LTMSwinBlock(SwinTransformerBlock):
     and handed to the stage's ``LTMState`` (alone: uniform prior). Window attention (``_attn``)
     is untouched; merging happens after it and the full grid is restored before returning.
     """
-    _ltm_slot: Optional[_StateSlot] = None
+    _ltm_slot: Optional[StateSlot] = None
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path2(self.mlp(self.norm2(x)))
@@ -421,7 +415,7 @@ class LTMEfficientVitBlock(EfficientVitBlock):
     Z + restore(MBConv(merge(Z))) replacing local_module's identity shortcut; forward(x) -> x as
     timm's, the previous mask taken from and handed to the stage's ``LTMState``.
     """
-    _ltm_slot: Optional[_StateSlot] = None
+    _ltm_slot: Optional[StateSlot] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.context_module(x)
@@ -710,12 +704,16 @@ def _family_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     return _ltm_filter_fn(base)(state_dict, model)
 
 
-def _family_wrap_criterion(criterion: nn.Module, model: nn.Module, options) -> nn.Module:
-    if not (options.ib_weight or 0) > 0 or not getattr(model, "supports_ib_loss", False):
-        return criterion
-    import ib_loss  # the IB loss is training-only; models import it only when it is asked for
+class LTMHooks(MethodHooks):
+    """The information-bottleneck loss (when `--ib-weight` > 0) and DDP's unused-parameter flag."""
 
-    return ib_loss.build_ib_criterion(criterion, model, options)
+    def wrap_criterion(self, criterion: nn.Module, model: nn.Module) -> nn.Module:
+        if not (self.options.ib_weight or 0) > 0 or not getattr(model, "supports_ib_loss", False):
+            return criterion
+        return build_ib_criterion(criterion, model, self.options)
+
+    def ddp_find_unused_parameters(self, model: nn.Module) -> bool:
+        return bool(getattr(model, "ddp_find_unused_parameters", False))
 
 
 def _search_ratio(build, target, gmacs_of):
@@ -737,8 +735,21 @@ FAMILY = family.register_family(family.MethodFamily(
         family.Flag("--ib-input-clusters", choices=("none", "kmeans"), default="none",
                     help="cluster the input images for the IB loss (none: one cluster per class)"),
     ),
-    wrap_criterion=_family_wrap_criterion,
-    ddp_find_unused_parameters=lambda model: bool(getattr(model, "ddp_find_unused_parameters", False)),
+    hooks=LTMHooks,
     checkpoint_filter_fn=_family_filter_fn,
     reduction=family.Reduction("compression_ratio", _search_ratio),
+    examples=(
+        family.Example("ltm_vit", model="ltm_vit_small_patch16_224",
+                       kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8), flags=("--compression-ratio", "0.8")),
+        family.Example("ltm_swin", model="ltm_swin_tiny_patch4_window7_224", input_size=64, compile=(),
+                       kwargs=dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)),
+        family.Example("ltm_vit_base", model="ltm_vit_base_patch16_224", compile=(),
+                       kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8)),
+        family.Example("ltm_swin_base", model="ltm_swin_base_patch4_window7_224", input_size=64, compile=(),
+                       kwargs=dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)),
+        family.Example("ltm_mobilevit", model="ltm_mobilevit_xs", input_size=64, compile=()),
+        family.Example("ltm_mobilevit_s", model="ltm_mobilevit_s", input_size=64, compile=()),
+        family.Example("ltm_efficientvit", model="ltm_efficientvit_b1", input_size=64, compile=(),
+                       kwargs=dict(widths=(8, 8, 16, 16, 32), depths=(1, 1, 1, 2, 2), head_dim=8, head_widths=(32, 32))),
+    ),
 ))

@@ -55,6 +55,7 @@ from torch import nn
 from . import family as _family
 from . import token_ops
 from .errors import ModelConfigError
+from .hooks import MethodHooks
 
 __all__ = [
     "LTMPVisionTransformer", "InferenceLTMPVisionTransformer", "LTMPBlock", "InferenceLTMPBlock",
@@ -1655,34 +1656,44 @@ def _family_check_options(options) -> None:
         raise ModelConfigError(f"--ltmp-flops-images must be >= 0 (0: no report), got {options.ltmp_flops_images}")
 
 
-def _family_wrap_criterion(criterion: nn.Module, model: nn.Module, options) -> nn.Module:
-    if not _is_masked(model):
-        return criterion
-    return LTMPCriterion(criterion, model, reduction_target=options.reduction_target,
-                         reg_scale=options.reg_scale, cls_scale=options.cls_scale)
+class LTMPHooks(MethodHooks):
+    """The masked models' recipe: the FLOPs-regularised loss, threshold-only parameter groups,
+    thresholds clamped after each step, the realised FLOPs ratio of the inference twin at the
+    end; the thresholds (and the masks' FLOPs ratio) in progress lines for every LTMP model."""
 
+    def wrap_criterion(self, criterion: nn.Module, model: nn.Module) -> nn.Module:
+        if not _is_masked(model):
+            return criterion
+        options = self.options
+        return LTMPCriterion(criterion, model, reduction_target=options.reduction_target,
+                             reg_scale=options.reg_scale, cls_scale=options.cls_scale)
 
-def _family_param_groups(model: nn.Module, options, lrs: List[float]) -> Optional[list]:
-    if not _is_masked(model):
-        return None  # inference models are not trained by the recipe: the trainer's default groups
-    return threshold_param_groups(model, lrs, weight_decay=options.weight_decay or 0.0)
+    def param_groups(self, model: nn.Module, lrs: List[float]) -> Optional[list]:
+        if not _is_masked(model):
+            return None  # inference models are not trained by the recipe: the trainer's default groups
+        return threshold_param_groups(model, lrs, weight_decay=self.options.weight_decay or 0.0)
 
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        if _is_masked(model) and (self.options.reg_scale or 0) > 0:
+            clamp_thresholds(model)
 
-def _family_after_step(model: nn.Module, options) -> None:
-    if _is_masked(model) and (options.reg_scale or 0) > 0:
-        clamp_thresholds(model)
+    def ddp_find_unused_parameters(self, model: nn.Module) -> bool:
+        # with --reg-scale 0 the last block's thresholds reach no loss term
+        return _is_masked(model)
 
+    def log_state(self, model: nn.Module) -> Dict[str, float]:
+        if not isinstance(model, _ThresholdAPI):
+            return {}
+        thresholds = model.thresholds()
+        state = {"merge_thr": sum(thresholds["merge"]) / len(thresholds["merge"]),
+                 "prune_thr": sum(thresholds["prune"]) / len(thresholds["prune"])}
+        masks = getattr(model, "masks", None)
+        if masks:
+            state["flops_r"] = float(model_flops_ratio(model)([m.detach() for m in masks]))
+        return state
 
-def _family_log_state(model: nn.Module) -> Dict[str, float]:
-    if not isinstance(model, _ThresholdAPI):
-        return {}
-    thresholds = model.thresholds()
-    state = {"merge_thr": sum(thresholds["merge"]) / len(thresholds["merge"]),
-             "prune_thr": sum(thresholds["prune"]) / len(thresholds["prune"])}
-    masks = getattr(model, "masks", None)
-    if masks:
-        state["flops_r"] = float(model_flops_ratio(model)([m.detach() for m in masks]))
-    return state
+    def report(self, model: nn.Module, context) -> Dict[str, object]:
+        return _family_report(model, self.options, context)
 
 
 def _sampled_images(loader, count: int, seed: int = 0) -> Iterable[torch.Tensor]:
@@ -1774,6 +1785,27 @@ class _CloseEnough(Exception):
     """Ends the threshold bisection early (caught in `search_threshold`)."""
 
 
+def _examples():
+    """Every LTMP model: ViTs tiny at 32 px, hybrids at 64 px (EfficientViT narrowed); the masked models
+    train their thresholds (official lrs), the inference ones with the trainer's default groups."""
+    import timm
+
+    tiny_vit = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8)
+    narrow_efficientvit = dict(widths=(8, 8, 16, 16, 32), depths=(1, 1, 1, 2, 2), head_dim=8, head_widths=(32, 32))
+    compiled = {"ltmp_deit_tiny_patch16_224": dict(depth=3), "inference_ltmp_deit_tiny_patch16_224": dict(depth=3),
+                "ltmp_efficientvit_b1": {}}
+    found = []
+    for name in timm.list_models(module=__name__.rsplit(".", 1)[-1]):
+        base = name.split("ltmp_", 1)[1]
+        kwargs, size = (narrow_efficientvit, 64) if base.startswith("efficientvit") else (
+            ({}, 64) if base.startswith("mobilevit") else (tiny_vit, 32))
+        flags = ("--ltmp-flops-images", "2") + (("--lr", "0.000005", "0.005") if name.startswith("ltmp_") else ())
+        modes = () if name not in compiled else (("eval",) if name.startswith("inference_") else ("eval", "train"))
+        found.append(_family.Example(name, model=name, kwargs=dict(kwargs, **compiled.get(name, {})), flags=flags,
+                                     input_size=size, compile=modes))
+    return tuple(found)
+
+
 FAMILY = _family.register_family(_family.MethodFamily(
     name="ltmp",
     title="LTMP: learned thresholds token merging and pruning",
@@ -1799,11 +1831,7 @@ FAMILY = _family.register_family(_family.MethodFamily(
                           "FLOPs on (official 1000; 0: no report)"),
     ),
     check_options=_family_check_options,
-    wrap_criterion=_family_wrap_criterion,
-    param_groups=_family_param_groups,
-    after_optimizer_step=_family_after_step,
-    log_state=_family_log_state,
-    report=_family_report,
+    hooks=LTMPHooks,
     checkpoint_filter_fn=checkpoint_filter_fn,
     reduction=_family.Reduction("ltmp_threshold", search_threshold),
     # The official trainer is timm's train.py with LTMP's defaults (spec section 6), not DeiT's
@@ -1813,6 +1841,5 @@ FAMILY = _family.register_family(_family.MethodFamily(
                 smoothing=0.1, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, batch_size=128, unscale_lr=True,
                 repeated_aug=False, model_ema=False, drop_path=0.0, color_jitter=0.4, cooldown_epochs=0,
                 min_lr=0.0, warmup_lr=1e-5, eval_every=1),
-    # with --reg-scale 0 the last block's thresholds reach no loss term
-    ddp_find_unused_parameters=_is_masked,
+    examples=_examples(),
 ))

@@ -464,7 +464,8 @@ def raftmlp_org_mixer(pretrained: bool = False, **kwargs) -> RaftMLP:
 
 
 # ---------------------------------------------------------------------------
-# Method family: no method flags; the classifier is `classifier`, the size fixed by the grid
+# Method family: no method flags (the classifier is `classifier`, one of the factory's head names;
+# the constructor takes no img_size, so the factory never passes it)
 # ---------------------------------------------------------------------------
 
 from . import family as _family  # noqa: E402
@@ -473,6 +474,11 @@ FAMILY = _family.register_family(_family.MethodFamily(
     name="raftmlp",
     title="RaftMLP",
     owns=_family.models_of(__name__),
-    head_keys=("classifier.weight", "classifier.bias"),
-    unsupported_kwargs=("img_size",),
+    examples=tuple(
+        _family.Example(name, model=name, kwargs=dict(
+            layers=[dict(depth=1, dim=16, patch_size=8)] if name == "raftmlp_org_mixer" else
+            [dict(depth=1, dim=16, patch_size=8, raft_size=2, embedding_kernels=[8])], pretrained_image_size=32),
+            compile=("eval", "train") if name == "raftmlp_s" else ())
+        for name in ("raftmlp_s", "raftmlp_m", "raftmlp_l", "raftmlp_org_mixer")
+    ),
 ))

@@ -41,7 +41,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import family
 from .errors import ModelConfigError
-from .hooks import TrainingHooks
+from .hooks import MethodHooks
 
 _logger = logging.getLogger(__name__)
 
@@ -366,11 +366,25 @@ def shrink_checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     return state_dict
 
 
-class LambdaScheduleHooks(TrainingHooks):
-    """Per-epoch lambda schedule and the lambda-0 rule for `best_checkpoint.pth`."""
+class LambdaScheduleHooks(MethodHooks):
+    """Per-epoch lambda schedule, the lambda-0 rule for `best_checkpoint.pth`, evaluation at the
+    last epoch's lambda (as lambda_vit evaluates), and lambda in progress lines."""
 
-    def __init__(self, decay_epochs: int = OFFICIAL_LAMBDA_DECAY_EPOCHS):
+    def __init__(self, decay_epochs: int = OFFICIAL_LAMBDA_DECAY_EPOCHS, epochs: int = 1):
+        super().__init__()
         self.decay_epochs = decay_epochs
+        self.epochs = epochs
+
+    def prepare_eval(self, model: nn.Module) -> None:
+        # lambda_vit evaluates at epoch = epochs - 1 (lambda 0 for the dilution models).
+        self.on_epoch_start(model, self.epochs - 1)
+
+    def log_state(self, model: nn.Module) -> dict:
+        lambda_model = _lambda_model(model)
+        return {f"lambda_b{i}": lambda_model.blocks[i].attention_weight() for i in lambda_model.prune_layer}
+
+    def ddp_find_unused_parameters(self, model: nn.Module) -> bool:
+        return _unused_parameters(model)
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         _lambda_model(model).set_lambda(lambda_at_epoch(epoch, self.decay_epochs))
@@ -488,27 +502,23 @@ def deit_base_patch16_224_shrink(pretrained: bool = False, **kwargs) -> ShrinkVi
 # Method family: flags, hooks and evaluation state the trainer discovers
 # ---------------------------------------------------------------------------
 
-def _family_hooks(model: nn.Module, options) -> Optional[TrainingHooks]:
+def _unused_parameters(model: nn.Module) -> bool:
+    # blocks without attention leave their attention parameters (if any) without gradients
+    return bool(getattr(model, "ddp_find_unused_parameters", False))
+
+
+class DeployedShrinkHooks(MethodHooks):
+    def ddp_find_unused_parameters(self, model: nn.Module) -> bool:
+        return _unused_parameters(model)
+
+
+def _family_hooks(model: nn.Module, options) -> MethodHooks:
     if _lambda_model(model) is None:
-        return None
+        return DeployedShrinkHooks()
     if options.lambda_decay_epochs <= 0:
         raise family.ModelConfigError(f"--lambda-decay-epochs={options.lambda_decay_epochs} must be positive "
                                       f"(official value {OFFICIAL_LAMBDA_DECAY_EPOCHS})")
-    return LambdaScheduleHooks(options.lambda_decay_epochs)
-
-
-def _family_prepare_eval(model: nn.Module, options) -> None:
-    # lambda_vit evaluates at epoch = epochs - 1 (lambda 0 for the dilution models).
-    hooks = _family_hooks(model, options)
-    if hooks is not None:
-        hooks.on_epoch_start(model, int(options.epochs or 1) - 1)
-
-
-def _family_log_state(model: nn.Module) -> dict:
-    lambda_model = _lambda_model(model)
-    if lambda_model is None:
-        return {}
-    return {f"lambda_b{i}": lambda_model.blocks[i].attention_weight() for i in lambda_model.prune_layer}
+    return LambdaScheduleHooks(options.lambda_decay_epochs, int(options.epochs or 1))
 
 
 FAMILY = family.register_family(family.MethodFamily(
@@ -525,9 +535,16 @@ FAMILY = family.register_family(family.MethodFamily(
         family.Flag("--lambda-decay-epochs", type=int, default=OFFICIAL_LAMBDA_DECAY_EPOCHS,
                     help="lambda = max(0, 1 - epoch / N) (official hard-coded 299)"),
     ),
-    training_hooks=_family_hooks,
-    prepare_eval=_family_prepare_eval,
-    ddp_find_unused_parameters=lambda model: bool(getattr(model, "ddp_find_unused_parameters", False)),
-    log_state=_family_log_state,
+    hooks=_family_hooks,
     checkpoint_filter_fn=shrink_checkpoint_filter_fn,
+    examples=tuple(
+        family.Example(name, model=name, kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8),
+                       flags=("--prune_layer", "[0]", "--done_layer", "[1]"), compile=("eval", "train") if name == "deit_tiny_patch16_224_copy_lambda" else ())
+        for name in ("deit_tiny_patch16_224_copy_lambda", "deit_small_patch16_224_copy_lambda",
+                     "deit_base_patch16_224_copy_lambda", "deit_base_patch16_224_attn")
+    ) + tuple(
+        family.Example(name, model=name, kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8),
+                       flags=("--done_layer", "[0]"), compile=("eval", "train") if name == "deit_tiny_patch16_224_shrink" else ())
+        for name in ("deit_tiny_patch16_224_shrink", "deit_small_patch16_224_shrink", "deit_base_patch16_224_shrink")
+    ),
 ))

@@ -117,13 +117,6 @@ def _family_patch(model: nn.Module, options) -> None:
     patch(model, r=options.tofu_r, start_idx=int(options.tofu_start_idx or 0), mlerp=options.tofu_mlerp)
 
 
-def _family_log_state(model: nn.Module) -> dict:
-    if not is_patched(model):
-        return {}
-    r = model._tome_cfg.r
-    return {"tofu_r": r if isinstance(r, int) else float(sum(r)) / max(len(r), 1)}
-
-
 FAMILY = _family.register_family(_family.MethodFamily(
     name="tofu",
     title="ToFu: token fusion, prune early and MLERP-merge late (a patch applied to supported models)",
@@ -139,6 +132,10 @@ FAMILY = _family.register_family(_family.MethodFamily(
     patch=_family_patch,
     active=_family_active,
     check_options=_family_check,
-    log_state=_family_log_state,
+    hooks=tome.MergeScheduleHooks,
     reduction=_family.Reduction("tofu_r", tome._search_r),
+    examples=(
+        _family.Example("tofu", model="deit_tiny_patch16_224", kwargs=dict(depth=4, embed_dim=32, num_heads=2,
+                                                                          patch_size=8), flags=("--tofu-r", "3")),
+    ),
 ))

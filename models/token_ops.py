@@ -18,6 +18,10 @@ Shared by several methods: `attention_with_keys`, a timm attention forward (fuse
 optional proportional attention) that also returns queries and keys; and LTM's
 neighbourhood merging over a `[N, T]` candidate table (`neighbor_merge`,
 `neighbor_unmerge`, `neighbor_dot` and the differentiable gather/scatter sums).
+
+One holder of per-forward state, `StateSlot`: a model makes its method's state object
+(sizes, sources, kept indices) at the start of its forward, puts it in the slot it shares
+with its blocks, and clears it at the end, so blocks keep timm's `Tensor -> Tensor` forward.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "StateSlot",
     "selection_precision", "keep_count", "class_attention", "keep_topk_tokens", "complement_indices", "fuse_tokens",
     "track_token_positions",
     "BipartiteMatch", "bipartite_soft_matching", "merge_tokens", "unmerge_tokens", "merge_wavg",
@@ -36,6 +41,26 @@ __all__ = [
     "AttentionWithKeys", "attention_with_keys",
     "neighbor_dot", "neighbor_gather_sum", "neighbor_scatter_sum", "neighbor_merge", "neighbor_unmerge",
 ]
+
+
+class StateSlot:
+    """The per-forward state object of the forward in progress, shared by a model and its blocks.
+
+    `state` is None outside a forward. The model sets it in a try/finally (`open` / `close`),
+    which Dynamo traces; a nested call (forward -> forward_features) sees the outer state.
+    """
+    __slots__ = ("state",)
+
+    def __init__(self):
+        self.state = None
+
+    def open(self, state):
+        """Make `state` current; returns the previous one, to hand back to `close`."""
+        outer, self.state = self.state, state
+        return outer
+
+    def close(self, outer=None) -> None:
+        self.state = outer
 
 
 # ---------------------------------------------------------------------------

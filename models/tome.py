@@ -507,6 +507,7 @@ def _check_attention(attn: nn.Module) -> None:
 
 from . import family as _family  # noqa: E402  (the declaration below is the module's public contract)
 from .errors import ModelConfigError  # noqa: E402
+from .hooks import MethodHooks  # noqa: E402
 
 
 def _family_active(options) -> bool:
@@ -523,11 +524,16 @@ def _family_patch(model: nn.Module, options) -> None:
           prop_attn=not options.no_tome_prop_attn)
 
 
-def _family_log_state(model: nn.Module) -> dict:
-    if not is_patched(model):
-        return {}
-    r = model._tome_cfg.r
-    return {"tome_r": r if isinstance(r, int) else float(sum(r)) / max(len(r), 1)}
+class MergeScheduleHooks(MethodHooks):
+    """The patch's r (its mean over blocks for a per-block list) in progress lines and log.txt,
+    under the name `<method>_r` of the patch applied (ToMe or ToFu)."""
+
+    def log_state(self, model: nn.Module) -> dict:
+        if not isinstance(model, ToMeModelMixin):
+            return {}
+        cfg = model._tome_cfg
+        r = cfg.r
+        return {f"{cfg.method}_r": r if isinstance(r, int) else float(sum(r)) / max(len(r), 1)}
 
 
 def _search_r(build, target, gmacs_of):
@@ -558,6 +564,11 @@ FAMILY = _family.register_family(_family.MethodFamily(
     patch=_family_patch,
     active=_family_active,
     check_options=_family_check,
-    log_state=_family_log_state,
+    hooks=MergeScheduleHooks,
     reduction=_family.Reduction("tome_r", _search_r),
+    examples=(
+        _family.Example("tome", model="deit_tiny_patch16_224", kwargs=dict(depth=3, embed_dim=32, num_heads=2,
+                                                                          patch_size=8), flags=("--tome-r", "3")),
+        _family.Example("tome_mobilevit", model="mobilevit_xs", input_size=64, flags=("--tome-r", "2"), train=False),
+    ),
 ))

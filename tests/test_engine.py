@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import main
-from models.hooks import TrainingHooks
+from models.hooks import MethodHooks
 from engine import NonFiniteLossError, RunState, TrainingInterrupted, evaluate, train_one_epoch
 from losses import DistillationLoss
 from utils.distributed import StopRequest
@@ -78,7 +78,7 @@ def test_no_weight_decay_groups():
     assert all(g["weight_decay"] == 0.05 for g in everything.param_groups)
 
 
-class _RecordingHooks(TrainingHooks):
+class _RecordingHooks(MethodHooks):
     def __init__(self):
         self.steps = []
 

@@ -12,7 +12,6 @@ from torch import nn
 import models  # noqa: F401  (registers the models)
 from models import evit
 from models.errors import ModelConfigError
-from models.hooks import build_training_hooks
 
 
 TINY = dict(embed_dim=48, num_heads=3, num_classes=10)
@@ -214,7 +213,9 @@ def test_keep_rate_schedule():
 def test_training_hooks_apply_schedule():
     model, _ = make_pair()
     args = argparse.Namespace(base_keep_rate=None, shrink_start_epoch=1, shrink_epochs=2)
-    hooks = build_training_hooks(model, args)
+    from models import family
+    hooks = evit.FAMILY.hooks(model, family.options_for(evit.FAMILY, args))
+    assert hooks.log_state(model) == {"keep_rate": 0.7}
     hooks.on_step_start(model, 0, 5, 10)
     assert model.runtime_keep_rate == 1.0
     hooks.on_step_start(model, 2, 0, 10)
@@ -225,9 +226,8 @@ def test_training_hooks_apply_schedule():
     with torch.no_grad():
         assert torch.equal(model(x), model(x, keep_rate=0.7))
     model.set_keep_rate(None)
-    from models import family
     plain = timm.create_model("deit_tiny_patch16_224", **TINY)
-    assert evit.FAMILY.training_hooks(plain, family.options_for(evit.FAMILY, args)) is None
+    assert evit.FAMILY.hooks(plain, family.options_for(evit.FAMILY, args)) is None
 
 
 def test_runtime_keep_rate_set():

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
-import ib_loss
+from models import ltm_ib_loss as ib_loss
 import models  # noqa: F401
-from ib_loss import (
+from models.ltm_ib_loss import (
     InformationBottleneckLoss, build_ib_criterion, cluster_scores, ib_per_sample, kmeans, mutual_information,
     variational_table)
 from losses import DistillationLoss
@@ -179,7 +179,7 @@ def test_cluster_count_is_capped_by_the_number_of_samples(caplog):
     criterion = build_ib_criterion(ce_chain(), model, args_for())
     criterion.num_clusters = 1000
     criterion.kmeans_iters, criterion.kmeans_redo = 2, 1
-    with caplog.at_level(logging.INFO, logger="ib_loss"):
+    with caplog.at_level(logging.INFO, logger="models.ltm_ib_loss"):
         criterion.on_epoch_start(model, tiny_loader(n_batches=2), 0, torch.device("cpu"))
     assert criterion.feature_centroids.shape[0] == 8
     assert "using K=8" in caplog.text

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+import models  # noqa: F401  (registers the LTM models)
 from losses import BinarizedTargetBCE, DistillationLoss, build_criterion
 
 
@@ -81,10 +82,13 @@ def test_build_criterion_choice():
     assert isinstance(build_criterion(_args(bce_loss=True), model, True, None).base_criterion, BinarizedTargetBCE)
 
 
-def test_ib_wrapper_only_for_models_that_support_it():
-    model = torch.nn.Linear(2, 2)  # no supports_ib_loss: ib_loss must not even be imported
+def test_build_criterion_adds_no_method_loss():
+    """LTM's IB loss is added by the LTM hooks alone (it used to be wrapped twice)."""
+    import timm
+    model = timm.create_model("ltm_vit_small_patch16_224", depth=1, embed_dim=32, num_heads=2, patch_size=8,
+                              img_size=32, num_classes=4)
     crit = build_criterion(_args(ib_weight=0.1), model, False, None)
-    assert isinstance(crit, DistillationLoss)
+    assert type(crit) is DistillationLoss
 
 
 def test_bce_binarises_soft_and_hard_targets():
@@ -125,3 +129,21 @@ def test_distilled_student_trains_with_hard_distillation():
                             torch.device("cpu"), 0, None, args=args)
     assert not torch.equal(student.head_dist.weight, before)  # the distillation head got a gradient
     assert stats["loss"] > 0
+
+
+def test_ltm_training_run_wraps_the_ib_loss_once():
+    """The criterion of an LTM training run holds one IB loss around the distillation wrapper."""
+    import main
+    from models.ltm_ib_loss import InformationBottleneckLoss
+
+    args = main.parse_args([
+        "--model", "ltm_vit_small_patch16_224", "--model-kwargs",
+        "{'depth': 1, 'embed_dim': 32, 'num_heads': 2, 'patch_size': 8}", "--input-size", "32",
+        "--data-set", "SYNTHETIC", "--synthetic-train-size", "8", "--synthetic-val-size", "4", "--batch-size", "4",
+        "--num_workers", "0", "--device", "cpu", "--ib-weight", "0.1"])
+    run = main.build_run(args, torch.device("cpu"), 1, 0)
+    layers, criterion = [], run.criterion
+    while criterion is not None:
+        layers.append(type(criterion))
+        criterion = getattr(criterion, "base_criterion", None)
+    assert layers.count(InformationBottleneckLoss) == 1 and layers[0] is InformationBottleneckLoss

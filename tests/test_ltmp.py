@@ -654,15 +654,15 @@ def test_family_declares_the_recipe():
     assert kwargs == {"tau": 0.5}
     masked = tiny(depth=2)
     inference = tiny("inference_ltmp_deit_tiny_patch16_224", depth=2)
-    groups = fam.param_groups(masked, _options(), [1e-4, 1e-2])
+    groups = fam.hooks(masked, _options()).param_groups(masked, [1e-4, 1e-2])
     assert [g["lr"] for g in groups] == [1e-4, 1e-2]
-    assert fam.param_groups(inference, _options(), [1e-4]) is None
-    criterion = fam.wrap_criterion(torch.nn.Identity(), masked, _options())
+    assert fam.hooks(inference, _options()).param_groups(inference, [1e-4]) is None
+    criterion = fam.hooks(masked, _options()).wrap_criterion(torch.nn.Identity(), masked)
     assert isinstance(criterion, ltmp.LTMPCriterion) and criterion.reduction_target == 0.75
     set_thresholds(masked, 1.3, -0.1)
-    fam.after_optimizer_step(masked, _options(reg_scale=0.0))
+    fam.hooks(masked, _options(reg_scale=0.0)).after_optimizer_step(masked)
     assert masked.thresholds()["merge"] == [pytest.approx(1.3)] * 2  # no clamping without the regulariser
-    fam.after_optimizer_step(masked, _options())
+    fam.hooks(masked, _options()).after_optimizer_step(masked)
     assert masked.thresholds() == {"merge": [1.0, 1.0], "prune": [0.0, 0.0]}
     for bad in (dict(reduction_target=0.0), dict(reg_scale=-1.0), dict(tau=0.0), dict(ltmp_flops_images=-1)):
         with pytest.raises(ModelConfigError):
@@ -862,11 +862,17 @@ def test_no_report_line_when_the_flops_count_is_switched_off(tmp_path, caplog):
     import main
     args = main.parse_args(["--model", "ltmp_deit_tiny_patch16_224", "--ltmp-flops-images", "0", "--device", "cpu"])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images(4), torch.zeros(4)), batch_size=2)
-    run = SimpleNamespace(model_without_ddp=tiny(), val_loader=loader)
+    from models import family
+
+    def run_for(args):
+        model = tiny()
+        hooks = family.training_hooks(model, args.model, args)
+        return SimpleNamespace(model_without_ddp=model, val_loader=loader, parts=SimpleNamespace(hooks=hooks))
+
     log_path = tmp_path / "log.txt"
     caplog.set_level("INFO")
-    main.report_families(args, run, torch.device("cpu"), str(log_path))
+    main.report_families(args, run_for(args), torch.device("cpu"), str(log_path))
     assert not log_path.exists() and not [r for r in caplog.records if "ltmp report" in r.getMessage()]
     args.ltmp_flops_images = 2
-    main.report_families(args, run, torch.device("cpu"), str(log_path))
+    main.report_families(args, run_for(args), torch.device("cpu"), str(log_path))
     assert json.loads(log_path.read_text())["images"] == 2

@@ -11,7 +11,6 @@ import torch
 from timm.layers import DropPath
 
 import models  # noqa: F401
-from models.hooks import build_training_hooks
 from models.errors import ModelConfigError
 from models.shrink import (
     FAMILY, LambdaBlock, LambdaVisionTransformer, ShrinkBlock, ShrinkVisionTransformer, _lambda_block_fn,
@@ -22,7 +21,7 @@ from models.shrink import (
 def training_hooks(model, args):
     """The shrink family's hook factory, with the flag values of `args` as its options."""
     from models import family
-    return FAMILY.training_hooks(model, family.options_for(FAMILY, args))
+    return FAMILY.hooks(model, family.options_for(FAMILY, args))
 
 
 # 12 blocks (indices matter), tiny width, 32 px -> 4 patches + cls.
@@ -217,7 +216,7 @@ def test_check9_dropped_attention_path_leaves_two_minus_lambda_x(lam):
 
 def test_check10_best_checkpoint_only_at_lambda_zero():
     model = build("deit_tiny_patch16_224_copy_lambda", prune_layer=[0, 2, 4, 6])
-    hooks = build_training_hooks(model, argparse.Namespace(lambda_decay_epochs=299))
+    hooks = training_hooks(model, argparse.Namespace(lambda_decay_epochs=299))
     allowed = []
     for epoch in range(400):
         hooks.on_epoch_start(model, epoch)
@@ -473,10 +472,15 @@ def test_hooks_set_lambda_and_report_state():
     assert model.lambda_value == 0.0 and hooks.best_checkpoint_allowed(Wrapper(model))
 
 
-def test_hooks_only_for_lambda_models():
+def test_lambda_schedule_only_for_lambda_models():
+    from models.shrink import DeployedShrinkHooks, LambdaScheduleHooks
     args = argparse.Namespace(lambda_decay_epochs=299)
-    assert training_hooks(build("deit_tiny_patch16_224_shrink", done_layer=[0]), args) is None
-    assert training_hooks(build("deit_tiny_patch16_224", embed_dim=48, num_heads=3), args) is None
+    deployed = build("deit_tiny_patch16_224_shrink", done_layer=[0])
+    hooks = training_hooks(deployed, args)
+    assert isinstance(hooks, DeployedShrinkHooks) and not isinstance(hooks, LambdaScheduleHooks)
+    assert not hooks.ddp_find_unused_parameters(deployed) and hooks.log_state(deployed) == {}  # no attention params left
+    assert isinstance(training_hooks(build("deit_tiny_patch16_224_copy_lambda", prune_layer=[0]), args),
+                      LambdaScheduleHooks)
     with pytest.raises(ModelConfigError, match="--lambda-decay-epochs=-5 must be positive"):
         training_hooks(build("deit_tiny_patch16_224_copy_lambda"), argparse.Namespace(lambda_decay_epochs=-5))
     plain = build("deit_tiny_patch16_224_copy_lambda", done_layer=[1])

@@ -332,7 +332,7 @@ def test_family_flags_patch_and_check():
     model = make_vit(depth=4)
     assert "tofu" in family.apply_patches(model, "deit_small_patch16_224", args)
     assert tofu.is_patched(model) and model.r == [4, 4, 3] and model._tome_cfg.start_idx == 1
-    assert model._tome_cfg.fusion.mlerp == "opentome" and fam.log_state(model)["tofu_r"] == pytest.approx(11 / 3)
+    assert model._tome_cfg.fusion.mlerp == "opentome" and fam.hooks(model, None).log_state(model)["tofu_r"] == pytest.approx(11 / 3)
     with pytest.raises(ModelConfigError):
         fam.check_options(family.options_for(fam, parser.parse_args(["--tofu-start-idx", "2"])))
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from models import family
 from models.errors import ModelConfigError
-from models.hooks import TrainingHooks
+from models.hooks import MethodHooks
 
 
 class ToyViT(VisionTransformer):
@@ -42,7 +42,7 @@ def toy_vit(pretrained: bool = False, **kwargs) -> ToyViT:
     return build_model_with_cfg(ToyViT, "toy_vit", pretrained, **dict(model_args, **kwargs))
 
 
-class EpochRecorder(TrainingHooks):
+class EpochRecorder(MethodHooks):
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         model.epochs_seen.append(epoch)
 
@@ -60,7 +60,7 @@ TOY = family.register_family(family.MethodFamily(
     owns=family.models_of(__name__),
     flags=(family.Flag("--toy-logit-scale", type=float, kwarg="logit_scale",
                        help="scale of the toy model's logits (model default 1.0)"),),
-    training_hooks=_hooks,
+    hooks=_hooks,
 ))
 
 

@@ -94,6 +94,16 @@ def run_speed_test(model: nn.Module, args, device) -> dict:
     return {"inference_speed": throughput, "gmacs": gmacs}
 
 
+def speed_test_command(model: nn.Module, context) -> None:
+    """main.py's `--test_speed` / `--only_test_speed` (a command the EViT family names)."""
+    run_speed_test(model, context, context.device)
+
+
+def visualize_mask_command(model: nn.Module, context) -> None:
+    """main.py's `--visualize_mask`."""
+    visualize_mask(model, context.data_loader, context, context.device)
+
+
 def patch_states(idxs: List[torch.Tensor], num_patches: int, fused: bool) -> List[torch.Tensor]:
     """Per drop location, the state of every original patch: `[B, P]` with 1 = kept as
     its own token, 2 = inside a fused token (this location's or an earlier one that was

@@ -16,7 +16,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
+
+from models.compiling import unwrap_model  # noqa: F401  (one definition, in the model library)
+
 
 def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -32,19 +34,6 @@ def get_rank() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
-            hasattr(model, "module") and isinstance(model, nn.DataParallel)
-        ):
-            model = model.module
-        else:
-            return model
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -1,5 +1,5 @@
 """Information-bottleneck (IB) loss of LTM (Wang & Yang, "Efficient Visual Transformer by
-Learnable Token Merging", TPAMI 2025), as specified in ``shared/methods/ltm.md`` section 6.
+Learnable Token Merging", TPAMI 2025); the method page is ``docs/methods/ltm.md``.
 
 Soft cluster scores phi_k(v) = softmax_k(-beta * ||v/|v| - c_k||^2) against unit centroids c_k.
 Each epoch the pooled pre-logit features of the training set are clustered (eval mode, no grad)
@@ -11,7 +11,7 @@ pass. Per sample
 and the training loss is base + w * mean_i IB_i with w = ``--ib-weight`` from epoch
 floor(``--ib-warmup-ratio`` * epochs) on (0 before; IB is still computed and logged).
 
-Changes relative to the official ``train.py`` (ltm.md section 6, deviations 1-8): Q uses the
+Changes relative to the official ``train.py``: Q uses the
 new centroids; the clustering pass runs in eval mode under no_grad; features are L2-normalised
 before k-means; each rank clusters its shard (subsample gathered, k-means on rank 0, centroids
 broadcast, Q numerators and class counts all-reduced); Q is clamped at 1e-8 and the term is
@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from utils import distributed as dist_utils
+from .compiling import unwrap_model
 
 _logger = logging.getLogger(__name__)
 
@@ -155,10 +155,13 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 60, redo: int = 3, seed: int = 
 # ---------------------------------------------------------------------------------------------
 
 def _distributed() -> bool:
-    return dist_utils.is_dist_avail_and_initialized()
+    return dist.is_available() and dist.is_initialized()
 
 
-_all_reduce_sum = dist_utils.all_reduce_sum
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
@@ -182,7 +185,8 @@ def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:int(c.item())] for g, c in zip(gathered, counts)])
 
 
-_is_main = dist_utils.is_main_process
+def _is_main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
 
 
 def _subsample(rows: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
@@ -192,7 +196,7 @@ def _subsample(rows: torch.Tensor, limit: int, generator: torch.Generator) -> to
     return rows[keep.to(rows.device)]
 
 
-_unwrap = dist_utils.unwrap_model
+_unwrap = unwrap_model
 
 
 # ---------------------------------------------------------------------------------------------
