@@ -1,0 +1,628 @@
+"""ATS: "Adaptive Token Sampler For Efficient Vision Transformers" (Fayyaz et al., ECCV 2022,
+arXiv 2111.15667), faithful to the official code (adaptivetokensampling/ATS) with its batch
+dependence fixed. Page: docs/methods/ats.md.
+
+A parameter-free, in-place patch for timm `VisionTransformer`s with a class token (DeiT, ViT,
+distilled DeiT, the deployed attention-shrink models). Each block listed in `ats_blocks`
+becomes an ATS block; parameters and state dict are untouched and `unpatch` restores the
+original classes. Changes of an ATS block relative to timm's `Block`:
+
+* attention is computed explicitly over all n input tokens (the scores need the class row of
+  the probabilities): `A = softmax((q k^T) * scale)`, padded keys at weight 0;
+* significance score of patch j: `(sum over heads of A[h, 0, j]) * ||v_j||`, normalised over
+  the image's own patches, sorted ascending, cumulated, min-max normalised; `K - 1` points
+  spread from the smallest non-zero value to 1 pick their nearest cumulative value
+  (inverse-transform sampling); duplicated picks collapse, so each image keeps its own
+  number of tokens `1 + |picks| <= min(K, n)`;
+* only the kept rows of `A @ v`, the projection, the residual (kept rows of the block input)
+  and the MLP are computed; the sequence leaves as [class token, kept patches in ascending
+  score order];
+* the scores, cumulative sum and sample points are computed in float32 under bf16
+  (`token_ops.selection_precision`).
+
+Ordinary blocks run timm's forward on whatever tokens they receive (padded keys masked).
+
+Per-image results at any batch size (the official drop layout is batch dependent, spec
+section 6): images that keep fewer tokens than the longest of the batch are padded at the end
+of the sequence; padded rows are zero, excluded from every image's score distribution
+(sum, sort, cumulative sum, min / max, candidates) and masked as keys (weight exactly 0), so
+each image's logits equal those of the image alone while the batch still runs as one set of
+dense matmuls. `drop_tokens=False` is the official masked layout instead: the sequence keeps
+`min(K, rows)` rows, non-kept rows are zero and count as zero-score entries of later
+distributions (as the official code, which is batch independent in that layout).
+
+Per-forward state (padding mask, counts, kept positions) lives in one `ATSState` made by the
+patched model's forward; blocks keep timm's `Tensor -> Tensor` signature. After each forward
+`model._ats_info` holds `tokens` (`LongTensor [B, blocks run]`: real tokens, class token
+included, leaving each block) and `kept` ({ATS block index: `[B, L]` original patch index of
+each patch row, -1 for padding}).
+
+Also here: the per-image FLOPs formula (`ats_gmacs`), the filter for checkpoints written by the
+official trainer (`checkpoint_filter_fn`), the reader of the official SlowFast-style YAML
+configs and `SECTION.KEY VALUE` overrides (`translate_argv`), and the method family.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from numbers import Integral
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import ModelConfigError
+from .token_ops import selection_precision
+
+__all__ = [
+    "patch", "unpatch", "is_patched", "ATSConfig", "ATSState", "significance_scores", "sample_points",
+    "inverse_transform_sampling", "Sampling", "kept_rows", "ats_block_indices", "block_caps",
+    "ats_macs", "ats_gmacs", "padded_batch_gmacs", "checkpoint_filter_fn", "MIN_TOKENS",
+]
+
+MIN_TOKENS = 8  # the official block breaks below 8 reference tokens
+
+
+# ---------------------------------------------------------------------------
+# Kernels (pure functions; B images, M patch entries, S sample points)
+# ---------------------------------------------------------------------------
+
+def significance_scores(cls_attn: torch.Tensor, v: torch.Tensor, num_prefix: int = 1,
+                        real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Normalised significance scores of the patch tokens.
+
+    cls_attn `[B, H, N]`: attention probabilities of the class query (row 0) over the N keys;
+    v `[B, H, N, D]`: values (qkv bias included); real `[B, N]` bool or None: rows whose score
+    counts (padded / masked rows get score 0). Returns p `[B, N - num_prefix]` float32:
+    `s_j = (sum_h A[h, 0, j]) * ||concat_h v_h[j]||_2` over the non-prefix tokens, divided by
+    the image's sum. Computed in float32 whatever the inputs' dtype.
+    """
+    with selection_precision(v):
+        batch, heads, n, dim = v.shape
+        attention = cls_attn.float().sum(dim=1)
+        value_norm = torch.linalg.norm(v.float().transpose(1, 2).reshape(batch, n, heads * dim), ord=2, dim=2)
+        score = (attention * value_norm)[:, num_prefix:]
+        if real is not None:
+            score = score.masked_fill(~real[:, num_prefix:], 0.0)
+        return score / score.sum(dim=1, keepdim=True)
+
+
+def sample_points(y_start: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """The official sample points: y_start `[B]` (smallest non-zero normalised cumulative score)
+    -> `[B, num_samples]`, `y_i = y* + (lam_i (S - 1) - y* i) / (S - 1)`, lam = linspace(0, 1, S).
+
+    The operations are the official ones, in float32 (`y_0 = y*`, `y_{S-1} = 1` up to an ulp).
+    """
+    device = y_start.device
+    lam = torch.linspace(0.0, 1.0, steps=num_samples, device=device, dtype=torch.float32)
+    steps = torch.arange(num_samples, device=device, dtype=torch.float32)
+    start = y_start.float()[:, None]
+    return start + ((lam[None] * (num_samples - 1)) - start * steps[None]) / (num_samples - 1)
+
+
+class Sampling(NamedTuple):
+    """Result of `inverse_transform_sampling` for p `[B, M]`.
+
+    order `[B, M]`: entry indices by ascending score, excluded entries first; rank position r
+    of image b holds entry `order[b, r]`. first `[B]`: rank position of the image's lowest own
+    entry (= number of excluded entries). picks `[B, S]`: the rank position each sample point
+    picked. keep `[B, M]` bool: kept rank positions (duplicates collapsed). counts `[B]`: kept
+    entries per image.
+    """
+    order: torch.Tensor
+    first: torch.Tensor
+    picks: torch.Tensor
+    keep: torch.Tensor
+    counts: torch.Tensor
+
+    def kept_entries(self) -> torch.Tensor:
+        """`[B, M]` bool over the original entry indices."""
+        return torch.zeros_like(self.keep).scatter(1, self.order, self.keep)
+
+
+def inverse_transform_sampling(p: torch.Tensor, num_samples: int,
+                               excluded: Optional[torch.Tensor] = None) -> Sampling:
+    """ATS's inverse-transform sampling, per image, exactly as the official block on that image.
+
+    p `[B, M]` normalised scores (>= 0); num_samples S = K - 1; excluded `[B, M]` bool or None:
+    entries that are not part of the image's distribution at all (padding of a batch): they
+    take no part in the cumulative sum, its min / max or the candidates. With m own entries:
+    sort ascending (stable), cumulate (float32), min-max normalise, S sample points from the
+    smallest non-zero value to 1 (`sample_points`), each picks the nearest candidate (first on
+    ties); candidates are the m values if S >= m, else only the top S ranks.
+    """
+    with selection_precision(p):
+        p = p.float()
+        batch, entries = p.shape
+        if excluded is None:
+            key = p
+            first = torch.zeros(batch, dtype=torch.long, device=p.device)
+        else:
+            p = p.masked_fill(excluded, 0.0)
+            key = p.masked_fill(excluded, -1.0)  # excluded entries sort first and add 0 to the cumsum
+            first = excluded.sum(dim=1)
+        order = torch.sort(key, dim=1, stable=True).indices
+        cdf = torch.cumsum(p.gather(1, order), dim=1)
+        low = cdf.gather(1, first.clamp(max=entries - 1)[:, None])
+        high = cdf[:, -1:]
+        span = high - low
+        # one own entry (span 0): it is the only candidate, keep it instead of dividing by 0
+        normalized = torch.where(span > 0, (cdf - low) / span.clamp_min(torch.finfo(torch.float32).tiny),
+                                 torch.ones_like(cdf))
+        position = torch.arange(entries, device=p.device)[None]
+        own = position >= first[:, None]
+        y_start = torch.where(own & (normalized != 0), normalized, torch.full_like(normalized, math.inf))
+        ys = sample_points(y_start.amin(dim=1), num_samples)
+        candidate = own & (position >= entries - num_samples)  # S < m: only the top S ranks
+        values = torch.where(candidate, normalized, torch.full_like(normalized, math.inf))
+        picks = torch.min((ys[:, :, None] - values[:, None, :]).abs(), dim=2).indices
+        keep = torch.zeros(batch, entries, dtype=torch.bool, device=p.device).scatter(
+            1, picks, torch.ones_like(picks, dtype=torch.bool))
+        return Sampling(order, first, picks, keep, keep.sum(dim=1))
+
+
+def kept_rows(sampling: Sampling, num_prefix: int, length: int):
+    """Rows of the block's input that leave an ATS block, and which of them are real.
+
+    Returns (rows `[B, length]` long: the prefix rows, then the kept patches in ascending rank
+    order, then filler rows; real `[B, length]` bool: False for filler rows). `length` is at
+    least `num_prefix` + the largest count.
+    """
+    batch, entries = sampling.keep.shape
+    slots = length - num_prefix
+    # kept rank positions first (ascending), then the rest (stable)
+    slot_rank = torch.sort((~sampling.keep).to(torch.uint8), dim=1, stable=True).indices[:, :slots]
+    patch_rows = sampling.order.gather(1, slot_rank) + num_prefix
+    real = torch.arange(slots, device=patch_rows.device)[None] < sampling.counts[:, None]
+    prefix = torch.arange(num_prefix, device=patch_rows.device).expand(batch, num_prefix)
+    ones = torch.ones(batch, num_prefix, dtype=torch.bool, device=patch_rows.device)
+    return torch.cat([prefix, patch_rows], dim=1), torch.cat([ones, real], dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def ats_block_indices(depth: int, ats_blocks=None) -> List[int]:
+    """Sorted ATS block indices; None = the official 3 .. depth - 1; () = none."""
+    if ats_blocks is None:
+        return list(range(3, depth))
+    if _is_int(ats_blocks):
+        ats_blocks = [ats_blocks]
+    if not isinstance(ats_blocks, (list, tuple)) or not all(_is_int(i) for i in ats_blocks):
+        raise ModelConfigError(f"ats_blocks must be a list of block indices such as [3, 4, 5], got {ats_blocks!r}")
+    bad = [i for i in ats_blocks if not 0 <= i < depth]
+    if bad:
+        raise ModelConfigError(f"ats_blocks {bad} out of range for a model with {depth} blocks; "
+                               f"use indices 0..{depth - 1}")
+    if len(set(ats_blocks)) != len(ats_blocks):
+        raise ModelConfigError(f"ats_blocks {list(ats_blocks)} lists a block twice; give each index once")
+    return sorted(int(i) for i in ats_blocks)
+
+
+def block_caps(depth: int, blocks: Sequence[int], num_tokens, initial_tokens: int) -> Dict[int, int]:
+    """Reference token count K of every ATS block: None = the model's initial token count N0, an
+    int = the same K everywhere, a list of `depth` entries = the official NUM_TOKENS (entries at
+    other blocks ignored). Every used K must be an int >= MIN_TOKENS."""
+    if num_tokens is None:
+        caps = {i: initial_tokens for i in blocks}
+    elif _is_int(num_tokens):
+        caps = {i: int(num_tokens) for i in blocks}
+    elif isinstance(num_tokens, (list, tuple)):
+        if len(num_tokens) == 1:
+            caps = {i: num_tokens[0] for i in blocks}
+        elif len(num_tokens) != depth:
+            raise ModelConfigError(f"num_tokens has {len(num_tokens)} entries; give one value or {depth} "
+                                   f"(one per block, the official NUM_TOKENS)")
+        else:
+            caps = {i: num_tokens[i] for i in blocks}
+    else:
+        raise ModelConfigError(f"num_tokens must be None, an int or a list of ints, got {num_tokens!r}")
+    for i, k in caps.items():
+        if not _is_int(k) or k < MIN_TOKENS:
+            raise ModelConfigError(f"ATS token count K at block {i} must be an int >= {MIN_TOKENS} "
+                                   f"(class token included), got {k!r}")
+    return {i: int(k) for i, k in caps.items()}
+
+
+@dataclass
+class ATSConfig:
+    """Settings shared by a patched model and its blocks; `state` is set only during a forward."""
+    ats_blocks: List[int]
+    caps: Dict[int, int]
+    drop_tokens: bool
+    num_prefix: int
+    initial_tokens: int
+    num_tokens: object = None  # as given (for re-patching / logging)
+    state: Optional["ATSState"] = None
+
+
+@dataclass
+class ATSState:
+    """One forward's state. valid `[B, N]` bool: real rows of the current sequence (None: all);
+    counts `[B]` real tokens per image (None: the sequence length); positions `[B, N - prefix]`
+    original patch index of each patch row (-1: padding)."""
+    valid: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    tokens: List[torch.Tensor] = field(default_factory=list)
+    kept: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, x: torch.Tensor) -> None:
+        counts = self.counts
+        if counts is None:
+            counts = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        self.tokens.append(counts)
+
+    def info(self) -> dict:
+        tokens = torch.stack(self.tokens, dim=1) if self.tokens else None
+        return {"tokens": tokens, "kept": dict(self.kept)}
+
+
+# ---------------------------------------------------------------------------
+# Blocks and model
+# ---------------------------------------------------------------------------
+
+def _fp32_class_row(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, valid: Optional[torch.Tensor]):
+    """Class-query attention probabilities `[B, H, N]` in float32 (bf16 runs select like fp32 runs)."""
+    with selection_precision(q):
+        logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * attn.scale
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :], -math.inf)
+        return logits.softmax(dim=-1)[:, :, 0]
+
+
+class ATSBlockMixin:
+    """An ATS block (see the module docstring); placed before timm's `Block` class."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        cfg: ATSConfig = self._ats_cfg
+        state = cfg.state
+        if state is None or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = self._ats_forward(x, state, cfg)
+        state.record(x)
+        return x
+
+    def _ats_forward(self, x: torch.Tensor, state: ATSState, cfg: ATSConfig) -> torch.Tensor:
+        attn = self.attn
+        batch, n, channels = x.shape
+        prefix = cfg.num_prefix
+        valid = state.valid
+        y = self.norm1(x)
+        qkv = attn.qkv(y).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        logits = (q @ k.transpose(-2, -1)) * attn.scale  # official order: scale after the product
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :], -math.inf)
+        probs = logits.softmax(dim=-1)
+        cls_row = probs[:, :, 0] if logits.dtype == torch.float32 else _fp32_class_row(attn, q, k, valid)
+
+        with torch.no_grad():
+            p = significance_scores(cls_row, v, prefix, valid)
+            excluded = None if valid is None or not cfg.drop_tokens else ~valid[:, prefix:]
+            cap = self._ats_cap
+            sampling = inverse_transform_sampling(p, cap - prefix, excluded)
+            length = self._ats_length(sampling, n, cap, cfg)
+            rows, real = kept_rows(sampling, prefix, length)
+
+        heads, dim = attn.num_heads, attn.head_dim
+        kept_probs = probs.gather(2, rows[:, None, :, None].expand(batch, heads, length, n))
+        out = (attn.attn_drop(kept_probs) @ v).transpose(1, 2).reshape(batch, length, attn.attn_dim)
+        out = attn.norm(out)
+        kept_y = y.gather(1, rows[..., None].expand(batch, length, channels))
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(kept_y).sigmoid()
+        out = attn.proj_drop(attn.proj(out))
+        x = x.gather(1, rows[..., None].expand(batch, length, channels)) + self.drop_path1(self.ls1(out))
+
+        compiling = torch.compiler.is_compiling()
+        if not compiling and bool(real.all()):  # eager shortcut; compiled code always masks
+            real = None
+        if real is not None:
+            x = x.masked_fill(~real[..., None], 0.0)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if real is not None:
+            x = x.masked_fill(~real[..., None], 0.0)
+
+        with torch.no_grad():
+            if state.positions is None:
+                state.positions = torch.arange(n - prefix, device=x.device).expand(batch, n - prefix)
+            positions = state.positions.gather(1, rows[:, prefix:] - prefix)
+            if real is not None:
+                positions = positions.masked_fill(~real[:, prefix:], -1)
+            state.positions = positions
+            state.kept[self._ats_index] = positions
+            state.counts = sampling.counts + prefix
+            state.valid = real
+        return x
+
+    @staticmethod
+    def _ats_length(sampling: Sampling, n: int, cap: int, cfg: ATSConfig):
+        """Rows leaving the block: masked layout min(K, n); drop layout the batch's largest count."""
+        if not cfg.drop_tokens:
+            return min(cap, n)
+        prefix = cfg.num_prefix
+        if torch.compiler.is_compiling():
+            # a data-dependent ("unbacked") length for the compiler (`dynamo_config`: capture_scalar_outputs);
+            # at least 2 rows, so inductor never asks whether it is 1
+            longest = (sampling.counts.max() + prefix).clamp(min=2).item()
+            torch._check(longest >= 2)
+            torch._check(longest <= n)
+            return longest
+        return int(sampling.counts.max()) + prefix
+
+
+class ATSPlainBlockMixin:
+    """An ordinary block of a patched model: timm's forward with padded keys masked and padded
+    rows re-zeroed (blocks without attention, such as the deployed shrink blocks, are row-wise)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        cfg: ATSConfig = self._ats_cfg
+        state = cfg.state
+        if state is None or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        valid = state.valid
+        if valid is None:
+            x = super().forward(x)
+        else:
+            if getattr(self, "has_attention", True) and getattr(self, "attn", None) is not None:
+                x = super().forward(x, attn_mask=valid[:, None, None, :])
+            else:
+                x = super().forward(x)
+            x = x.masked_fill(~valid[..., None], 0.0)
+        state.record(x)
+        return x
+
+
+class ATSModelMixin:
+    """Creates the per-forward `ATSState` and stores `_ats_info` after the forward."""
+
+    def _ats_run(self, fn, *args, **kwargs):
+        cfg: ATSConfig = self._ats_cfg
+        if cfg.state is not None:  # nested call (forward -> forward_features)
+            return fn(*args, **kwargs)
+        if self.training and getattr(self, "grad_checkpointing", False):
+            raise ModelConfigError("ATS cannot train with gradient checkpointing (blocks re-run after the "
+                                   "forward and resample); disable it")
+        state = ATSState()
+        cfg.state = state
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            cfg.state = None
+        self._ats_info = state.info()
+        return out
+
+    def forward(self, *args, **kwargs):
+        return self._ats_run(super().forward, *args, **kwargs)
+
+    def forward_features(self, *args, **kwargs):
+        return self._ats_run(super().forward_features, *args, **kwargs)
+
+    def forward_intermediates(self, *args, **kwargs):
+        output_fmt = kwargs.get("output_fmt", args[5] if len(args) > 5 else "NCHW")
+        if output_fmt != "NLC" and self._ats_cfg.ats_blocks:
+            raise ModelConfigError("ATS intermediates are token sequences of per-image length, not a grid; "
+                                   "call forward_intermediates(x, output_fmt='NLC')")
+        return self._ats_run(super().forward_intermediates, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Patching
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _patched_class(mixin: type, base: type) -> type:
+    return type(f"ATS{base.__name__}", (mixin, base), {"_ats_base_class": base})
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, ATSModelMixin)
+
+
+_ATTENTION_NEEDS = ("qkv", "num_heads", "head_dim", "attn_dim", "scale", "q_norm", "k_norm", "attn_drop",
+                    "norm", "proj", "proj_drop")
+
+
+def _check_model(model: nn.Module) -> None:
+    name = type(model).__name__
+    if getattr(model, "_tome_cfg", None) is not None:
+        raise ModelConfigError(f"{name} is patched by ToMe/ToFu; ATS cannot be combined with it "
+                               "(models.tome.unpatch(model) first)")
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+        raise ModelConfigError(f"ATS needs a timm VisionTransformer (blocks, patch_embed); got {name}")
+    for block in blocks:
+        if hasattr(block, "forward_prune"):
+            raise ModelConfigError(f"{name} is an EViT model (its blocks drop tokens themselves); use a DeiT/ViT")
+        if hasattr(block, "merge_masker") or hasattr(block, "mask_module"):
+            raise ModelConfigError(f"{name} is an LTM/LTMP model (its blocks merge tokens themselves); use a DeiT/ViT")
+        if hasattr(block, "attention_weight"):
+            raise ModelConfigError(f"{name} has lambda (dilution) blocks whose attention changes during training; "
+                                   "use the deployed shrink model or a DeiT/ViT")
+    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
+        raise ModelConfigError(f"ATS needs a class token and class-token pooling (global_pool='token'); "
+                               f"{name} has global_pool={getattr(model, 'global_pool', None)!r}")
+    if getattr(model, "patch_drop", None) is not None and not isinstance(model.patch_drop, nn.Identity):
+        raise ModelConfigError("ATS does not combine with patch dropout; build the model with patch_drop_rate=0")
+
+
+def patch(model: nn.Module, ats_blocks=None, num_tokens=None, drop_tokens: bool = True) -> nn.Module:
+    """Apply ATS to `model` in place (re-patching replaces the settings); returns the model.
+
+    ats_blocks: block indices (None = 3 .. depth - 1, the official [3..11] at depth 12; () = none).
+    num_tokens: None (K = the initial token count at every ATS block), an int, or a list of depth
+    entries (official NUM_TOKENS). drop_tokens: True = tokens removed (per-image results), False =
+    the official masked layout.
+    """
+    if is_patched(model):
+        unpatch(model)
+    _check_model(model)
+    if not isinstance(drop_tokens, bool):
+        raise ModelConfigError(f"drop_tokens must be True or False, got {drop_tokens!r}")
+    depth = len(model.blocks)
+    blocks = ats_block_indices(depth, ats_blocks)
+    prefix = int(model.num_prefix_tokens)
+    initial = prefix + int(model.patch_embed.num_patches)
+    caps = block_caps(depth, blocks, num_tokens, initial)
+    for i in blocks:
+        block = model.blocks[i]
+        if not getattr(block, "has_attention", True) or getattr(block, "attn", None) is None:
+            raise ModelConfigError(f"block {i} has no attention (a deployed shrink block) and cannot be an ATS "
+                                   "block; leave it out of ats_blocks")
+        missing = [a for a in _ATTENTION_NEEDS if not hasattr(block.attn, a)]
+        if missing:
+            raise ModelConfigError(f"ATS needs timm's Attention layout at block {i}; "
+                                   f"{type(block.attn).__name__} lacks {', '.join(missing)}")
+        if caps[i] <= prefix + 1:
+            raise ModelConfigError(f"ATS token count K at block {i} must exceed the prefix tokens + 1, got {caps[i]}")
+    cfg = ATSConfig(ats_blocks=blocks, caps=caps, drop_tokens=drop_tokens, num_prefix=prefix,
+                    initial_tokens=initial, num_tokens=num_tokens)
+    for index, block in enumerate(model.blocks):
+        mixin = ATSBlockMixin if index in caps else ATSPlainBlockMixin
+        block.__class__ = _patched_class(mixin, type(block))
+        block._ats_cfg = cfg
+        block._ats_index = index
+        if index in caps:
+            block._ats_cap = caps[index]
+    model.__class__ = _patched_class(ATSModelMixin, type(model))
+    model._ats_cfg = cfg
+    model._ats_info = {"tokens": None, "kept": {}}
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: original classes back, patch attributes removed. No-op if not patched."""
+    for module in model.modules():
+        base = type(module).__dict__.get("_ats_base_class")
+        if base is not None:
+            module.__class__ = base
+            for name in ("_ats_cfg", "_ats_info", "_ats_index", "_ats_cap"):
+                module.__dict__.pop(name, None)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# FLOPs (MACs, fvcore's convention) from per-image token counts
+# ---------------------------------------------------------------------------
+
+def _model_dims(model: nn.Module) -> dict:
+    block = next(b for b in model.blocks if getattr(b, "mlp", None) is not None)
+    channels = int(model.embed_dim)
+    hidden = int(block.mlp.fc1.out_features)
+    proj = model.patch_embed.proj
+    patch_macs = int(model.patch_embed.num_patches) * proj.in_channels * math.prod(proj.kernel_size) * channels
+    head = getattr(model, "head", None)
+    head_macs = head.in_features * head.out_features if isinstance(head, nn.Linear) else 0
+    head_dist = getattr(model, "head_dist", None)
+    if isinstance(head_dist, nn.Linear):
+        head_macs += head_dist.in_features * head_dist.out_features
+    return dict(C=channels, hidden=hidden, patch=patch_macs, head=head_macs)
+
+
+def ats_macs(model: nn.Module, tokens: Sequence[int], include_norms: bool = False) -> int:
+    """MACs of one image from its token counts (spec section 8): `tokens[i]` real tokens (class token
+    included) leaving block i; the first block receives the model's initial count.
+
+        ordinary block: (4 + 2r) n C^2 + 2 n^2 C        (n tokens in and out)
+        ATS block:      3 n C^2 + n^2 C + n' n C + n' C^2 + 2r n' C^2
+        plus patch embedding (patches x in_chans x P^2 x C) and the head (C x classes).
+
+    `include_norms` adds fvcore's LayerNorm count (5 per element: norm1 on n, norm2 on n', the
+    final norm on the last count), so the result equals fvcore's count of the model on the image
+    at batch 1. Blocks without attention (deployed shrink blocks) count their MLP only.
+    """
+    cfg: ATSConfig = model._ats_cfg if is_patched(model) else None
+    caps = cfg.caps if cfg is not None else {}
+    dims = _model_dims(model)
+    c, hidden = dims["C"], dims["hidden"]
+    n = int(model.num_prefix_tokens) + int(model.patch_embed.num_patches)
+    total = dims["patch"] + dims["head"]
+    if len(tokens) != len(model.blocks):
+        raise ValueError(f"{len(tokens)} token counts for {len(model.blocks)} blocks")
+    for index, (block, out) in enumerate(zip(model.blocks, tokens)):
+        out = int(out)
+        has_attention = getattr(block, "has_attention", True) and getattr(block, "attn", None) is not None
+        if index in caps:
+            total += 3 * n * c * c + n * n * c + out * n * c + out * c * c + 2 * out * hidden * c
+            norms = 5 * (n + out) * c
+        elif has_attention:
+            total += 4 * n * c * c + 2 * n * hidden * c + 2 * n * n * c
+            norms = 10 * n * c
+        else:
+            total += 2 * n * hidden * c
+            norms = 5 * n * c
+        if include_norms:
+            total += norms
+        n = out
+    if include_norms:
+        total += 5 * n * c
+    return total
+
+
+def ats_gmacs(model: nn.Module, tokens: Union[torch.Tensor, Sequence[Sequence[int]]],
+              include_norms: bool = False) -> torch.Tensor:
+    """Per-image GMACs `[B]` from token counts `[B, depth]` (e.g. `model._ats_info["tokens"]`)."""
+    rows = tokens.tolist() if isinstance(tokens, torch.Tensor) else [list(r) for r in tokens]
+    return torch.tensor([ats_macs(model, row, include_norms) / 1e9 for row in rows], dtype=torch.float64)
+
+
+def padded_batch_gmacs(model: nn.Module, tokens: torch.Tensor) -> float:
+    """GMACs per image the way the official code is profiled (spec section 8): every image charged
+    the batch's largest count at each block (the drop layout pads to it and every later layer
+    runs on the padded length), and the released ATS block's `A @ v` on all n rows instead of
+    the kept ones. tokens `[B, depth]` from one batch."""
+    longest = tokens.max(dim=0).values.tolist()
+    macs = ats_macs(model, longest)
+    cfg: ATSConfig = model._ats_cfg
+    c = _model_dims(model)["C"]
+    n = cfg.initial_tokens
+    for index, out in enumerate(longest):
+        if index in cfg.caps:
+            macs += (n - out) * n * c
+        n = out
+    return macs / 1e9
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints written by the official trainer
+# ---------------------------------------------------------------------------
+
+def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) -> dict:
+    """An official-trainer checkpoint as a timm DeiT state dict (spec section 9).
+
+    Unwraps `model_state` / `model`, strips `module.`, drops the parameter-free blocks'
+    `*.attn.out_zero_mask` (refusing a non-zero one: it would not be the released model), and
+    lets timm's ViT filter adapt the rest (position-embedding resize). The result loads strictly.
+    """
+    for key in ("model_state", "model", "state_dict"):
+        if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key.endswith("out_zero_mask"):
+            if torch.is_tensor(value) and bool((value != 0).any()):
+                raise ModelConfigError(f"checkpoint entry {key} is not all zero; it is not a released ATS/DeiT "
+                                       "model (ATS has no parameters), refusing to drop it")
+            continue
+        out[key] = value
+    if model is not None:
+        from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
+        out = vit_filter(out, _unpatched_view(model))
+    return out
+
+
+def _unpatched_view(model: nn.Module) -> nn.Module:
+    return model
