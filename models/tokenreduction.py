@@ -47,7 +47,7 @@ from torch import nn
 from .errors import ModelConfigError
 from .evit import EViT
 from .token_ops import StateSlot, selection_precision
-from .tokenreduction_clustering import DPCKNN, ClusterResult, KMedoids
+from .tokenreduction_clustering import DPCKNN, ClusterResult, KMedoids, selection_float
 from .tokenreduction_patchmerger import PatchMerger
 from .tokenreduction_sinkhorn import Sinkhorn
 
@@ -248,7 +248,7 @@ class ReductionBlock(Block):
         if self.records_attention and state is not None and attn_mask is None and not is_causal:
             out, attn = self._attention_matrix(self.norm1(x))
             with selection_precision(attn):
-                state.attn_weight = attn.float().sum(dim=1).sum(dim=1)[:, 1:].unsqueeze(2)
+                state.attn_weight = selection_float(attn).sum(dim=1).sum(dim=1)[:, 1:].unsqueeze(2)
             x = x + self.drop_path1(self.ls1(out))
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         else:

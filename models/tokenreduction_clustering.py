@@ -29,7 +29,7 @@ from torch import nn
 
 from .token_ops import selection_precision
 
-__all__ = ["ClusterResult", "kmedoids_fit", "dpc_knn_cluster", "cluster_merge", "KMedoids", "DPCKNN"]
+__all__ = ["ClusterResult", "selection_float", "kmedoids_fit", "dpc_knn_cluster", "cluster_merge", "KMedoids", "DPCKNN"]
 
 # Official constant: the medoid update replaces every entry of a non-member's distance row by it.
 _NON_MEMBER = 1000000.0
@@ -50,6 +50,11 @@ class ClusterResult(NamedTuple):
     assignment: Optional[torch.Tensor]
     soft: Optional[torch.Tensor]
     center_feats: torch.Tensor
+
+
+def selection_float(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 for half / bfloat16 inputs (selection scores in fp32); float32 and float64 unchanged."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def _gather_tokens(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -94,12 +99,12 @@ def kmedoids_fit(y: torch.Tensor, num_clusters: int, iters: int,
     of input tokens, with the medoid indices and the final assignment.
     """
     with torch.no_grad(), selection_precision(y):
-        points = y.detach().float()
+        points = selection_float(y.detach())
         if weight is None:
             medoids = _sampled_medoids(points, num_clusters)
             weight = points.new_ones(points.shape[0], points.shape[1], 1)
         else:
-            weight = weight.detach().float()
+            weight = selection_float(weight.detach())
             medoids = weight.topk(num_clusters, dim=1).indices.squeeze(2)
         dist = torch.cdist(points, points)  # [B, N, N]
         row_cost = (dist * weight).sum(dim=-1)  # [B, N]: sum_j w_i D_ij
@@ -150,7 +155,7 @@ def dpc_knn_cluster(y: torch.Tensor, num_clusters: int, k: int = 5):
     Returns `(assignment [B, N] long, centers [B, K] long)`.
     """
     with torch.no_grad(), selection_precision(y):
-        points = y.detach().float()
+        points = selection_float(y.detach())
         batch, n, channels = points.shape
         dist = torch.cdist(points, points) / (channels ** 0.5)
         nearest = dist.topk(k, dim=-1, largest=False).values

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .token_ops import selection_precision
-from .tokenreduction_clustering import ClusterResult
+from .tokenreduction_clustering import ClusterResult, selection_float
 
 __all__ = ["sinkhorn_transport", "Sinkhorn"]
 
@@ -66,7 +66,7 @@ class Sinkhorn(nn.Module):
         centres = self.v[None].expand(y.shape[0], -1, -1)  # [B, K, C]
         with selection_precision(y):
             # [B, N, K] transposed, as the official code multiplies (same rounding)
-            scores = torch.bmm(y_hat.float(), centres.float().transpose(1, 2)).transpose(1, 2)
+            scores = torch.bmm(selection_float(y_hat), selection_float(centres).transpose(1, 2)).transpose(1, 2)
             plan = sinkhorn_transport(scores, self.eps, self.iters)  # [B, K, N]
         tokens = torch.bmm(y_hat.transpose(1, 2), plan.to(y_hat.dtype).transpose(1, 2)).transpose(1, 2)
         return ClusterResult(tokens, None, plan.argmax(dim=1), plan, centres.detach())
