@@ -535,3 +535,228 @@ def official_gflops(model: nn.Module, img_size: Optional[Tuple[int, int]] = None
     grid = model.patch_embed.dynamic_feat_size(img_size) if img_size is not None else model.patch_embed.grid_size
     return official_flops(int(grid[0] * grid[1]), cfg.num_prefix, model.embed_dim, cfg.ratios,
                           merging_blocks(model)) / 1e9
+
+
+# ---------------------------------------------------------------------------
+# Method family: PiToMe is a patch family, applied after any supported model is built
+# ---------------------------------------------------------------------------
+
+import re  # noqa: E402
+
+from . import family as _family  # noqa: E402  (the declaration below is the module's public contract)
+from .hooks import MethodHooks  # noqa: E402
+
+# main_ic.py's --ratio default when --algo pitome is given alone
+OFFICIAL_DEFAULT_RATIO = "0.9125"
+
+# main_ic.py's training defaults (docs/methods/pitome.md, "Training"): what an official launch line
+# without --eval trains with, for every option the line does not give. Prepended to the argv, so
+# the line's own flags (later on the command line) win.
+OFFICIAL_RECIPE = (
+    "--lr", "5e-5", "--unscale-lr",            # lr as given: main_ic.py rescales only after building the optimizer
+    "--opt", "adamw", "--weight-decay", "0", "--decay-norm-and-bias",  # torch AdamW over all parameters, one group
+    "--sched", "cosine", "--sched-step", "epoch", "--min-lr", "1e-8", "--warmup-epochs", "0",
+    "--clip-grad", "1.0",                      # hard-coded gradient-norm clipping
+    "--drop", "0.0", "--drop-path", "0.1", "--color-jitter", "0.4", "--aa", "rand-m9-mstd0.5-inc1",
+    "--smoothing", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--repeated-aug",
+    "--batch-size", "100", "--epochs", "10", "--no-amp", "--no-model-ema", "--eval-every", "1",
+)
+
+_OFFICIAL_MODEL = re.compile(r"deit[-_]([tsb])[-_](?:patch16[-_])?(224|384)", re.IGNORECASE)
+_DEIT_SIZES = {"t": "tiny", "s": "small", "b": "base"}
+_OTHER_ALGOS = {
+    "tome": "--tome-r R (ToMe's token count per block)",
+    "tofu": "--tofu-r R (ToFu's token count per block)",
+    "diffrate": "the diffrate_* models",
+    "mctf": "the MCTF patch (--use_mctf)",
+}
+
+
+def _option_value(argv: List[str], index: int, name: str) -> Tuple[str, int]:
+    """The value of the option at argv[index] (`--name V` or `--name=V`) and the index after it."""
+    token = argv[index]
+    if "=" in token:
+        return token.split("=", 1)[1], index + 1
+    if index + 1 >= len(argv):
+        raise ModelConfigError(f"{name} needs a value")
+    return argv[index + 1], index + 2
+
+
+def official_model_name(value: str) -> Optional[str]:
+    """timm's name for main_ic.py's `DEIT-{T,S,B}-{224,384}` (or the README's `DEIT_S_patch16_224`), else None."""
+    import timm
+
+    match = _OFFICIAL_MODEL.fullmatch(value)
+    if match is None:
+        if re.fullmatch(r"mae[-_][blh][-_].*", value, re.IGNORECASE):
+            raise ModelConfigError(f"--model {value}: the official MAE models (vit_*_mae) are not provided here; "
+                                   f"use a DeiT (DEIT-T-224, DEIT-S-224, DEIT-B-224, DEIT-B-384)")
+        return None
+    name = f"deit_{_DEIT_SIZES[match.group(1).lower()]}_patch16_{match.group(2)}"
+    if not timm.is_model(name):
+        raise ModelConfigError(f"--model {value}: timm has no {name}; use DEIT-T-224, DEIT-S-224, DEIT-B-224 "
+                               f"or DEIT-B-384")
+    return name
+
+
+def translate_official_argv(argv: List[str]) -> List[str]:
+    """main_ic.py's flags in this project's spelling (docs/methods/pitome.md, "Launch lines").
+
+    `--algo pitome --ratio R` -> `--pitome-ratio R` (R defaults to 0.9125), `--algo none` -> no
+    patch; `--algo` implies `--pretrained` unless `--resume` / `--finetune` give the weights and,
+    without `--eval`, main_ic.py's training defaults (`OFFICIAL_RECIPE`) for every option the line
+    leaves out; `--epoch` -> `--epochs`, `--autoresume` -> `--auto-resume`, main_ic.py's unused
+    `--use_k` / `--reduced_token` / `--multi-reso` / `--port` are dropped. `--model DEIT-S-224`
+    (or `DEIT_S_patch16_224`) -> `deit_small_patch16_224` always; `--defaults pitome` is the
+    training preset alone. A line without these flags is returned unchanged.
+    """
+    argv = list(argv)
+    out: List[str] = []
+    algo = ratio = None
+    preset = evaluate = weights = False
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if name == "--algo":
+            algo, i = _option_value(argv, i, name)
+        elif name == "--ratio":
+            ratio, i = _option_value(argv, i, name)
+        elif name == "--defaults" and argv[i + 1:i + 2] == ["pitome"] or token == "--defaults=pitome":
+            preset, i = True, i + (1 if "=" in token else 2)
+        elif name == "--model":
+            value, nxt = _option_value(argv, i, name)
+            official = official_model_name(value)
+            out += [name, official or value] if official else argv[i:nxt]
+            i = nxt
+        else:
+            evaluate = evaluate or token == "--eval"
+            weights = weights or name in ("--resume", "--checkpoint", "--finetune")
+            out.append(token)
+            i += 1
+    if algo is None and ratio is not None:
+        raise ModelConfigError("--ratio is main_ic.py's keep ratio of --algo pitome; give --algo pitome too "
+                               "(or use --pitome-ratio R)")
+    if algo is None:
+        return (list(OFFICIAL_RECIPE) + out) if preset else out
+    algo = algo.lower()
+    if algo in _OTHER_ALGOS:
+        raise ModelConfigError(f"--algo {algo}: main_ic.py's ratio-based {algo} is not provided; use this project's "
+                               f"{_OTHER_ALGOS[algo]}")
+    if algo not in ("pitome", "none"):
+        raise ModelConfigError(f"--algo {algo} is not provided; use --algo pitome (or none)")
+    if algo == "none" and ratio is not None:
+        raise ModelConfigError("--ratio applies to --algo pitome only; drop it with --algo none")
+    rest: List[str] = []
+    i = 0
+    while i < len(out):  # main_ic.py's spellings and its options PiToMe does not use
+        token = out[i]
+        name = token.split("=", 1)[0]
+        if name == "--epoch":
+            rest.append("--epochs" + token[len(name):])
+        elif name == "--autoresume":
+            rest.append("--auto-resume")
+        elif name in ("--use_k", "--use-k", "--reduced_token", "--reduced-token", "--port"):
+            i = _option_value(out, i, name)[1]
+            continue
+        elif name in ("--multi-reso", "--multi_reso"):
+            pass
+        else:
+            rest.append(token)
+        i += 1
+    translated = list(OFFICIAL_RECIPE) if (preset or not evaluate) else []
+    translated += rest
+    if algo == "pitome":
+        translated += ["--pitome-ratio", ratio if ratio is not None else OFFICIAL_DEFAULT_RATIO]
+    if not weights and "--pretrained" not in rest:
+        translated.append("--pretrained")  # main_ic.py always builds the model with pretrained=True
+    return translated
+
+
+def _family_active(options) -> bool:
+    return options.pitome_ratio is not None
+
+
+def _family_check(options) -> None:
+    ratio = options.pitome_ratio
+    if ratio is None:
+        given = [flag for flag, unset in (("--pitome-margin", options.pitome_margin == DEFAULT_MARGIN),
+                                          ("--pitome-bsm-layers", options.pitome_bsm_layers is None),
+                                          ("--pitome-prop-attn", not options.pitome_prop_attn)) if not unset]
+        if given:
+            raise ModelConfigError(f"{' / '.join(given)} need --pitome-ratio R (the keep ratio per block)")
+        return
+    if ratio != _family.AUTO:
+        _check_ratio(ratio, 1)
+    _check_margin(options.pitome_margin, 1)
+    bad = [i for i in options.pitome_bsm_layers or () if i < 0]
+    if bad:
+        raise ModelConfigError(f"--pitome-bsm-layers takes block indices >= 0, got {bad[0]}")
+
+
+def _family_patch(model: nn.Module, options) -> None:
+    patch(model, ratio=options.pitome_ratio, margin=options.pitome_margin, bsm_layers=options.pitome_bsm_layers,
+          prop_attn=options.pitome_prop_attn)
+
+
+def _search_ratio(build, target, gmacs_of):
+    """--target-gmacs: the keep ratio (4 decimals) whose GMACs are closest to the target (GMACs grow with it)."""
+    return _family.search_continuous(0.5, 1.0, build, target, gmacs_of, iterations=14, decimals=4)
+
+
+class PiToMeHooks(MethodHooks):
+    """The keep ratio and the tokens of the last forward in progress lines and log.txt; the
+    official analytic GFLOPs at the end of training (docs/methods/pitome.md, "FLOPs")."""
+
+    def log_state(self, model: nn.Module) -> dict:
+        if not is_patched(model):
+            return {}
+        ratios = model._pitome_cfg.ratios
+        state = {"pitome_ratio": sum(ratios) / max(len(ratios), 1)}
+        tokens = model._pitome_info.get("tokens")
+        if tokens:
+            state["pitome_tokens"] = tokens[-1]
+        return state
+
+    def report(self, model: nn.Module, context) -> dict:
+        if not is_patched(model):
+            return {}
+        size = getattr(self.options, "input_size", None)
+        img_size = (size, size) if size else None
+        return {"pitome_tokens_per_block": expected_tokens(model, img_size),
+                "pitome_official_gflops": official_gflops(model, img_size)}
+
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="pitome",
+    title="PiToMe: spectrum-preserving token merging (a patch applied to ViTs with a class token)",
+    flags=(
+        _family.Flag("--pitome-ratio", type=_family.auto_or(float), metavar="R",
+                     help="patch the model with PiToMe, keeping the fraction R in [0.5, 1] of the patch tokens in "
+                          "every block, or 'auto' with --target-gmacs; default: no PiToMe (official spelling: "
+                          "--algo pitome --ratio R)"),
+        _family.Flag("--pitome-margin", type=float, default=DEFAULT_MARGIN, metavar="M",
+                     help="m0 of the energy margin schedule m0 - m0 * i / L"),
+        _family.Flag("--pitome-bsm-layers", type=int, nargs="+", metavar="I",
+                     help="blocks using the energy-ordered bipartite matching (default: the first ceil(L/2), "
+                          "the official DeiT rule); the others protect their low-energy tokens"),
+        _family.Flag("--pitome-prop-attn", action="store_true", default=False,
+                     help="proportional attention (+ ln(size) on the logits; off in the official code)"),
+    ),
+    patch=_family_patch,
+    active=_family_active,
+    check_options=_family_check,
+    reduction=_family.Reduction("pitome_ratio", _search_ratio),
+    hooks=PiToMeHooks,
+    translate_argv=translate_official_argv,
+    examples=(
+        _family.Example("pitome", model="deit_tiny_patch16_224",
+                        kwargs={"depth": 4, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+                        flags=("--pitome-ratio", "0.8"), input_size=32),
+        # prefix tokens protected, proportional attention, the MAE order of the two rules
+        _family.Example("pitome_distilled", model="deit_tiny_distilled_patch16_224",
+                        kwargs={"depth": 4, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+                        flags=("--pitome-ratio", "0.75", "--pitome-prop-attn", "--pitome-bsm-layers", "2", "3"),
+                        input_size=32),
+    ),
+))
