@@ -1,6 +1,6 @@
 """Training and evaluation entry point: DeiT's recipe (Touvron et al., ICML 2021) on timm 1.0.
 
-Every flag and default of DeiT's main.py is kept (see shared/methods/deit_recipe.md),
+Every flag and default of DeiT's main.py is kept (see docs/training.md),
 plus timm-style aliases, `--cfg FILE.yaml`, and reliability features: atomic
 checkpoints, `--auto-resume` (also mid-epoch), Slurm preemption and Ctrl-C handling,
 `--save-every-iters`, `--skip-nonfinite`, and bitwise-reproducible resumption.

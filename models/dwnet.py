@@ -2,7 +2,7 @@
 
 Paper: Q. Han, Z. Fan, Q. Dai, L. Sun, M.-M. Cheng, J. Liu, J. Wang, "On the Connection
 between Local Attention and Dynamic Depth-wise Convolution", ICLR 2022 (arXiv 2106.04263).
-Official code: github.com/Atten4Vis/DemystifyLocalViT. Specification: shared/methods/dwnet.md.
+Official code: github.com/Atten4Vis/DemystifyLocalViT. Docs: docs/methods/dwnet.md.
 
 Changes relative to timm's Swin Transformer (whose PatchEmbed, Mlp, PatchMerging and
 DropPath are reused as they are):

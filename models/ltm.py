@@ -2,7 +2,7 @@
 
 Paper: Yancheng Wang, Yingzhen Yang, "Efficient Visual Transformer by Learnable Token
 Merging", IEEE TPAMI 2025 (arXiv 2407.15219). The official repository has no LTM model code;
-this module implements the project's definition in ``shared/methods/ltm.md`` (sections 3-5).
+this module implements the project's definition in ``docs/methods/ltm.md``.
 
 What changes relative to each timm base model (everything else, keys included, is timm's):
   - every transformer block gets a ``mask_module`` (two scalars: ``logit_scale``,

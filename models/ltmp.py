@@ -28,7 +28,7 @@ Changes of a block relative to timm's `Block` (both forwards):
 
 Per-forward state (sizes, masks, padding) lives in one `LTMPState` made by the model's
 forward; blocks keep timm's `Tensor -> Tensor` signature. A block called outside an LTMP
-forward runs as a plain timm block. Spec: `shared/methods/ltmp.md`.
+forward runs as a plain timm block. Docs: `docs/methods/ltmp.md`.
 
 Training support used by the trainer: `flops_ratio`, `LTMPCriterion`,
 `threshold_param_groups`, `clamp_thresholds`, `inference_twin` and `realised_flops_ratio`.

@@ -2,7 +2,7 @@
 
 Paper: Y. Tatsunami, M. Taki, "RaftMLP: How Much Can Be Done Without Attention and with Less
 Spatial Locality?", ACCV 2022 (arXiv 2108.04384). Official code: github.com/okojoalg/raft-mlp.
-Specification: shared/methods/raftmlp.md.
+Docs: docs/methods/raftmlp.md.
 
 Changes relative to MLP-Mixer (timm's `MlpMixer` has no block with this layout, so the blocks
 are written here; DropPath, LayerNorm2d and the pooling come from timm):

@@ -1,7 +1,7 @@
 """Attention shrink with lambda dilution.
 
 Paper: "MLP Can Be A Good Transformer Learner" (Lin et al., CVPR 2024), official code
-`sihaoevery/lambda_vit`. Spec: `shared/methods/shrink.md`.
+`sihaoevery/lambda_vit`. Docs: `docs/methods/shrink.md`.
 
 Built on timm's `VisionTransformer` (DeiT). What changes relative to it:
 

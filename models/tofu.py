@@ -1,5 +1,5 @@
 """ToFu: "Token Fusion: Bridging the Gap between Token Pruning and Token Merging"
-(Kim et al., WACV 2024, arXiv 2312.01026). No official code; spec: shared/methods/tofu.md.
+(Kim et al., WACV 2024, arXiv 2312.01026). No official code; docs: docs/methods/tofu.md.
 
 ToFu keeps ToMe's bipartite soft matching (which tokens go) and changes what happens to
 the matched tokens, by depth:

@@ -1,5 +1,5 @@
-"""DWNet / dynamic DWNet / inhomogeneous dynamic DWNet (models/dwnet.py): the checks of
-shared/methods/dwnet.md section 10, the official state-dict layouts and the recipes."""
+"""DWNet / dynamic DWNet / inhomogeneous dynamic DWNet (models/dwnet.py): the invariants of
+docs/methods/dwnet.md, the official state-dict layouts and the recipes."""
 import copy
 import glob
 import json

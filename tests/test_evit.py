@@ -1,4 +1,4 @@
-"""EViT (models/evit.py): the checks of shared/methods/evit.md section 10 and more."""
+"""EViT (models/evit.py): the invariants of docs/methods/evit.md and more."""
 import argparse
 import json
 import math

@@ -1,4 +1,4 @@
-"""LTM's information-bottleneck loss (shared/methods/ltm.md section 6, checks of section 9.9)."""
+"""LTM's information-bottleneck loss (docs/methods/ltm.md, "Information-bottleneck loss")."""
 import logging
 import math
 from argparse import Namespace

@@ -1,4 +1,4 @@
-"""LTM models: the checks of shared/methods/ltm.md section 9 plus training and weight loading.
+"""LTM models: the invariants of docs/methods/ltm.md plus training and weight loading.
 
 Tiny configurations of each backbone (passed through to timm) keep the fast tests fast; the
 registered full-size models are exercised once at batch 1 in the slow tests.

@@ -1,4 +1,4 @@
-"""LTMP (models/ltmp.py): spec shared/methods/ltmp.md section 10 invariants, official layouts,
+"""LTMP (models/ltmp.py): the invariants of docs/methods/ltmp.md, official layouts,
 checkpoint loading both ways, batch exactness, the training pieces and the public parity case.
 
 Most tests use tiny ViTs (embed 32, 2-3 blocks, 32 px, patch 8: N = 17 tokens) with the parity

@@ -1,5 +1,5 @@
-"""RaftMLP and its MLP-Mixer baseline (models/raftmlp.py): the checks of
-shared/methods/raftmlp.md section 8, the official state-dict layouts and the recipes."""
+"""RaftMLP and its MLP-Mixer baseline (models/raftmlp.py): the invariants of
+docs/methods/raftmlp.md, the official state-dict layouts and the recipes."""
 import glob
 import json
 import math

@@ -1,4 +1,4 @@
-"""Attention shrink models (shared/methods/shrink.md): spec section 10 checks, layouts, hooks."""
+"""Attention shrink models (docs/methods/shrink.md): its invariants, layouts, hooks."""
 import argparse
 import json
 import logging

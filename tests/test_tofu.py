@@ -1,5 +1,5 @@
 """ToFu patch (models/tofu.py) and its fusion kernels (token_ops.prune_tokens / mlerp_merge):
-the checks of shared/methods/tofu.md section 5 and more."""
+the invariants of docs/methods/tofu.md and more."""
 import copy
 
 import pytest

@@ -1,5 +1,5 @@
-"""ToMe patch (models/tome.py): the checks of shared/methods/tome.md section 10,
-shrink.md section 7 (ToMe on attention-shrunk models) and more."""
+"""ToMe patch (models/tome.py): the invariants of docs/methods/tome.md,
+ToMe on attention-shrunk models (docs/methods/shrink.md) and more."""
 import copy
 
 import pytest

@@ -4,7 +4,7 @@ Paper: "MLP Can Be A Good Transformer Learner" (CVPR 2024) picks the attention l
 remove with NOSE, an entropy-based selection: the combination of layers whose removal
 changes the information (entropy) at the output the least. The official repository ships
 no selection code, only disabled entropy probes, so this tool is a RECONSTRUCTION
-(shared/methods/shrink.md section 8):
+(docs/methods/shrink.md, "Choosing the layers"):
 
 1. per-layer attention entropy: mean Shannon entropy (nats) of every attention
    distribution (one per image, head and query token) of each block;
