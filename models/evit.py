@@ -473,7 +473,8 @@ FAMILY = family.register_family(family.MethodFamily(
     reduction=family.Reduction("base_keep_rate", _search_keep_rate),
     examples=(
         family.Example("evit_fuse", model="deit_tiny_patch16_shrink_base",
-                       kwargs=dict(_TINY, depth=4, drop_loc=(1, 2)), flags=("--base_keep_rate", "0.7", "--fuse_token")),
+                       kwargs=dict(_TINY, depth=4, drop_loc=(1, 2)), flags=("--base_keep_rate", "0.7", "--fuse_token"),
+                       invalid=dict(base_keep_rate=1.5)),
         family.Example("evit_distilled", model="deit_tiny_distilled_patch16_shrink_base",
                        kwargs=dict(_TINY, depth=2, drop_loc=(1,)), flags=("--base_keep_rate", "0.5"), compile=()),
     ),

@@ -350,11 +350,17 @@ def create_model(name: str, *, options=None, num_classes: Optional[int] = None, 
     return model
 
 
-def build_example(example: "family_registry.Example", num_classes: int = 10, **kwargs) -> nn.Module:
+def build_example(example: "family_registry.Example", num_classes: int = 10, overrides: Optional[dict] = None,
+                  **kwargs) -> nn.Module:
     """The model an `Example` describes, built as main.py builds it (flags -> options, kwargs,
-    patches), with random weights; how the parametrized tests get every family's models."""
-    return create_model(example.model, options=family_registry.example_options(example), num_classes=num_classes,
-                        img_size=example.input_size, model_kwargs=dict(example.kwargs), **kwargs)
+    patches), with random weights; how the parametrized tests get every family's models.
+    `overrides`: option values (flag dests) or constructor kwargs replacing the Example's."""
+    options = family_registry.example_options(example)
+    model_kwargs = dict(example.kwargs)
+    for key, value in (overrides or {}).items():
+        (options if key in options else model_kwargs)[key] = value
+    return create_model(example.model, options=options, num_classes=num_classes, img_size=example.input_size,
+                        model_kwargs=model_kwargs, **kwargs)
 
 
 def _saved_num_classes(checkpoint) -> Optional[int]:

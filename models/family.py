@@ -170,7 +170,9 @@ class Example:
     constructor kwargs that make it tiny; `flags`: main.py flags of the family's options
     (e.g. `("--tome-r", "2")`); `train`: one synthetic epoch through main.py
     (`tests/test_train_every_model.py`); `compile`: the modes in which `torch.compile` must
-    trace it without graph breaks and match eager (`tests/test_compile.py`).
+    trace it without graph breaks and match eager (`tests/test_compile.py`); `invalid`: option
+    values (by flag dest) or constructor kwargs that must raise ModelConfigError
+    (`tests/test_model_contract.py`, which also checks forward hooks and forward_intermediates).
     """
     name: str
     model: str
@@ -179,6 +181,7 @@ class Example:
     input_size: int = 32
     train: bool = True
     compile: Tuple[str, ...] = ("eval", "train")
+    invalid: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -407,7 +410,7 @@ def resolve_command(command: Command) -> Callable[[nn.Module, SimpleNamespace], 
 def example_options(example: Example) -> Dict[str, Any]:
     """The method option values (by dest) that an Example's flags give, every other method flag at
     its default; trainer flags among them (`--lr`) are main.py's and ignored here."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_family_args(parser)
     values, _trainer_flags = parser.parse_known_args(list(example.flags))
     return vars(values)

@@ -740,7 +740,8 @@ FAMILY = family.register_family(family.MethodFamily(
     reduction=family.Reduction("compression_ratio", _search_ratio),
     examples=(
         family.Example("ltm_vit", model="ltm_vit_small_patch16_224",
-                       kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8), flags=("--compression-ratio", "0.8")),
+                       kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8), flags=("--compression-ratio", "0.8"),
+                       invalid=dict(compression_ratio=0.0)),
         family.Example("ltm_swin", model="ltm_swin_tiny_patch4_window7_224", input_size=64, compile=(),
                        kwargs=dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)),
         family.Example("ltm_vit_base", model="ltm_vit_base_patch16_224", compile=(),

@@ -1802,7 +1802,7 @@ def _examples():
         flags = ("--ltmp-flops-images", "2") + (("--lr", "0.000005", "0.005") if name.startswith("ltmp_") else ())
         modes = () if name not in compiled else (("eval",) if name.startswith("inference_") else ("eval", "train"))
         found.append(_family.Example(name, model=name, kwargs=dict(kwargs, **compiled.get(name, {})), flags=flags,
-                                     input_size=size, compile=modes))
+                                     input_size=size, compile=modes, invalid=dict(tau=-1.0)))
     return tuple(found)
 
 

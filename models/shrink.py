@@ -539,12 +539,12 @@ FAMILY = family.register_family(family.MethodFamily(
     checkpoint_filter_fn=shrink_checkpoint_filter_fn,
     examples=tuple(
         family.Example(name, model=name, kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8),
-                       flags=("--prune_layer", "[0]", "--done_layer", "[1]"), compile=("eval", "train") if name == "deit_tiny_patch16_224_copy_lambda" else ())
+                       flags=("--prune_layer", "[0]", "--done_layer", "[1]"), invalid=dict(prune_layer=[99]), compile=("eval", "train") if name == "deit_tiny_patch16_224_copy_lambda" else ())
         for name in ("deit_tiny_patch16_224_copy_lambda", "deit_small_patch16_224_copy_lambda",
                      "deit_base_patch16_224_copy_lambda", "deit_base_patch16_224_attn")
     ) + tuple(
         family.Example(name, model=name, kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8),
-                       flags=("--done_layer", "[0]"), compile=("eval", "train") if name == "deit_tiny_patch16_224_shrink" else ())
+                       flags=("--done_layer", "[0]"), invalid=dict(done_layer=[99]), compile=("eval", "train") if name == "deit_tiny_patch16_224_shrink" else ())
         for name in ("deit_tiny_patch16_224_shrink", "deit_small_patch16_224_shrink", "deit_base_patch16_224_shrink")
     ),
 ))

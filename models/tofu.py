@@ -136,6 +136,7 @@ FAMILY = _family.register_family(_family.MethodFamily(
     reduction=_family.Reduction("tofu_r", tome._search_r),
     examples=(
         _family.Example("tofu", model="deit_tiny_patch16_224", kwargs=dict(depth=4, embed_dim=32, num_heads=2,
-                                                                          patch_size=8), flags=("--tofu-r", "3")),
+                                                                          patch_size=8), flags=("--tofu-r", "3"),
+                        invalid=dict(tofu_mlerp="no_such_rule")),
     ),
 ))

@@ -568,7 +568,8 @@ FAMILY = _family.register_family(_family.MethodFamily(
     reduction=_family.Reduction("tome_r", _search_r),
     examples=(
         _family.Example("tome", model="deit_tiny_patch16_224", kwargs=dict(depth=3, embed_dim=32, num_heads=2,
-                                                                          patch_size=8), flags=("--tome-r", "3")),
+                                                                          patch_size=8), flags=("--tome-r", "3"),
+                        invalid=dict(tome_r=-1)),
         _family.Example("tome_mobilevit", model="mobilevit_xs", input_size=64, flags=("--tome-r", "2"), train=False),
     ),
 ))

@@ -16,56 +16,43 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the project's models)
-import models.tofu
 import models.tome
+from models import family
 from models.compiling import compile_model, dynamo_settings
+from models.factory import build_example
 from engine import cast_for_inference
 from tests.e2e_utils import TINY_RUN, assert_ok, read_log, run_main
 
-VIT = dict(img_size=64, patch_size=16, embed_dim=48, num_heads=3, num_classes=10)  # 16 patches
+
+LTMP_INFERENCE, LTMP_MASKED = "inference_ltmp_deit_tiny_patch16_224", "ltmp_deit_tiny_patch16_224"
 
 
-def _lambda_model():
-    model = timm.create_model("deit_tiny_patch16_224_copy_lambda", **dict(VIT, depth=4, prune_layer=[0, 2],
-                                                                          done_layer=[3]))
-    model.set_lambda(0.5)
-    return model
+def _deit():
+    return timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=3,
+                             num_classes=10)
 
 
-def _raft_layers():
-    return [dict(depth=1, dim=c, patch_size=p, raft_size=2, embedding_kernels=k)
-            for c, p, k in zip((8, 16, 16, 16), (4, 2, 2, 2), ([4, 8], [2, 4], [2, 4], [2]))]
-
-
-# name -> builder of a tiny model at a fixed reduction setting
-CASES = {
-    "deit": lambda: timm.create_model("deit_tiny_patch16_224", **dict(VIT, depth=3)),
-    "evit_fuse": lambda: timm.create_model("deit_tiny_patch16_shrink_base",
-                                           **dict(VIT, depth=4, drop_loc=(1, 2), base_keep_rate=0.7, fuse_token=True)),
-    "tome": lambda: models.tome.patch(timm.create_model("deit_tiny_patch16_224", **dict(VIT, depth=3)), r=3),
-    "tofu": lambda: models.tofu.patch(timm.create_model("deit_tiny_patch16_224", **dict(VIT, depth=4)), r=3),
-    "shrink_lambda": _lambda_model,
-    "shrink_deployed": lambda: timm.create_model("deit_tiny_patch16_224_shrink", **dict(VIT, depth=4, done_layer=[0, 2])),
-    "ltm_vit": lambda: timm.create_model("ltm_vit_small_patch16_224", **dict(VIT, depth=2, compression_ratio=0.8)),
-    "ltmp_masked": lambda: timm.create_model("ltmp_deit_tiny_patch16_224", **dict(VIT, depth=3)),
-    "ltmp_inference": lambda: timm.create_model("inference_ltmp_deit_tiny_patch16_224", **dict(VIT, depth=3)),
-    # hybrid backbones (the LTMP inference hybrids still break: see the README)
-    "tome_mobilevit": lambda: models.tome.patch(timm.create_model("mobilevit_xs", num_classes=10), r=2),
-    "ltmp_masked_efficientvit": lambda: timm.create_model("ltmp_efficientvit_b1", num_classes=10),
-    "dwnet": lambda: timm.create_model("dwnet_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 1, 1),
-                                       img_size=64, num_classes=10),
-    "raftmlp": lambda: timm.create_model("raftmlp_s", layers=_raft_layers(), pretrained_image_size=64, num_classes=10),
-}
-
-INFERENCE_ONLY = ("ltmp_inference",)  # trained as the masked model (`ltmp_masked`)
+# name -> (builder, input size, modes): the unreduced baseline and every family's Examples
+# (`family.Example.compile`), built as main.py builds them (`factory.build_example`)
+CASES = {"deit": (_deit, 32, ("eval", "train"))}
+for _family in family.families():
+    for _example in _family.examples:
+        if _example.compile:
+            CASES[_example.name] = (lambda e=_example: build_example(e), _example.input_size, tuple(_example.compile))
 
 
 def _params(training: bool):
-    return [pytest.param(name, training) for name in CASES if not (training and name in INFERENCE_ONLY)]
+    mode = "train" if training else "eval"
+    return [pytest.param(name, training) for name, (_, _, modes) in CASES.items() if mode in modes]
 
 
-def _images(batch=2):
-    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+def _build(name):
+    return CASES[name][0]()
+
+
+def _images(name="deit", batch=2):
+    size = CASES[name][1]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def _graph_breaks(model, x, training: bool):
@@ -78,19 +65,39 @@ def _graph_breaks(model, x, training: bool):
 
 
 @pytest.mark.parametrize("name,training", _params(False) + _params(True))
-def test_no_graph_breaks(name, training):
+def test_no_graph_breaks_and_compiled_matches_eager(name, training):
+    """Every family's Example traces in one graph (eval and/or training mode, as it declares), and the
+    traced program (Dynamo, eager backend) gives eager's output to the last bit, random draws included."""
     torch.manual_seed(0)
-    model = CASES[name]()
-    breaks, reasons = _graph_breaks(model, _images(), training)
+    model = _build(name)
+    x = _images(name)
+    breaks, reasons = _graph_breaks(model, x, training)
     assert breaks == 0, f"{name} ({'train' if training else 'eval'}): {breaks} graph breaks: {reasons}"
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(training), torch._dynamo.config.patch(**dynamo_settings(model)):
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        got = compiled(x)
+    for want, have in zip(_tensors(expected), _tensors(got)):
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+
+
+def _tensors(output):
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [v for v in output.values() if isinstance(v, torch.Tensor)]
+    return [v for v in output if isinstance(v, torch.Tensor)]
 
 
 @pytest.mark.parametrize("name", ["evit_fuse", "tome", "ltm_vit"])
 def test_bf16_cast_models_trace_in_one_piece(name):
     """bf16 weights: fullgraph tracing succeeds and the compiled (eager backend) output equals eager's."""
     torch.manual_seed(0)
-    model = cast_for_inference(CASES[name]().eval(), torch.bfloat16)
-    x = _images()
+    model = cast_for_inference(_build(name).eval(), torch.bfloat16)
+    x = _images(name)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
@@ -102,8 +109,8 @@ def test_bf16_cast_models_trace_in_one_piece(name):
 def test_schedule_change_recompiles_instead_of_breaking():
     """A new fixed setting (EViT keep rate) is a recompile with no breaks, and the output follows it."""
     torch.manual_seed(0)
-    model = CASES["evit_fuse"]().eval()
-    x = _images()
+    model = _build("evit_fuse").eval()
+    x = _images("evit_fuse")
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
@@ -125,10 +132,10 @@ def test_inductor_compiled_tome_matches_eager():
 
 
 def test_declared_dynamo_settings():
-    assert dynamo_settings(CASES["ltmp_inference"]()) == {"capture_scalar_outputs": True}
-    assert dynamo_settings(CASES["evit_fuse"]()) == {"allow_unspec_int_on_nn_module": True}
-    for name in ("deit", "ltmp_masked", "tome"):
-        assert dynamo_settings(CASES[name]()) == {}, name
+    assert dynamo_settings(_build(LTMP_INFERENCE)) == {"capture_scalar_outputs": True}
+    assert dynamo_settings(_build("evit_fuse")) == {"allow_unspec_int_on_nn_module": True}
+    for name in ("deit", LTMP_MASKED, "tome"):
+        assert dynamo_settings(_build(name)) == {}, name
 
 
 def test_conflicting_dynamo_settings_are_an_error():
@@ -149,14 +156,14 @@ def test_evit_keep_rate_warmup_compiles_a_few_graphs_not_one_per_step():
     from models.evit import keep_rate_schedule
 
     torch.manual_seed(0)
-    model = CASES["evit_fuse"]().train()
+    model = _build("evit_fuse").train()
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
 
-    x = _images()
+    x = _images("evit_fuse")
     torch._dynamo.reset()
     with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=False):
         compiled = compile_model(model, backend=counting_backend)
@@ -172,17 +179,17 @@ def test_evit_keep_rate_warmup_compiles_a_few_graphs_not_one_per_step():
 
 def test_ltmp_inference_breaks_without_its_declared_setting():
     """The declaration is what removes the break: without it Dynamo stops at the token count."""
-    model = CASES["ltmp_inference"]().eval()
+    model = _build(LTMP_INFERENCE).eval()
     torch._dynamo.reset()
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=False):
-        explanation = torch._dynamo.explain(model)(_images())
+        explanation = torch._dynamo.explain(model)(_images(LTMP_INFERENCE))
     assert explanation.graph_break_count > 0
 
 
 def _ltmp_inference_model():
     """Tiny LTMP inference ViT with sharpened attention, so prune thresholds split the samples."""
     torch.manual_seed(0)
-    model = CASES["ltmp_inference"]().eval()
+    model = _build(LTMP_INFERENCE).eval()
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight.mul_(6)
@@ -194,7 +201,7 @@ def test_inductor_compiled_ltmp_inference_matches_eager():
     """Per-sample token counts (padding), nothing removed, and everything but the class token
     removed: the compiled model keeps eager's counts and logits."""
     model = _ltmp_inference_model()
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(capture_scalar_outputs=False):  # compile_model sets what the model needs
         compiled = compile_model(model, fullgraph=True)

@@ -14,62 +14,19 @@ import timm
 
 import models  # noqa: F401
 from e2e_utils import ROOT
+from models import family
 
-DEIT_TINY = "{'depth': 2, 'embed_dim': 32, 'num_heads': 2, 'patch_size': 8}"
-RAFT_LEVEL = "{'depth': 1, 'dim': 16, 'patch_size': 8, 'raft_size': 2, 'embedding_kernels': [8]}"
-
-LTMP_HYBRID_KWARGS = {"efficientvit_b1": "{'widths': (8, 8, 16, 16, 32), 'depths': (1, 1, 1, 2, 2), "
-                                          "'head_dim': 8, 'head_widths': (32, 32)}"}
-
-
-
-def ltmp_flags(name):
-    """LTMP: ViTs tiny at 32 px, hybrids at 64 px (EfficientViT narrowed); masked ltmp_* models train
-    their thresholds (official lrs), inference_ltmp_* ones the trainer's default groups; 2-image report."""
-    base = name.split("ltmp_", 1)[1]
-    if base in LTMP_HYBRID_KWARGS:
-        flags = ["--model-kwargs", LTMP_HYBRID_KWARGS[base], "--input-size", "64"]
-    elif base.startswith("mobilevit"):
-        flags = ["--input-size", "64"]
-    else:
-        flags = ["--model-kwargs", DEIT_TINY, "--input-size", "32"]
-    flags += ["--ltmp-flops-images", "2"]
-    return flags + (["--lr", "0.000005", "0.005"] if name.startswith("ltmp_") else [])
+def _example_flags(example):
+    flags = list(example.flags) + ["--input-size", str(example.input_size)]
+    if example.kwargs:
+        flags += ["--model-kwargs", repr(dict(example.kwargs))]
+    return flags
 
 
-# family -> [(model name, extra main.py flags)]
-RUNS = {
-    "shrink": [(name, ["--model-kwargs", DEIT_TINY, "--input-size", "32"]
-                + (["--prune_layer", "[0]", "--done_layer", "[1]"] if "lambda" in name or name.endswith("_attn")
-                   else ["--done_layer", "[0]"]))
-               for name in timm.list_models(module="shrink")],
-    "evit": [(name, ["--model-kwargs", DEIT_TINY, "--input-size", "32", "--drop_loc", "(1,)",
-                     "--base_keep_rate", "0.5", "--fuse_token"])
-             for name in timm.list_models(module="evit")],
-    "dwnet": [(name, ["--model-kwargs", "{'depths': (1, 1, 1, 1), 'embed_dim': 16"
-                      + (", 'inhomo_heads': (4, 4, 4, 4)}" if name.startswith("iddwnet") else "}"), "--input-size", "64"])
-              for name in timm.list_models(module="dwnet")],
-    "raftmlp": [(name, ["--model-kwargs",
-                        "{'layers': [{'depth': 1, 'dim': 16, 'patch_size': 8}], 'pretrained_image_size': 32}"
-                        if name == "raftmlp_org_mixer" else
-                        f"{{'layers': [{RAFT_LEVEL}], 'pretrained_image_size': 32}}", "--input-size", "32"])
-                for name in timm.list_models(module="raftmlp")],
-    "ltm": [
-        ("ltm_vit_small_patch16_224", ["--model-kwargs", DEIT_TINY, "--input-size", "32"]),
-        ("ltm_vit_base_patch16_224", ["--model-kwargs", DEIT_TINY, "--input-size", "32"]),
-        ("ltm_swin_tiny_patch4_window7_224", ["--model-kwargs", "{'embed_dim': 16, 'depths': (2, 2), "
-                                              "'num_heads': (1, 2), 'window_size': 4}", "--input-size", "64"]),
-        ("ltm_swin_base_patch4_window7_224", ["--model-kwargs", "{'embed_dim': 16, 'depths': (2, 2), "
-                                              "'num_heads': (1, 2), 'window_size': 4}", "--input-size", "64"]),
-        ("ltm_mobilevit_xs", ["--input-size", "64"]),
-        ("ltm_mobilevit_s", ["--input-size", "64"]),
-        ("ltm_efficientvit_b1", ["--model-kwargs", "{'widths': (8, 8, 16, 16, 32), 'depths': (1, 1, 1, 2, 2), "
-                                 "'head_dim': 8, 'head_widths': (32, 32)}", "--input-size", "64"]),
-    ],
-    # every LTMP model: the masked ltmp_* ones with the official recipe (thresholds-only lrs), the
-    # inference_ltmp_* ones with the trainer's default groups; a 2-image realised-FLOPs report
-    "ltmp": [(name, ltmp_flags(name)) for name in timm.list_models(module="ltmp")],
-}
+# family -> [(example name, main.py flags)]: every family's Examples that train (`family.Example.train`)
+RUNS = {f.name: [(e.name, ["--model", e.model, *_example_flags(e)]) for e in f.examples if e.train]
+        for f in family.families()}
+RUNS = {name: runs for name, runs in RUNS.items() if runs}
 
 COMMON = ["--data-set", "SYNTHETIC", "--synthetic-train-size", "16", "--synthetic-val-size", "8",
           "--device", "cpu", "--batch-size", "8", "--num_workers", "0", "--epochs", "1", "--print-freq", "0",
@@ -92,18 +49,28 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+def _registered_by(f):
+    module = f.module.rsplit(".", 1)[-1]
+    return {name for name in timm.list_models(module=module) if f.owns(name)}
+
+
 def test_every_registered_project_model_is_covered():
-    covered = {name for runs in RUNS.values() for name, _ in runs}
-    registered = {name for module in ("shrink", "evit", "dwnet", "raftmlp", "ltm", "ltmp")
-                  for name in timm.list_models(module=module)}
-    assert covered == registered
+    """Each model family's Examples train every model it registers (aliases of one entry point aside)."""
+    for f in family.families():
+        if f.is_patch() or not f.module.startswith("models."):
+            continue
+        trained = {e.model for e in f.examples if e.train}
+        entry_points = {}
+        for name in _registered_by(f):
+            entry_points.setdefault(timm.models.model_entrypoint(name), set()).add(name)
+        missing = [sorted(names) for names in entry_points.values() if not names & trained]
+        assert not missing, f"{f.name}: no training Example for {missing}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(RUNS))
-def test_family_trains_and_evaluates_through_main(family, tmp_path):
-    jobs = [(name, ["--model", name, *flags, *COMMON, "--output_dir", str(tmp_path / name)])
-            for name, flags in RUNS[family]]
+@pytest.mark.parametrize("family_name", sorted(RUNS))
+def test_family_trains_and_evaluates_through_main(family_name, tmp_path):
+    jobs = [(name, [*flags, *COMMON, "--output_dir", str(tmp_path / name)]) for name, flags in RUNS[family_name]]
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(jobs)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     marker = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
@@ -114,5 +81,5 @@ def test_family_trains_and_evaluates_through_main(family, tmp_path):
         log = result["log"]
         assert log is not None and log["epoch"] == 0, name
         assert log["train_loss"] == log["train_loss"] and 0 <= log["test_acc1"] <= 100, name  # finite, evaluated
-        if family == "ltmp" and name.startswith("ltmp_"):  # the realised-FLOPs report of the inference twin
+        if family_name == "ltmp" and name.startswith("ltmp_"):  # the realised-FLOPs report of the inference twin
             assert result["reports"] == ["ltmp"], name
