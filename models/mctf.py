@@ -1,0 +1,901 @@
+"""MCTF: "Multi-criteria Token Fusion with One-step-ahead Attention for Efficient Vision
+Transformers" (Lee, Choi & Kim, CVPR 2024, arXiv 2403.10030); docs/methods/mctf.md.
+
+An in-place, reversible patch for timm `VisionTransformer`s (DeiT, distilled DeiT, ViTs
+with or without a class token, LayerScale, no qkv bias) and for the attention-shrink
+models of `models/shrink.py`. The patch swaps the classes of the model and of its blocks
+that have attention; it adds no parameter, so the state dict (and official checkpoints,
+which are timm's DeiT layout) is untouched. `unpatch` restores the original classes.
+
+Changes relative to timm's `Block`, in the blocks listed in `activate_layer` (default:
+every block but the first) with `one_step_ahead=1` (the method):
+
+* at the START of the block, `r_l` tokens (section "r per block" of the docs page) are
+  fused away: the block's own attention map `A` is computed first (explicit q k^T, only
+  the q and k thirds of `qkv`), then tokens are matched two ways between the even and odd
+  positions by a score = similarity x informativeness x size, each with a temperature
+  (`mctf_scores`, `mctf_matching`);
+* the matched tokens are pooled (`pooling_type`: attention x size weights by default),
+  sizes are summed, and `A` itself is fused (keys summed, queries pooled like the
+  tokens), so the block's output is `A'' @ v'` with `v'` from the fused tokens;
+* LayerScale (`ls1`, `ls2`), attention dropout and `q_norm`/`k_norm` are applied.
+
+`one_step_ahead=2` fuses with `A` but recomputes the attention on the fused tokens;
+`one_step_ahead=0` runs the block unchanged and fuses its output. Every block (activated
+or not) uses proportional attention (`+ ln(size)` per key) once sizes exist, when
+`prop_attn`. Blocks without attention (deployed shrink blocks, lambda 0) are never
+activated and run unchanged on the fused tokens; a diluted block (0 < lambda < 1) fuses
+first, then applies `(2 - lambda) x' + lambda * o`.
+
+Training (`model.train()`): a student pass at `model.r` and, when `task_type` asks for it,
+a teacher pass at a random `r_teacher` in `[0, r_teacher_max)` through the same blocks,
+interleaved block by block as in the official loop; the forward then returns a dict with
+`x_student`, `x_teacher` and `loss_consistency` (the token-reduction-consistency loss of
+the cls feature). The loss of the official recipe is `MCTFCriterion`.
+
+Deviations from the official code (each is a DESIGN CHOICE of the docs page): r is clamped
+at 0 for small token counts (official: negative r crashes), a block with r_l = 0 computes
+its attention once, qkv without bias is supported, a distillation token is protected as cls
+is (official: wrong tokens), negative temperatures and non-integral r >= 1 are refused,
+the teacher r is drawn only when the teacher pass runs, and a student-only training forward
+returns the logits tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from .errors import ModelConfigError
+from .token_ops import attention_with_keys, selection_precision
+
+__all__ = [
+    "patch", "unpatch", "is_patched", "mctf_type_kwargs", "normalize_r", "block_reduction", "token_counts",
+    "MCTFMatch", "mctf_scores", "mctf_matching", "mctf_merge", "fused_index", "mctf_fuse",
+    "MCTFConfig", "MCTFState", "MCTFPass", "DEFAULT_MCTF_TYPE",
+]
+
+RValue = Union[int, float]
+
+# The official main.py defaults (the MCTF-Fast setting): [r, r_teacher_max, trace_source,
+# prop_attn, one_step_ahead, tau_sim, tau_info, tau_size, bidirection, pooling_type, unused].
+DEFAULT_MCTF_TYPE = (0.35, 0.15, 0, 1, 1, 1, 20, 40, 1, 1, 0)
+DEFAULT_ACTIVATE_LAYER = (3, 6, 9)
+DEFAULT_TASK_TYPE = (1, 0, 0)
+# The official rule stops reducing when fewer than this many tokens would remain.
+MIN_TOKENS = 10
+
+
+# ---------------------------------------------------------------------------
+# r per block
+# ---------------------------------------------------------------------------
+
+def normalize_r(value, name: str = "r") -> RValue:
+    """An int >= 0 (tokens per block) or a float in (0, 1) (fraction of the unprotected tokens).
+
+    Integral floats >= 1 (e.g. 16.0) become ints; 0.0 becomes 0. Anything else is a
+    ModelConfigError (the official code breaks on non-integral r >= 1).
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ModelConfigError(f"MCTF {name} must be an int >= 0 or a fraction in [0, 1), got {value!r}.")
+    if isinstance(value, Integral):
+        value = int(value)
+        if value < 0:
+            raise ModelConfigError(f"MCTF {name} must be >= 0 (tokens fused per block), got {value}.")
+        return value
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ModelConfigError(f"MCTF {name} must be an int >= 0 or a fraction in [0, 1), got {value!r}.")
+    if value < 1:
+        return 0 if value == 0 else value
+    if value.is_integer():
+        return int(value)
+    raise ModelConfigError(f"MCTF {name} {value!r} is neither a token count (an integer) nor a fraction in [0, 1); "
+                           f"use e.g. 16 or 0.35.")
+
+
+def block_reduction(tokens: int, r: RValue, protected: int = 1, float32_fraction: bool = False) -> int:
+    """Tokens a block fuses away: the official rule, then clamped at 0.
+
+    tokens: T entering the block; r: int or fraction; protected: P (cls, dist).
+    `if T - r < 10: r = T - 10`; fractions take `int((T - P) * r)`; at most `(T - P) // 2`;
+    never negative (the official code crashes there). `float32_fraction`: the fraction
+    product is rounded as float32, as for the teacher's r drawn as a float32 tensor.
+    """
+    if tokens - r < MIN_TOKENS:
+        r = tokens - MIN_TOKENS
+    if r < 1:
+        if float32_fraction:
+            product = (torch.tensor(tokens - protected, dtype=torch.float32)
+                       * torch.tensor(r, dtype=torch.float32)).item()
+        else:
+            product = (tokens - protected) * r
+        r_l = int(product)
+    else:
+        r_l = int(r)
+    return max(min(r_l, (tokens - protected) // 2), 0)
+
+
+def token_counts(num_tokens: int, depth: int, r: RValue, activate_layer: Sequence[int], protected: int = 1,
+                 one_step_ahead: int = 1) -> List[int]:
+    """Tokens leaving each block for a model of `depth` blocks entered by `num_tokens` tokens.
+
+    Every mode leaves `T - r_l` tokens after an activated block (mode 0 fuses the block's output).
+    """
+    counts, tokens, active = [], num_tokens, set(activate_layer)
+    for index in range(depth):
+        if index in active:
+            tokens -= block_reduction(tokens, r, protected)
+        counts.append(tokens)
+    return counts
+
+
+# ---------------------------------------------------------------------------
+# Multi-criteria scores and two-way bipartite matching (pure functions)
+# ---------------------------------------------------------------------------
+
+class MCTFMatch(NamedTuple):
+    """Result of `mctf_matching` for T tokens: set A = even positions (t1 = ceil(T/2)), B = odd.
+
+    Step 1 (A -> B): unm_idx `[B, t1 - r1]` kept A tokens (position order when a cls token is
+    protected), src_idx `[B, r1]` fused A tokens, dst_idx `[B, r1]` their B partners.
+    Step 2 (B -> kept A, bidirectional only, else None): unm_idx2 `[B, t2 - r2]` kept B tokens
+    in descending score, src_idx2 `[B, r2]` fused B tokens, dst_idx2 `[B, r2]` their partners
+    as indices into unm_idx. distill_token: the output puts the distillation token second.
+    """
+    unm_idx: torch.Tensor
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    unm_idx2: Optional[torch.Tensor]
+    src_idx2: Optional[torch.Tensor]
+    dst_idx2: Optional[torch.Tensor]
+    distill_token: bool = False
+
+    @property
+    def r(self) -> int:
+        return self.src_idx.shape[1] + (0 if self.src_idx2 is None else self.src_idx2.shape[1])
+
+    @property
+    def bidirection(self) -> bool:
+        return self.unm_idx2 is not None
+
+
+def mctf_scores(metric: torch.Tensor, informativeness: Optional[torch.Tensor], size: Optional[torch.Tensor],
+                tau_sim: float, tau_info: float, tau_size: float) -> torch.Tensor:
+    """Multi-criteria pair scores `W [B, t1, t2]` between even (A) and odd (B) tokens.
+
+    metric: `[B, T, C]` (the block input); informativeness: `[B, T]` mean attention each token
+    receives (over heads and all queries) or None; size: `[B, T, 1]` or None.
+    `W = ((cos + 1) / 2) ** (1/tau_sim) * (iota_i iota_j) ** (1/tau_info) * (sigma_i sigma_j) ** (1/tau_size)`
+    with `iota = (1/a) / max(1/a)`, `sigma = (1/s) / max(1/s)`; a criterion whose temperature
+    is 0 (tau_info: <= 0), or whose input is None, is 1. The operations and their order are
+    the official ones: selections have margins of a few float32 ulps. Call under
+    `selection_precision` with float32 inputs.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    if tau_sim:
+        scores = a @ b.transpose(-1, -2)
+        scores = ((scores + 1) / 2) ** (1 / tau_sim)
+    else:
+        scores = torch.ones(a.shape[0], a.shape[1], b.shape[1], device=a.device, dtype=a.dtype)
+    if tau_info > 0 and informativeness is not None:
+        inverse = 1 / informativeness
+        inverse = inverse / inverse.max(1, keepdim=True)[0]
+        info_a, info_b = inverse[..., ::2, None], inverse[..., 1::2, None].transpose(1, 2)
+        scores = scores * (info_a * info_b) ** (1 / tau_info)
+    if tau_size and size is not None:
+        inverse = 1 / size
+        inverse = inverse / inverse.max(1, keepdim=True)[0]
+        size_a, size_b = inverse[..., ::2, :], inverse[..., 1::2, :].transpose(1, 2)
+        scores = scores * (size_a * size_b) ** (1 / tau_size)
+    return scores
+
+
+def mctf_matching(metric: torch.Tensor, informativeness: Optional[torch.Tensor], size: Optional[torch.Tensor],
+                  r: int, class_token: bool = True, distill_token: bool = False, tau_sim: float = 1.0,
+                  tau_info: float = 20.0, tau_size: float = 40.0, bidirection: bool = True) -> Optional[MCTFMatch]:
+    """MCTF's two-way bipartite matching of `r` tokens (None when r <= 0).
+
+    metric `[B, T, C]`, informativeness `[B, T]` or None, size `[B, T, 1]` or None. Step 1
+    fuses the `r1` A tokens with the highest best score into their best B token; step 2
+    (bidirectional) fuses the `r2 = r - r1` B tokens with the highest best score over the kept
+    A tokens into them, reusing the step-1 scores. `r1 = r // 2` when bidirectional, else r.
+    The cls token (A row 0) is never fused nor a destination; a distillation token (B column
+    0) neither. Scores in float32 whatever the model's dtype.
+    """
+    if r <= 0:
+        return None
+    r1, r2 = (r // 2, r - r // 2) if bidirection else (r, 0)
+    with torch.no_grad(), selection_precision(metric):
+        scores = mctf_scores(metric.float(), None if informativeness is None else informativeness.float(),
+                             None if size is None else size.float(), tau_sim, tau_info, tau_size)
+        if class_token:
+            scores[..., :1, :] = -math.inf
+        if distill_token:
+            scores[..., :, :1] = -math.inf
+        t2 = scores.shape[-1]
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unm_idx, src_idx = edge_idx[..., r1:], edge_idx[..., :r1]
+        dst_idx = node_idx.gather(dim=-1, index=src_idx)
+        if class_token:
+            unm_idx = unm_idx.sort(dim=1)[0]  # cls first, kept A tokens in position order
+        if not bidirection:
+            return MCTFMatch(unm_idx, src_idx, dst_idx, None, None, None, distill_token)
+        # step 2 reuses the step-1 scores of the kept A tokens (official: not recomputed)
+        scores2 = scores.gather(dim=-2, index=unm_idx[..., None].expand(-1, -1, t2)).transpose(1, 2)
+        node_max2, node_idx2 = scores2.max(dim=-1)
+        edge_idx2 = node_max2.sort(dim=-1, descending=True)[1]
+        unm_idx2, src_idx2 = edge_idx2[..., r2:], edge_idx2[..., :r2]
+        dst_idx2 = node_idx2.gather(dim=-1, index=src_idx2)
+    return MCTFMatch(unm_idx, src_idx, dst_idx, unm_idx2, src_idx2, dst_idx2, distill_token)
+
+
+def _index_along(index: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """index `[B, k]` viewed and expanded to `like`'s shape with size k along `dim` (dim > 0)."""
+    view = [index.shape[0]] + [1] * (like.dim() - 1)
+    view[dim] = index.shape[1]
+    shape = list(like.shape)
+    shape[dim] = index.shape[1]
+    return index.view(view).expand(shape)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.gather(dim, _index_along(index, x, dim))
+
+
+def _put(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, dim: int, mode: str) -> torch.Tensor:
+    return x.scatter_reduce(dim, _index_along(index, src, dim), src, reduce=mode)
+
+
+def _distill_order(match: MCTFMatch, kept_a: int, out_tokens: int) -> List[int]:
+    """Output permutation that moves the distillation token to index 1 (cls, dist, other A, other B)."""
+    dist = out_tokens - 1 if match.bidirection else kept_a  # -inf scores sort it last among kept B
+    return [0, dist] + [i for i in range(1, out_tokens) if i != dist]
+
+
+def mctf_merge(x: torch.Tensor, match: Optional[MCTFMatch], mode: str = "sum", dim: int = -2) -> torch.Tensor:
+    """Apply a matching to the token dimension `dim` of `x` (`[B, ..., T, ...]`) with `mode`.
+
+    Step 1 reduces the fused A tokens into their B partners (`scatter_reduce`, destination
+    included: "sum", "amax", "mean"), step 2 reduces the fused B tokens (with what they
+    received) into their kept A partners. Output along `dim` (`T - r`): bidirectional
+    `[kept A (position order), kept B (descending step-2 score)]`, one-directional
+    `[kept A, all B]`; with a distillation token `[cls, dist, other kept A, other kept B]`.
+    """
+    if match is None:
+        return x
+    dim = dim % x.dim()
+    lead = (slice(None),) * dim
+    src, dst = x[lead + (slice(0, None, 2),)], x[lead + (slice(1, None, 2),)]
+    unm = _take(src, match.unm_idx, dim)
+    moved = _take(src, match.src_idx, dim)
+    dst = _put(dst, match.dst_idx, moved, dim, mode)
+    if match.bidirection:
+        kept_b = _take(dst, match.unm_idx2, dim)
+        moved2 = _take(dst, match.src_idx2, dim)
+        unm = _put(unm, match.dst_idx2, moved2, dim, mode)
+        out = torch.cat([unm, kept_b], dim=dim)
+    else:
+        out = torch.cat([unm, dst], dim=dim)
+    if match.distill_token:
+        order = _distill_order(match, match.unm_idx.shape[1], out.shape[dim])
+        out = out.index_select(dim, torch.tensor(order, device=out.device))
+    return out
+
+
+def fused_index(match: Optional[MCTFMatch], num_tokens: int) -> Optional[torch.Tensor]:
+    """Output position of each of the T input tokens after `mctf_merge`: `[B, T]` long.
+
+    Derived from both steps (a token fused A -> B -> A ends where its last partner ends), so
+    `mctf_merge(x, match, "sum")[b, g] == sum of x[b, t] over t with index[b, t] == g`.
+    """
+    if match is None:
+        return None
+    device = match.unm_idx.device
+    batch, kept_a = match.unm_idx.shape
+    t2 = num_tokens // 2
+    ranks = lambda n: torch.arange(n, device=device).expand(batch, n)  # noqa: E731
+    if match.bidirection:
+        pos_b = torch.empty(batch, t2, dtype=torch.long, device=device)
+        pos_b.scatter_(1, match.unm_idx2, kept_a + ranks(match.unm_idx2.shape[1]))
+        pos_b.scatter_(1, match.src_idx2, match.dst_idx2)
+    else:
+        pos_b = kept_a + ranks(t2)
+    pos_a = torch.empty(batch, (num_tokens + 1) // 2, dtype=torch.long, device=device)
+    pos_a.scatter_(1, match.unm_idx, ranks(kept_a))
+    pos_a.scatter_(1, match.src_idx, pos_b.gather(1, match.dst_idx))
+    index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    index[:, ::2] = pos_a
+    index[:, 1::2] = pos_b
+    if match.distill_token:
+        out_tokens = num_tokens - match.r
+        order = _distill_order(match, kept_a, out_tokens)
+        inverse = torch.empty(out_tokens, dtype=torch.long, device=device)
+        inverse[torch.tensor(order, device=device)] = torch.arange(out_tokens, device=device)
+        index = inverse[index]
+    return index
+
+
+def mctf_fuse(match: MCTFMatch, x: torch.Tensor, attn: Optional[torch.Tensor], informativeness: torch.Tensor,
+              size: Optional[torch.Tensor], pooling_type: int = 1, fuse_attn: bool = True
+              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Fuse tokens, sizes and (one-step-ahead) the attention map.
+
+    x `[B, T, C]`; attn `[B, H, T, T]` (needed when `fuse_attn`); informativeness `[B, T]`
+    float32 (head/query mean of attn); size `[B, T, 1]` float32 or None (ones).
+    Returns `(x' [B, T', C], size' [B, T', 1] float32, A'' [B, H, T', T'] or None)`.
+    pooling_type 1: weights `a_i s_i / max s` (per sample); 0: `s_i`; 3: 1 (plain mean);
+    2: elementwise max. The attention map sums its keys per group, then pools its queries
+    with the same weights (max for type 2). Weights are computed without gradient; the
+    fused x and A'' are differentiable. Multiplications follow the official order.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1], dtype=torch.float32)
+    fused_attn = None
+    if fuse_attn:
+        keys = mctf_merge(attn, match, "sum", dim=-1)
+    if pooling_type == 1:
+        with torch.no_grad():
+            relative = size / size.amax(dim=-2, keepdim=True)
+            attn_m = informativeness.unsqueeze(-1)
+            norm = mctf_merge(attn_m * relative, match, "sum")
+        if fuse_attn:
+            fused_attn = mctf_merge(keys * attn_m[:, None].to(keys.dtype) * relative[:, None].to(keys.dtype),
+                                    match, "sum", dim=-2) / norm[:, None].to(keys.dtype)
+        out = mctf_merge(x * attn_m.to(x.dtype) * relative.to(x.dtype), match, "sum") / norm.to(x.dtype)
+        size = mctf_merge(size, match, "sum")
+    elif pooling_type == 2:
+        out = mctf_merge(x, match, "amax")
+        if fuse_attn:
+            fused_attn = mctf_merge(keys, match, "amax", dim=-2)
+        size = mctf_merge(size, match, "sum")
+    elif pooling_type == 3:
+        out = mctf_merge(x, match, "sum")
+        if fuse_attn:
+            fused_attn = mctf_merge(keys, match, "sum", dim=-2)
+        count = mctf_merge(torch.ones_like(size), match, "sum")
+        size = mctf_merge(size, match, "sum")
+        if fuse_attn:
+            fused_attn = fused_attn / count[:, None].to(fused_attn.dtype)
+        out = out / count.to(out.dtype)
+    else:
+        out = mctf_merge(x * size.to(x.dtype), match, "sum")
+        if fuse_attn:
+            fused_attn = mctf_merge(keys * size[:, None].to(keys.dtype), match, "sum", dim=-2)
+        size = mctf_merge(size, match, "sum")
+        if fuse_attn:
+            fused_attn = fused_attn / size[:, None].to(fused_attn.dtype)
+        out = out / size.to(out.dtype)
+    return out, size, fused_attn
+
+
+# ---------------------------------------------------------------------------
+# Attention pieces (explicit matmuls, so the FLOP counter sees q k^T and A'' v)
+# ---------------------------------------------------------------------------
+
+def _queries_keys(attn: nn.Module, xn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q, k `[B, H, T, d]` from the q and k thirds of `qkv` only (v is computed after fusion)."""
+    batch, tokens, _ = xn.shape
+    dim = attn.attn_dim
+    bias = attn.qkv.bias
+    qk = F.linear(xn, attn.qkv.weight[:2 * dim], None if bias is None else bias[:2 * dim])
+    qk = qk.reshape(batch, tokens, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return attn.q_norm(qk[0]), attn.k_norm(qk[1])
+
+
+def _values(attn: nn.Module, xn: torch.Tensor) -> torch.Tensor:
+    """v `[B, H, T, d]` from the v third of `qkv`."""
+    batch, tokens, _ = xn.shape
+    dim = attn.attn_dim
+    bias = attn.qkv.bias
+    v = F.linear(xn, attn.qkv.weight[2 * dim:], None if bias is None else bias[2 * dim:])
+    return v.reshape(batch, tokens, attn.num_heads, attn.head_dim).permute(0, 2, 1, 3)
+
+
+def _attention_map(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    """`softmax((q k^T) * scale + ln(size_j))` `[B, H, T, T]` (the scale multiplies the product, as officially)."""
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :, 0].to(logits.dtype)
+    return logits.softmax(dim=-1)
+
+
+def _attention_output(attn: nn.Module, probs: torch.Tensor, v: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+    """`proj(attn_drop(probs) @ v)` with timm's optional output norm and gate; -> `[B, T, C]`."""
+    out = attn.attn_drop(probs) @ v
+    batch, _, tokens, _ = out.shape
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(xn).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def _informativeness(probs: torch.Tensor) -> torch.Tensor:
+    """Mean attention each token receives, over heads and all query rows: `[B, T]` float32."""
+    with torch.no_grad(), selection_precision(probs):
+        return probs.detach().float().mean(dim=[1, 2])
+
+
+# ---------------------------------------------------------------------------
+# Per-forward state and settings
+# ---------------------------------------------------------------------------
+
+@dataclass
+class MCTFPass:
+    """One pass (student or teacher) of a forward: its r, sizes, group map and token counts."""
+    r: RValue
+    float32_fraction: bool = False
+    size: Optional[torch.Tensor] = None     # [B, T, 1] float32, None until the first fusion
+    group: Optional[torch.Tensor] = None    # [B, T0] current token of each input token (trace_source)
+    tokens: List[int] = field(default_factory=list)   # tokens leaving each block
+    applied: List[int] = field(default_factory=list)  # r_l of each block (0: no fusion)
+
+
+@dataclass
+class MCTFState:
+    """A forward's passes; `current` is the pass the blocks are running now."""
+    current: MCTFPass
+    student: Optional[MCTFPass] = None
+    teacher: Optional[MCTFPass] = None
+
+
+@dataclass
+class MCTFConfig:
+    """Settings shared by a patched model and its blocks; `state` is set only during a forward."""
+    r: RValue
+    activate: frozenset
+    prop_attn: bool
+    one_step_ahead: int
+    tau_sim: float
+    tau_info: float
+    tau_size: float
+    bidirection: bool
+    pooling_type: int
+    trace_source: bool
+    r_teacher_max: RValue
+    task_type: Tuple[float, float, float]
+    class_token: bool
+    distill_token: bool
+    state: Optional[MCTFState] = None
+    # the last forward's numbers, for log lines (plain attributes: no tensors kept)
+    last_tokens: Optional[int] = None
+    last_r_teacher: Optional[float] = None
+
+    @property
+    def protected(self) -> int:
+        return int(self.class_token) + int(self.distill_token)
+
+
+def _attention_weight(block: nn.Module) -> Optional[float]:
+    """lambda of a diluted shrink block (models/shrink.py contract), None for an ordinary block."""
+    weight = getattr(block, "attention_weight", None)
+    return None if weight is None else float(weight())
+
+
+# ---------------------------------------------------------------------------
+# Patched block and model
+# ---------------------------------------------------------------------------
+
+class MCTFBlockMixin:
+    """Placed before the block's own class; see the module docstring for what changes."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        cfg: MCTFConfig = self._mctf_cfg
+        state = cfg.state
+        if state is None or attn_mask is not None or is_causal:  # masks do not survive fusion: timm's block
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        lam = _attention_weight(self)
+        if lam == 0.0:  # no attention at call time: the block runs unchanged on the fused tokens
+            out = super().forward(x)
+            state.current.tokens.append(out.shape[1])
+            state.current.applied.append(0)
+            return out
+        current = state.current
+        r_l = 0
+        if self._mctf_index in cfg.activate:
+            r_l = block_reduction(x.shape[1], current.r, cfg.protected, current.float32_fraction)
+        if r_l == 0:
+            out = self._mctf_plain(x, current.size if cfg.prop_attn else None, lam)
+        elif cfg.one_step_ahead == 0:
+            out = self._mctf_fuse_output(x, current, r_l, lam)
+        else:
+            out = self._mctf_fuse_input(x, current, r_l, lam)
+        current.tokens.append(out.shape[1])
+        current.applied.append(r_l)
+        return out
+
+    def _mctf_residual(self, x: torch.Tensor, attn_out: torch.Tensor, lam: Optional[float]) -> torch.Tensor:
+        attn_out = self.drop_path1(self.ls1(attn_out))
+        x = x + attn_out if lam is None else (2 - lam) * x + lam * attn_out
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _mctf_plain(self, x: torch.Tensor, size: Optional[torch.Tensor], lam: Optional[float]) -> torch.Tensor:
+        """An ordinary block, with proportional attention once sizes exist."""
+        if size is None:
+            return super().forward(x)
+        return self._mctf_residual(x, attention_with_keys(self.attn, self.norm1(x), size).out, lam)
+
+    def _mctf_match(self, metric: torch.Tensor, info: torch.Tensor, current: MCTFPass, r_l: int) -> MCTFMatch:
+        cfg: MCTFConfig = self._mctf_cfg
+        match = mctf_matching(metric, info, current.size, r_l, cfg.class_token, cfg.distill_token,
+                              cfg.tau_sim, cfg.tau_info, cfg.tau_size, cfg.bidirection)
+        if cfg.trace_source and current is cfg.state.student:
+            index = fused_index(match, metric.shape[1])
+            current.group = index if current.group is None else index.gather(1, current.group)
+        return match
+
+    def _mctf_fuse_input(self, x: torch.Tensor, current: MCTFPass, r_l: int, lam: Optional[float]) -> torch.Tensor:
+        """one_step_ahead 1 (fuse x, sizes and this block's attention map, then A'' v') or 2
+        (fuse x and sizes with this block's attention, then attend again on the fused tokens)."""
+        cfg: MCTFConfig = self._mctf_cfg
+        attn = self.attn
+        precise = cfg.one_step_ahead == 2
+        with torch.no_grad() if precise else contextlib.nullcontext():
+            q, k = _queries_keys(attn, self.norm1(x))
+            probs = _attention_map(attn, q, k, current.size if cfg.prop_attn else None)
+        info = _informativeness(probs)
+        match = self._mctf_match(x, info, current, r_l)
+        x, current.size, fused = mctf_fuse(match, x, probs, info, current.size, cfg.pooling_type,
+                                           fuse_attn=not precise)
+        xn = self.norm1(x)
+        if precise:
+            attn_out = attention_with_keys(attn, xn, current.size if cfg.prop_attn else None).out
+        else:
+            attn_out = _attention_output(attn, fused, _values(attn, xn), xn)
+        return self._mctf_residual(x, attn_out, lam)
+
+    def _mctf_fuse_output(self, x: torch.Tensor, current: MCTFPass, r_l: int, lam: Optional[float]) -> torch.Tensor:
+        """one_step_ahead 0: an ordinary block (explicit attention, kept for the scores), then its output is fused."""
+        cfg: MCTFConfig = self._mctf_cfg
+        attn = self.attn
+        xn = self.norm1(x)
+        q, k = _queries_keys(attn, xn)
+        probs = _attention_map(attn, q, k, current.size if cfg.prop_attn else None)
+        x = self._mctf_residual(x, _attention_output(attn, probs, _values(attn, xn), xn), lam)
+        info = _informativeness(probs)
+        match = self._mctf_match(x, info, current, r_l)
+        x, current.size, _ = mctf_fuse(match, x, None, info, current.size, cfg.pooling_type, fuse_attn=False)
+        return x
+
+
+def _draw_teacher_r(r_max: RValue) -> Tuple[RValue, bool]:
+    """The official teacher r: 0; `randint(0, int(100 r_max)) / 100` as float32 for a fraction;
+    `randint(0, r_max)` otherwise (upper bound excluded), from torch's global generator."""
+    if not r_max:
+        return 0, False
+    if r_max < 1:
+        high = int(r_max * 100)
+        if high < 1:
+            return 0, False
+        return float(torch.randint(0, high, size=(1,)) / 100), True
+    return int(torch.randint(0, int(r_max), size=(1,))), False
+
+
+class MCTFModelMixin:
+    """Creates the per-forward state; runs the student/teacher passes in training."""
+
+    @property
+    def r(self) -> RValue:
+        return self._mctf_cfg.r
+
+    @r.setter
+    def r(self, value: RValue) -> None:
+        self._mctf_cfg.r = normalize_r(value)
+
+    @property
+    def r_teacher_max(self) -> RValue:
+        return self._mctf_cfg.r_teacher_max
+
+    @r_teacher_max.setter
+    def r_teacher_max(self, value: RValue) -> None:
+        self._mctf_cfg.r_teacher_max = normalize_r(value, "r_teacher_max")
+
+    def _mctf_check_call(self) -> None:
+        if self.training and getattr(self, "grad_checkpointing", False):
+            raise ModelConfigError("MCTF cannot train with gradient checkpointing (blocks re-run after the forward); "
+                                   "disable it.")
+
+    def _mctf_finish(self, state: MCTFState) -> None:
+        cfg: MCTFConfig = self._mctf_cfg
+        student = state.student
+        if student is not None and student.tokens:
+            cfg.last_tokens = student.tokens[-1]
+        if state.teacher is not None:
+            cfg.last_r_teacher = float(state.teacher.r)
+        if cfg.trace_source and student is not None:
+            source = None
+            if student.group is not None:
+                tokens = student.tokens[-1] if student.tokens else int(student.group.max()) + 1
+                source = F.one_hot(student.group, tokens).transpose(1, 2).float()
+            self._mctf_info = {"source": source, "size": student.size, "group": student.group,
+                               "tokens": list(student.tokens), "r_applied": list(student.applied)}
+
+    def _mctf_run(self, fn, *args, r_eval: Optional[RValue] = None, **kwargs):
+        cfg: MCTFConfig = self._mctf_cfg
+        if cfg.state is not None:  # nested call (forward -> forward_features)
+            return fn(*args, **kwargs)
+        self._mctf_check_call()
+        r = cfg.r if r_eval is None or self.training else normalize_r(r_eval, "r_eval")
+        student = MCTFPass(r)
+        state = MCTFState(current=student, student=student)
+        cfg.state = state
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            cfg.state = None
+            self._mctf_finish(state)
+
+    def _mctf_two_pass(self, x: torch.Tensor):
+        """Training with a teacher: both passes through each block in turn (teacher first), as officially."""
+        cfg: MCTFConfig = self._mctf_cfg
+        self._mctf_check_call()
+        run_student = bool(cfg.task_type[0] or cfg.task_type[2])
+        consistency = bool(cfg.task_type[2])
+        teacher_r, float32_fraction = _draw_teacher_r(cfg.r_teacher_max)
+        teacher = MCTFPass(teacher_r, float32_fraction)
+        student = MCTFPass(cfg.r)
+        state = MCTFState(current=teacher, student=student if run_student else None, teacher=teacher)
+        cfg.state = state
+        result = {}
+        try:
+            x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+            x_teacher = x_student = x
+            last = len(self.blocks) - 1
+            for index, block in enumerate(self.blocks):
+                state.current = teacher
+                x_teacher = block(x_teacher)
+                if index == last:
+                    x_teacher = self.norm(x_teacher)
+                    result["x_teacher"] = self.forward_head(x_teacher)
+                if run_student:
+                    state.current = student
+                    x_student = block(x_student)
+                    if index == last:
+                        x_student = self.norm(x_student)
+                        result["x_student"] = self.forward_head(x_student)
+            if consistency:
+                diff = self._mctf_feature(x_teacher).detach() - self._mctf_feature(x_student)
+                result["loss_consistency"] = (diff ** 2).mean(dim=1)
+        finally:
+            cfg.state = None
+            self._mctf_finish(state)
+        return result
+
+    def _mctf_feature(self, z: torch.Tensor) -> torch.Tensor:
+        """The final-norm feature the consistency loss compares: the cls row (pooled without cls)."""
+        return z[:, 0] if self._mctf_cfg.class_token else self.pool(z)
+
+    def forward(self, x: torch.Tensor, *args, r_eval: Optional[RValue] = None, **kwargs):
+        cfg: MCTFConfig = self._mctf_cfg
+        if self.training and cfg.state is None and (cfg.task_type[1] or cfg.task_type[2]):
+            if args or any(v is not None and v is not False for v in kwargs.values()):
+                raise ModelConfigError("MCTF's teacher pass does not take attention masks; train without them.")
+            return self._mctf_two_pass(x)
+        return self._mctf_run(super().forward, x, *args, r_eval=r_eval, **kwargs)
+
+    def forward_features(self, *args, **kwargs):
+        return self._mctf_run(super().forward_features, *args, **kwargs)
+
+    def forward_intermediates(self, *args, **kwargs):
+        return self._mctf_run(super().forward_intermediates, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Patching
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _patched_class(mixin: type, base: type) -> type:
+    return type(f"MCTF{base.__name__}", (mixin, base), {"_mctf_base_class": base})
+
+
+def _swap(module: nn.Module, mixin: type, cfg: MCTFConfig) -> None:
+    module.__class__ = _patched_class(mixin, type(module))
+    module._mctf_cfg = cfg
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, MCTFModelMixin)
+
+
+def _has_attention(block: nn.Module) -> bool:
+    return bool(getattr(block, "has_attention", True)) and getattr(block, "attn", None) is not None
+
+
+_ATTENTION_NEEDS = ("qkv", "num_heads", "head_dim", "attn_dim", "scale", "q_norm", "k_norm", "norm", "proj",
+                    "attn_drop", "proj_drop")
+_BLOCK_NEEDS = ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+def _check_model(model: nn.Module) -> None:
+    """A one-line ModelConfigError for the models MCTF does not support."""
+    name = type(model).__name__
+    for module in model.modules():
+        other = [key for key in type(module).__dict__ if key.endswith("_base_class") and key != "_mctf_base_class"]
+        if other:
+            method = other[0][1:-len("_base_class")]
+            raise ModelConfigError(f"MCTF cannot patch a model already patched by {method} ({name}); "
+                                   f"unpatch it first (models.{method}.unpatch) or build a fresh model.")
+        if hasattr(module, "mask_module"):
+            raise ModelConfigError(f"MCTF does not support LTM models ({name}): their blocks merge tokens themselves.")
+        if type(module).__module__.rsplit(".", 1)[-1] == "ltmp":
+            raise ModelConfigError(f"MCTF does not support LTMP models ({name}): their blocks mask or merge tokens "
+                                   "themselves.")
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(hasattr(model, a) for a in ("patch_embed", "_pos_embed", "norm", "forward_head")):
+        raise ModelConfigError(f"MCTF patches timm VisionTransformers (DeiT, ViT, the shrink models); "
+                               f"{name} is not one.")
+    if any(hasattr(block, "forward_prune") for block in blocks):
+        raise ModelConfigError(f"MCTF does not support EViT models ({name}): their blocks already drop tokens.")
+    if getattr(model, "reg_token", None) is not None:
+        raise ModelConfigError("MCTF does not support register tokens; use a ViT without reg_tokens.")
+    for index, block in enumerate(blocks):
+        if not _has_attention(block):
+            continue
+        missing = [a for a in _BLOCK_NEEDS if not hasattr(block, a)]
+        missing += [f"attn.{a}" for a in _ATTENTION_NEEDS if not hasattr(block.attn, a)]
+        if missing:
+            raise ModelConfigError(f"MCTF needs timm's Block/Attention layout; blocks.{index} "
+                                   f"({type(block).__name__}) lacks {', '.join(missing)}.")
+
+
+def _check_choice(name: str, value, choices) -> int:
+    if isinstance(value, bool) or not isinstance(value, Real) or value not in choices:
+        raise ModelConfigError(f"MCTF {name} must be one of {', '.join(map(str, choices))}, got {value!r}.")
+    return int(value)
+
+
+def _check_temperature(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ModelConfigError(f"MCTF {name} must be a number >= 0 (0 switches the criterion off), got {value!r}.")
+    return float(value)
+
+
+def _check_task_type(task_type) -> Tuple[float, float, float]:
+    if isinstance(task_type, (str, bytes)) or not isinstance(task_type, Sequence) or len(task_type) < 3 or \
+            any(isinstance(v, bool) or not isinstance(v, Real) or v < 0 for v in task_type):
+        raise ModelConfigError(f"MCTF task_type must list [student, teacher, confidence threshold] (numbers >= 0, "
+                               f"e.g. [1,1,0.4]), got {task_type!r}.")
+    return float(task_type[0]), float(task_type[1]), float(task_type[2])
+
+
+def _check_activate(activate_layer, depth: int) -> frozenset:
+    if activate_layer is None:
+        return frozenset(range(1, depth))
+    if isinstance(activate_layer, Integral) and not isinstance(activate_layer, bool):
+        activate_layer = [activate_layer]
+    if isinstance(activate_layer, (str, bytes)) or not isinstance(activate_layer, (Sequence, set, frozenset)) or \
+            any(isinstance(i, bool) or not isinstance(i, Integral) or i < 0 for i in activate_layer):
+        raise ModelConfigError(f"MCTF activate_layer must list block indices >= 0 (e.g. [3,6,9]), "
+                               f"got {activate_layer!r}.")
+    return frozenset(int(i) for i in activate_layer)  # indices beyond the depth are ignored, as officially
+
+
+def patch(model: nn.Module, r: RValue = 16, activate_layer: Optional[Sequence[int]] = None, prop_attn: bool = True,
+          one_step_ahead: int = 1, tau_sim: float = 1.0, tau_info: float = 20.0, tau_size: float = 40.0,
+          bidirection: bool = True, pooling_type: int = 1, trace_source: bool = False, r_teacher_max: RValue = 0,
+          task_type: Sequence[float] = DEFAULT_TASK_TYPE) -> nn.Module:
+    """Apply MCTF to `model` in place (re-patching replaces the settings); returns the model.
+
+    r: tokens fused per activated block (int) or a fraction in (0, 1) of the unprotected
+    tokens; activate_layer: block indices (None: every block but the first); the other
+    arguments are the official `mctf_type` entries (`mctf_type_kwargs`) and `task_type`
+    `[student, teacher, confidence threshold]` of the consistency fine-tuning.
+    """
+    if is_patched(model):
+        unpatch(model)
+    _check_model(model)
+    blocks = list(model.blocks)
+    cfg = MCTFConfig(
+        r=normalize_r(r), activate=_check_activate(activate_layer, len(blocks)), prop_attn=bool(prop_attn),
+        one_step_ahead=_check_choice("one_step_ahead", one_step_ahead, (0, 1, 2)),
+        tau_sim=_check_temperature("tau_sim", tau_sim), tau_info=_check_temperature("tau_info", tau_info),
+        tau_size=_check_temperature("tau_size", tau_size), bidirection=bool(bidirection),
+        pooling_type=_check_choice("pooling_type", pooling_type, (0, 1, 2, 3)), trace_source=bool(trace_source),
+        r_teacher_max=normalize_r(r_teacher_max, "r_teacher_max"), task_type=_check_task_type(task_type),
+        class_token=getattr(model, "cls_token", None) is not None,
+        distill_token=getattr(model, "dist_token", None) is not None,
+    )
+    for index, block in enumerate(blocks):
+        if _has_attention(block):
+            _swap(block, MCTFBlockMixin, cfg)
+            block._mctf_index = index
+    model.__class__ = _patched_class(MCTFModelMixin, type(model))
+    model._mctf_cfg = cfg
+    model._mctf_info = {"source": None, "size": None}
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: original classes back, patch attributes removed. No-op if not patched."""
+    for module in model.modules():
+        base = type(module).__dict__.get("_mctf_base_class")
+        if base is not None:
+            module.__class__ = base
+            for name in ("_mctf_cfg", "_mctf_info", "_mctf_index"):
+                module.__dict__.pop(name, None)
+    return model
+
+
+def mctf_type_kwargs(mctf_type: Sequence) -> dict:
+    """The official 11-entry `--mctf_type` list as `patch` kwargs.
+
+    `[r, r_teacher_max, trace_source, prop_attn, one_step_ahead, tau_sim, tau_info, tau_size,
+    bidirection, pooling_type, unused]`.
+    """
+    if isinstance(mctf_type, (str, bytes)) or not isinstance(mctf_type, Sequence) or len(mctf_type) < 10:
+        raise ModelConfigError(f"--mctf_type must list 11 values [r, r_teacher_max, trace_source, prop_attn, "
+                               f"one_step_ahead, tau_sim, tau_info, tau_size, bidirection, pooling_type, 0], "
+                               f"e.g. [16,8,0,1,1,1,20,40,1,1,0]; got {mctf_type!r}.")
+    values = list(mctf_type)
+    return dict(r=values[0], r_teacher_max=values[1], trace_source=bool(values[2]), prop_attn=bool(values[3]),
+                one_step_ahead=values[4], tau_sim=values[5], tau_info=values[6], tau_size=values[7],
+                bidirection=bool(values[8]), pooling_type=values[9])
+
+
+# ---------------------------------------------------------------------------
+# The official model names: timm's DeiT with the official constructor kwargs
+# ---------------------------------------------------------------------------
+
+def _cfg(hub_model: str) -> dict:
+    # The official `--pretrained` weights are DeiT's; the state dicts are identical.
+    return {
+        "hf_hub_id": f"timm/{hub_model}", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head",
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "deit_tiny.fb_in1k": _cfg("deit_tiny_patch16_224.fb_in1k"),
+    "deit_small.fb_in1k": _cfg("deit_small_patch16_224.fb_in1k"),
+    "deit_base.fb_in1k": _cfg("deit_base_patch16_224.fb_in1k"),
+})
+
+
+def _create_mctf_deit(variant: str, pretrained: bool = False, use_mctf: bool = False,
+                      mctf_type: Optional[Sequence] = None, task_type: Optional[Sequence] = None,
+                      activate_layer: Optional[Sequence[int]] = None, input_size: Optional[int] = None,
+                      **kwargs) -> VisionTransformer:
+    """timm's DeiT; with `use_mctf` patched in place from the official kwargs (defaults: the
+    official main.py's, i.e. the MCTF-Fast setting). `input_size` is the official spelling of img_size."""
+    if input_size is not None:
+        kwargs.setdefault("img_size", input_size)
+    model = build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 **kwargs)
+    if use_mctf:
+        patch(model, **mctf_type_kwargs(DEFAULT_MCTF_TYPE if mctf_type is None else mctf_type),
+              activate_layer=list(DEFAULT_ACTIVATE_LAYER if activate_layer is None else activate_layer),
+              task_type=DEFAULT_TASK_TYPE if task_type is None else task_type)
+    return model
+
+
+@register_model
+def deit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_mctf_deit("deit_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_small(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_mctf_deit("deit_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_base(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_mctf_deit("deit_base", pretrained, **dict(model_args, **kwargs))
