@@ -43,8 +43,14 @@ configs and `SECTION.KEY VALUE` overrides (`translate_argv`), and the method fam
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import functools
+import json
+import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
@@ -58,7 +64,8 @@ from .token_ops import selection_precision
 __all__ = [
     "patch", "unpatch", "is_patched", "ATSConfig", "ATSState", "significance_scores", "sample_points",
     "inverse_transform_sampling", "Sampling", "kept_rows", "ats_block_indices", "block_caps",
-    "ats_macs", "ats_gmacs", "padded_batch_gmacs", "checkpoint_filter_fn", "MIN_TOKENS",
+    "ats_macs", "ats_macs_tensor", "ats_gmacs", "padded_batch_gmacs", "checkpoint_filter_fn", "MIN_TOKENS",
+    "start_statistics", "stop_statistics", "statistics",
 ]
 
 MIN_TOKENS = 8  # the official block breaks below 8 reference tokens
@@ -240,6 +247,7 @@ class ATSConfig:
     initial_tokens: int
     num_tokens: object = None  # as given (for re-patching / logging)
     state: Optional["ATSState"] = None
+    totals: Optional[Dict[str, torch.Tensor]] = None  # running sums of `start_statistics`
 
 
 @dataclass
@@ -400,6 +408,10 @@ class ATSModelMixin:
         finally:
             cfg.state = None
         self._ats_info = state.info()
+        if cfg.totals is not None and not self.training and self._ats_info["tokens"] is not None \
+                and self._ats_info["tokens"].shape[1] == len(self.blocks):
+            with torch.no_grad():
+                _accumulate(self, self._ats_info["tokens"])
         return out
 
     def forward(self, *args, **kwargs):
@@ -529,9 +541,10 @@ def _model_dims(model: nn.Module) -> dict:
     return dict(C=channels, hidden=hidden, patch=patch_macs, head=head_macs)
 
 
-def ats_macs(model: nn.Module, tokens: Sequence[int], include_norms: bool = False) -> int:
-    """MACs of one image from its token counts (spec section 8): `tokens[i]` real tokens (class token
-    included) leaving block i; the first block receives the model's initial count.
+def ats_macs_tensor(model: nn.Module, tokens: torch.Tensor, include_norms: bool = False,
+                    official_av: bool = False) -> torch.Tensor:
+    """MACs per image `[B]` (float64) from token counts `[B, depth]` (spec section 8): `tokens[:, i]` real
+    tokens (class token included) leaving block i; the first block receives the initial count.
 
         ordinary block: (4 + 2r) n C^2 + 2 n^2 C        (n tokens in and out)
         ATS block:      3 n C^2 + n^2 C + n' n C + n' C^2 + 2r n' C^2
@@ -539,41 +552,50 @@ def ats_macs(model: nn.Module, tokens: Sequence[int], include_norms: bool = Fals
 
     `include_norms` adds fvcore's LayerNorm count (5 per element: norm1 on n, norm2 on n', the
     final norm on the last count), so the result equals fvcore's count of the model on the image
-    at batch 1. Blocks without attention (deployed shrink blocks) count their MLP only.
+    at batch 1. `official_av`: the released ATS block's `A @ v` on all n rows (n^2 C instead of
+    n' n C), as the official code executes it. Blocks without attention count their MLP only.
     """
-    cfg: ATSConfig = model._ats_cfg if is_patched(model) else None
+    cfg: Optional[ATSConfig] = model._ats_cfg if is_patched(model) else None
     caps = cfg.caps if cfg is not None else {}
     dims = _model_dims(model)
-    c, hidden = dims["C"], dims["hidden"]
-    n = int(model.num_prefix_tokens) + int(model.patch_embed.num_patches)
-    total = dims["patch"] + dims["head"]
-    if len(tokens) != len(model.blocks):
-        raise ValueError(f"{len(tokens)} token counts for {len(model.blocks)} blocks")
-    for index, (block, out) in enumerate(zip(model.blocks, tokens)):
-        out = int(out)
+    c, hidden = float(dims["C"]), float(dims["hidden"])
+    tokens = tokens.to(torch.float64)
+    if tokens.shape[-1] != len(model.blocks):
+        raise ValueError(f"{tokens.shape[-1]} token counts for {len(model.blocks)} blocks")
+    n = torch.full_like(tokens[:, 0], float(int(model.num_prefix_tokens) + int(model.patch_embed.num_patches)))
+    total = torch.full_like(n, float(dims["patch"] + dims["head"]))
+    for index, block in enumerate(model.blocks):
+        out = tokens[:, index]
         has_attention = getattr(block, "has_attention", True) and getattr(block, "attn", None) is not None
         if index in caps:
-            total += 3 * n * c * c + n * n * c + out * n * c + out * c * c + 2 * out * hidden * c
+            rows = n if official_av else out
+            total = total + 3 * n * c * c + n * n * c + rows * n * c + out * c * c + 2 * out * hidden * c
             norms = 5 * (n + out) * c
         elif has_attention:
-            total += 4 * n * c * c + 2 * n * hidden * c + 2 * n * n * c
+            total = total + 4 * n * c * c + 2 * n * hidden * c + 2 * n * n * c
             norms = 10 * n * c
         else:
-            total += 2 * n * hidden * c
+            total = total + 2 * n * hidden * c
             norms = 5 * n * c
         if include_norms:
-            total += norms
+            total = total + norms
         n = out
     if include_norms:
-        total += 5 * n * c
+        total = total + 5 * n * c
     return total
+
+
+def ats_macs(model: nn.Module, tokens: Sequence[int], include_norms: bool = False) -> int:
+    """MACs of one image from its token counts `[depth]` (see `ats_macs_tensor`)."""
+    counts = torch.as_tensor([int(t) for t in tokens], dtype=torch.float64)[None]
+    return int(round(float(ats_macs_tensor(model, counts, include_norms)[0])))
 
 
 def ats_gmacs(model: nn.Module, tokens: Union[torch.Tensor, Sequence[Sequence[int]]],
               include_norms: bool = False) -> torch.Tensor:
     """Per-image GMACs `[B]` from token counts `[B, depth]` (e.g. `model._ats_info["tokens"]`)."""
-    rows = tokens.tolist() if isinstance(tokens, torch.Tensor) else [list(r) for r in tokens]
-    return torch.tensor([ats_macs(model, row, include_norms) / 1e9 for row in rows], dtype=torch.float64)
+    counts = torch.as_tensor(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens, dtype=torch.float64)
+    return ats_macs_tensor(model, counts, include_norms) / 1e9
 
 
 def padded_batch_gmacs(model: nn.Module, tokens: torch.Tensor) -> float:
@@ -581,16 +603,8 @@ def padded_batch_gmacs(model: nn.Module, tokens: torch.Tensor) -> float:
     the batch's largest count at each block (the drop layout pads to it and every later layer
     runs on the padded length), and the released ATS block's `A @ v` on all n rows instead of
     the kept ones. tokens `[B, depth]` from one batch."""
-    longest = tokens.max(dim=0).values.tolist()
-    macs = ats_macs(model, longest)
-    cfg: ATSConfig = model._ats_cfg
-    c = _model_dims(model)["C"]
-    n = cfg.initial_tokens
-    for index, out in enumerate(longest):
-        if index in cfg.caps:
-            macs += (n - out) * n * c
-        n = out
-    return macs / 1e9
+    longest = torch.as_tensor(tokens).to(torch.float64).max(dim=0, keepdim=True).values
+    return float(ats_macs_tensor(model, longest, official_av=True)[0]) / 1e9
 
 
 # ---------------------------------------------------------------------------
@@ -620,9 +634,270 @@ def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) ->
         out[key] = value
     if model is not None:
         from timm.models.vision_transformer import checkpoint_filter_fn as vit_filter
-        out = vit_filter(out, _unpatched_view(model))
+        out = vit_filter(out, model)
     return out
 
 
-def _unpatched_view(model: nn.Module) -> nn.Module:
-    return model
+# ---------------------------------------------------------------------------
+# Token statistics over many forwards (evaluation): per-image GMACs, tokens per block
+# ---------------------------------------------------------------------------
+
+def start_statistics(model: nn.Module) -> None:
+    """From now on every eval-mode forward of the patched `model` adds its images' token counts and
+    per-image GMACs (the formula of `ats_macs`) to `model._ats_cfg.totals` (read by `statistics`)."""
+    model._ats_cfg.totals = {}
+
+
+def stop_statistics(model: nn.Module) -> None:
+    model._ats_cfg.totals = None
+
+
+def _accumulate(model: nn.Module, tokens: torch.Tensor) -> None:
+    totals = model._ats_cfg.totals
+    macs = ats_macs_tensor(model, tokens)
+    padded = ats_macs_tensor(model, tokens.max(dim=0, keepdim=True).values, official_av=True)
+    batch = torch.tensor(tokens.shape[0], dtype=torch.float64)
+    update = {"images": batch, "tokens": tokens.sum(dim=0, dtype=torch.float64), "macs": macs.sum(),
+              "padded_macs": padded.sum() * batch}
+    for key, value in update.items():
+        totals[key] = value if key not in totals else totals[key] + value
+
+
+def statistics(model: nn.Module) -> Dict[str, object]:
+    """Mean per-image numbers of the forwards since `start_statistics` ({} when none)."""
+    totals = getattr(getattr(model, "_ats_cfg", None), "totals", None)
+    if not totals:
+        return {}
+    images = float(totals["images"])
+    return {
+        "images": int(images),
+        "gmacs_per_image": float(totals["macs"]) / images / 1e9,
+        "gmacs_padded_batches": float(totals["padded_macs"]) / images / 1e9,
+        "mean_tokens_per_block": [round(float(t) / images, 2) for t in totals["tokens"]],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Method family: flags, hooks, commands, --target-gmacs, the official launch line
+# ---------------------------------------------------------------------------
+
+from . import ats_config  # noqa: E402  (the declaration below is the module's public contract)
+from . import family as _family  # noqa: E402
+from .hooks import MethodHooks  # noqa: E402
+
+_logger = logging.getLogger(__name__)
+
+
+def _int_list(text, what: str) -> List[int]:
+    """One command-line token as ints: "3", "[3,4,5]", "(3, 4)", "3,4,5", "3 4 5", "[]"."""
+    if isinstance(text, (list, tuple)):
+        value = text
+    else:
+        stripped = str(text).strip()
+        if re.fullmatch(r"[-+]?\d+([\s,]+[-+]?\d+)*,?", stripped):
+            stripped = "[" + ",".join(stripped.replace(",", " ").split()) + "]"
+        try:
+            value = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if _is_int(value):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return [int(v) for v in value]
+
+
+def ats_blocks_arg(text) -> List[int]:
+    """argparse type of one `--ats-blocks` token: an index or a list such as [3,4,5] ("[]": none)."""
+    return _int_list(text, "a block index or a list of them such as [3,4,5]")
+
+
+def num_tokens_arg(text):
+    """argparse type of `--ats-num-tokens`: K, a list of depth values such as [197,...], or 'auto'."""
+    if isinstance(text, str) and text.strip().lower() == _family.AUTO:
+        return _family.AUTO
+    values = _int_list(text, "a token count K, a list of one K per block, or 'auto'")
+    return values[0] if len(values) == 1 else values
+
+
+def _flat_blocks(value) -> Optional[List[int]]:
+    if value is None:
+        return None
+    flat: List[int] = []
+    for item in (value if isinstance(value, (list, tuple)) else [value]):
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+def _family_active(options) -> bool:
+    return options.ats_blocks is not None or options.ats_num_tokens is not None or options.ats_drop_tokens is False
+
+
+def _family_check(options) -> None:
+    blocks = _flat_blocks(options.ats_blocks)
+    if blocks is not None and any(i < 0 for i in blocks):
+        raise ModelConfigError(f"--ats-blocks {blocks}: block indices are >= 0")
+    if blocks is not None and len(set(blocks)) != len(blocks):
+        raise ModelConfigError(f"--ats-blocks {blocks} lists a block twice; give each index once")
+    tokens = options.ats_num_tokens
+    if tokens is not None and tokens != _family.AUTO:
+        bad = [k for k in (tokens if isinstance(tokens, list) else [tokens]) if k < MIN_TOKENS]
+        if bad:
+            raise ModelConfigError(f"--ats-num-tokens {tokens}: every K must be >= {MIN_TOKENS} "
+                                   "(class token included)")
+    if options.ats_visualize_images is not None and options.ats_visualize_images < 1:
+        raise ModelConfigError(f"--ats-visualize-images must be >= 1, got {options.ats_visualize_images}")
+
+
+def _family_patch(model: nn.Module, options) -> None:
+    if options.ats_num_tokens == _family.AUTO:
+        raise ModelConfigError("--ats-num-tokens auto needs --target-gmacs G")
+    patch(model, ats_blocks=_flat_blocks(options.ats_blocks), num_tokens=options.ats_num_tokens,
+          drop_tokens=bool(options.ats_drop_tokens))
+
+
+class ATSHooks(MethodHooks):
+    """Token counts and per-image GMACs in progress lines and log.txt (the last forward's images;
+    after an evaluation, its mean), the evaluation's numbers as the end-of-training report."""
+
+    def prepare_eval(self, model: nn.Module) -> None:
+        if is_patched(model):
+            start_statistics(model)
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        if is_patched(model):
+            start_statistics(model)  # the numbers of this epoch's evaluation
+
+    def log_state(self, model: nn.Module) -> Dict[str, float]:
+        if not is_patched(model):
+            return {}
+        stats = statistics(model)
+        if stats:
+            return {"ats_tokens": stats["mean_tokens_per_block"][-1], "ats_gmacs": round(stats["gmacs_per_image"], 4)}
+        tokens = model._ats_info.get("tokens")
+        if tokens is None or tokens.shape[1] != len(model.blocks):
+            return {}
+        return {"ats_tokens": round(float(tokens[:, -1].float().mean()), 2),
+                "ats_gmacs": round(float(ats_gmacs(model, tokens).mean()), 4)}
+
+    def report(self, model: nn.Module, context) -> Dict[str, object]:
+        return statistics(model) if is_patched(model) else {}
+
+
+def _family_hooks(model: nn.Module, options) -> Optional[ATSHooks]:
+    return ATSHooks(model, options) if is_patched(model) else None
+
+
+def report_command(model: nn.Module, context) -> None:
+    """`--ats-report`: mean per-image GMACs and tokens per block over the evaluated images (the
+    `--eval` pass just made; without `--eval`, one pass over the validation loader), logged and
+    written to `ats_report.json` in the output directory."""
+    if not is_patched(model):
+        return
+    stats = statistics(model)
+    if not stats:
+        start_statistics(model)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for batch in context.data_loader:
+                model(batch[0].to(context.device))
+        model.train(was_training)
+        stats = statistics(model)
+    if not stats:
+        return
+    _logger.info(f"ATS over {stats['images']} images: {stats['gmacs_per_image']:.4f} GMACs per image (mean of "
+                 f"per-image counts); {stats['gmacs_padded_batches']:.4f} GMACs as the official code's padded batches "
+                 f"would be profiled; mean tokens leaving each block {stats['mean_tokens_per_block']}")
+    output_dir = getattr(context, "output_dir", None)
+    if output_dir:
+        with open(os.path.join(output_dir, "ats_report.json"), "w") as f:
+            json.dump(stats, f, indent=1)
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def search_num_tokens(build, target: float, gmacs_of):
+    """`--ats-num-tokens auto --target-gmacs G`: one token budget K for every ATS block (8 .. N0).
+
+    ATS's GMACs depend on the input: every candidate is built and counted from the RNG state the
+    search starts from (rewound after each), so all of them see the same weights and input image
+    as the caller's own next build and count of the chosen K.
+    """
+    start = _rng_state()
+
+    def build_at(k):
+        _set_rng_state(start)
+        return build(k)
+
+    def count(model) -> float:
+        try:
+            return gmacs_of(model)
+        finally:
+            _set_rng_state(start)
+
+    probe = build_at(MIN_TOKENS)
+    if not is_patched(probe):
+        raise ModelConfigError("--ats-num-tokens auto: the model was built without ATS")
+    candidates = list(range(MIN_TOKENS, probe._ats_cfg.initial_tokens + 1))
+    try:
+        return _family.search_sequence(candidates, build_at, target, count)
+    finally:
+        _set_rng_state(start)
+
+
+def _translate_argv(argv: List[str]) -> List[str]:
+    return ats_config.translate_argv(argv)
+
+
+_TINY = dict(depth=4, embed_dim=32, num_heads=2, patch_size=8)
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="ats",
+    title="ATS: adaptive token sampling, a per-image number of tokens (a patch applied to DeiT / ViT)",
+    flags=(
+        _family.Flag("--ats-blocks", type=ats_blocks_arg, nargs="+", metavar="I",
+                     help="patch the model with ATS at these blocks (indices, or a list such as [3,4,5]; "
+                          "official 3..11 when only another ATS flag is given)"),
+        _family.Flag("--ats-num-tokens", type=num_tokens_arg, metavar="K",
+                     help="token budget K of the ATS blocks (class token included, >= 8): one value, or one per "
+                          "block as the official NUM_TOKENS; 'auto' with --target-gmacs; default: the initial count"),
+        _family.Flag("--ats-drop-tokens", dest="ats_drop_tokens", action="store_true", default=True,
+                     help="remove the tokens ATS does not keep (per-image results at any batch size; default)"),
+        _family.Flag("--no-ats-drop-tokens", dest="ats_drop_tokens", action="store_false", default=True,
+                     help="the official masked layout: non-kept tokens stay as zero rows"),
+        _family.Flag("--ats-report", action="store_true", default=False,
+                     help="after --eval (or over the validation set): mean per-image GMACs and tokens per block, "
+                          "logged and written to ats_report.json"),
+        _family.Flag("--ats-visualize", action="store_true", default=False,
+                     help="save images of the tokens each ATS block keeps for --ats-visualize-images validation "
+                          "images to --output_dir, then exit"),
+        _family.Flag("--ats-visualize-images", type=int, default=8, metavar="N",
+                     help="images for --ats-visualize"),
+    ),
+    patch=_family_patch,
+    active=_family_active,
+    check_options=_family_check,
+    hooks=_family_hooks,
+    reduction=_family.Reduction("ats_num_tokens", search_num_tokens),
+    translate_argv=_translate_argv,
+    checkpoint_filter_fn=checkpoint_filter_fn,
+    commands=(
+        _family.Command("ats_report", "models.ats:report_command", exits=True, needs_data=True),
+        _family.Command("ats_visualize", "tools.ats_visualize:visualize_command", exits=True, needs_data=True),
+    ),
+    examples=(
+        _family.Example("ats", model="deit_tiny_patch16_224", kwargs=dict(_TINY), flags=("--ats-blocks", "1", "2", "3")),
+        # the official masked layout with a budget below the token count (fixed shapes)
+        _family.Example("ats_masked", model="deit_tiny_patch16_224", kwargs=dict(_TINY),
+                        flags=("--ats-blocks", "[1,3]", "--ats-num-tokens", "12", "--no-ats-drop-tokens")),
+    ),
+))
