@@ -48,9 +48,12 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from . import family
 from .errors import ModelConfigError
-from .token_ops import keep_topk_tokens, selection_precision
+from .hooks import MethodHooks
+from .token_ops import StateSlot, keep_topk_tokens, selection_precision
 
 __all__ = [
     "PredictorLG", "DynamicViTBlock", "DynamicViT", "DynamicViTState", "DynamicViTLoss", "DeiTTeacher",
@@ -200,14 +203,6 @@ class DynamicViTState:
     counts: List[int] = field(default_factory=list)
 
 
-class _StateSlot:
-    """Holds the DynamicViTState of the forward in progress: one per model, shared with its blocks."""
-    __slots__ = ("state",)
-
-    def __init__(self):
-        self.state: Optional[DynamicViTState] = None
-
-
 class DynamicViTBlock(Block):
     """timm `Block` that may first prune (eval) or mask (training) its input tokens.
 
@@ -222,7 +217,7 @@ class DynamicViTBlock(Block):
     """
 
     def __init__(self, *args, location_of: Optional[Dict[int, int]] = None, depth: int = 0,
-                 state_slot: Optional[_StateSlot] = None, **kwargs):
+                 state_slot: Optional[StateSlot] = None, **kwargs):
         super().__init__(*args, depth=depth, **kwargs)
         self.block_index = depth
         self.location = (location_of or {}).get(depth)
@@ -311,7 +306,7 @@ class DynamicViT(VisionTransformer):
                 raise ModelConfigError(f"DynamicViT token_ratio has {len(ratios)} entries for {len(locs)} pruning "
                                        f"locations; give one keep fraction per location.")
             ratios = tuple(_check_rate(r, "token_ratio entry") for r in ratios)
-        slot = _StateSlot()
+        slot = StateSlot()
         kwargs.setdefault("block_fn", partial(DynamicViTBlock, location_of={loc: p for p, loc in enumerate(locs)},
                                               state_slot=slot))
         super().__init__(*args, depth=depth, embed_dim=embed_dim, **kwargs)
@@ -348,11 +343,12 @@ class DynamicViT(VisionTransformer):
         if self.grad_checkpointing and torch.is_grad_enabled():
             # re-run blocks would see no state (and draw new Gumbel noise)
             raise ValueError("DynamicViT does not support gradient checkpointing; call set_grad_checkpointing(False).")
-        slot.state = DynamicViTState(self.training, self._grid_tokens(images), self.token_ratio, self.score_predictor)
+        state = DynamicViTState(self.training, self._grid_tokens(images), self.token_ratio, self.score_predictor)
+        outer = slot.open(state)
         try:
-            yield slot.state
+            yield state
         finally:
-            slot.state = None
+            slot.close(outer)
 
     def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         with self._forward_state(x):
@@ -587,3 +583,327 @@ def dynamicvit_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> Dyn
 def dynamicvit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> DynamicViT:
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_dynamicvit("dynamicvit_deit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Official recipe: parameter groups, backbone freeze, teacher, logging (hooks)
+# ---------------------------------------------------------------------------
+
+# Official launch names: HEAD `--model` (README model zoo) and the 2021 `--arch`.
+OFFICIAL_NAMES = {
+    "deit-s": "dynamicvit_deit_small_patch16_224", "deit-256": "dynamicvit_deit_256_patch16_224",
+    "deit-b": "dynamicvit_deit_base_patch16_224", "deit_small": "dynamicvit_deit_small_patch16_224",
+    "deit_256": "dynamicvit_deit_256_patch16_224", "deit_base": "dynamicvit_deit_base_patch16_224",
+}
+# The DeiT weights the official trainer reads for both the student's backbone and the teacher, relative
+# to the working directory (DeiT-256 has no training branch and no official DeiT weights).
+DEIT_WEIGHTS = {
+    192: "./pretrained/deit_tiny_patch16_224-a1311bcf.pth",
+    384: "./pretrained/deit_small_patch16_224-cd65a155.pth",
+    768: "./pretrained/deit_base_patch16_224-b5f2ef4d.pth",
+}
+_ROLE = "dynamicvit"  # optimizer group key: "predictor" or "backbone" (kept in optimizer checkpoints)
+
+
+def official_param_groups(model: DynamicViT, weight_decay: float, backbone_scale: float) -> List[dict]:
+    """The official optimizer groups (optim_factory.get_parameter_groups).
+
+    `cls_token` and `pos_embed` are left out (frozen: they also stop requiring gradients);
+    parameters whose name contains "predictor" train at the full lr, all others (the backbone and
+    the head) at `lr_scale = backbone_scale`; weight decay on >= 2-D weights, none on biases and
+    1-D parameters. Predictor groups come first (the trainer logs group 0's lr).
+    """
+    buckets: Dict[Tuple[str, bool], List[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name in ("cls_token", "pos_embed"):
+            param.requires_grad_(False)
+            continue
+        role = "predictor" if "predictor" in name else "backbone"
+        decay = not (param.ndim == 1 or name.endswith(".bias"))
+        buckets.setdefault((role, decay), []).append(param)
+    groups = []
+    for role in ("predictor", "backbone"):
+        for decay in (True, False):
+            params = buckets.get((role, decay))
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                               "lr_scale": 1.0 if role == "predictor" else backbone_scale, _ROLE: role})
+    return groups
+
+
+class DynamicViTHooks(MethodHooks):
+    """DynamicViT's training recipe (HEAD main.py of the official code).
+
+    * criterion: `DynamicViTLoss` around the trainer's criterion, with a DeiT teacher read from
+      `--teacher-path` (official default: `./pretrained/deit_{tiny,small,base}_patch16_224-*.pth`)
+      unless `--distillw 0`;
+    * optimizer groups: `official_param_groups`; the backbone groups run at lr 0 for the first
+      `--backbone_freeze_epochs` epochs, then at `--lr_scale` times the scheduled lr. The trainer
+      gives hooks no optimizer, so a global optimizer step pre-hook applies this to the groups
+      this family made (tagged in the group dict, so it survives a resumed optimizer state);
+    * progress lines: the kept fraction at each location and the loss parts.
+    """
+
+    def __init__(self, model: DynamicViT, options):
+        super().__init__(model, options)
+        self.loss: Optional[DynamicViTLoss] = None
+        self.epoch = 0
+        self.backbone_scale = float(options.lr_scale)
+        self.freeze_epochs = int(options.backbone_freeze_epochs)
+        self._handle = None
+
+    def wrap_criterion(self, criterion: nn.Module, model: nn.Module) -> nn.Module:
+        distill_weight = float(self.options.distillw)
+        teacher = None
+        if distill_weight > 0:
+            path = self.options.dynamicvit_teacher or DEIT_WEIGHTS.get(model.embed_dim)
+            if path is None:
+                raise ModelConfigError(f"DynamicViT: no official DeiT weights for a {model.embed_dim}-dim student; "
+                                       f"pass --teacher-path FILE (a DeiT checkpoint of its size) or --distillw 0")
+            teacher = DeiTTeacher.like(model, load_checkpoint_state(path))
+            _logger.info("DynamicViT teacher: DeiT weights from %s", path)
+        self.loss = DynamicViTLoss(criterion, teacher, model.token_ratio, ratio_weight=float(self.options.ratio_weight),
+                                   distill_weight=distill_weight)
+        return self.loss
+
+    def param_groups(self, model: nn.Module, lrs: List[float]) -> Optional[list]:
+        if len(lrs) != 1:
+            raise ModelConfigError(f"--lr takes one value for DynamicViT, got {len(lrs)}")
+        groups = official_param_groups(model, float(self.options.weight_decay or 0.0),
+                                       0.0 if self.freeze_epochs > 0 else self.backbone_scale)
+        if self._handle is None:
+            ref = _weakref(self)
+
+            def before_step(optimizer, args, kwargs):
+                hooks = ref()
+                if hooks is not None:
+                    hooks.set_backbone_lr(optimizer.param_groups)
+
+            self._handle = register_optimizer_step_pre_hook(before_step)
+        return groups
+
+    def set_backbone_lr(self, groups: Sequence[dict]) -> None:
+        """Backbone lr = scheduled lr (the predictor groups' lr) x 0 while frozen, else x --lr_scale."""
+        lead = next((g for g in groups if g.get(_ROLE) == "predictor"), None)
+        if lead is None:
+            return
+        scheduled = lead["lr"] / lead.get("lr_scale", 1.0)
+        scale = 0.0 if self.epoch < self.freeze_epochs else self.backbone_scale
+        for group in groups:
+            if group.get(_ROLE) == "backbone":
+                group["lr_scale"] = scale
+                group["lr"] = scheduled * scale
+
+    def on_epoch_start(self, model, epoch):
+        self.epoch = epoch
+
+    def on_step_start(self, model, epoch, step, steps_per_epoch):
+        self.epoch = epoch
+
+    def log_state(self, model) -> Dict[str, float]:
+        parts = self.loss.last_parts if self.loss is not None else {}
+        state = {}
+        for k, loc in enumerate(getattr(model, "pruning_loc", ())):
+            if f"keep_{k}" in parts:
+                state[f"keep_b{loc}"] = float(parts[f"keep_{k}"])
+        for name in ("ratio_loss", "cls_kl", "token_kl"):
+            if name in parts:
+                state[name] = float(parts[name])
+        return state
+
+    def report(self, model, context) -> Dict[str, Any]:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return {}
+
+
+def _weakref(obj):
+    import weakref
+    return weakref.ref(obj)
+
+
+def _family_hooks(model, options) -> Optional[DynamicViTHooks]:
+    return DynamicViTHooks(model, options) if isinstance(model, DynamicViT) else None
+
+
+def _checkpoint_filter(state_dict: Dict[str, torch.Tensor], model: DynamicViT) -> Dict[str, torch.Tensor]:
+    """timm's ViT filter, then the predictor keys a DeiT checkpoint lacks keep their initialisation
+    (how the official training starts: DeiT weights loaded non-strictly into the student)."""
+    state_dict = dict(checkpoint_filter_fn(state_dict, model))
+    own = model.state_dict()
+    missing = [k for k in own if k.startswith("score_predictor.") and k not in state_dict]
+    if missing:
+        _logger.info("DynamicViT: %d score-predictor keys are not in the checkpoint and keep their "
+                     "initialisation (a DeiT checkpoint, as the official training starts)", len(missing))
+        state_dict.update({k: own[k] for k in missing})
+    return state_dict
+
+
+# ---------------------------------------------------------------------------
+# Official launch lines (infer.py, HEAD main.py, 2021 main_dynamic_vit.py) -> this project's flags
+# ---------------------------------------------------------------------------
+
+_TRUE = ("true", "t", "yes", "y", "1")
+_FALSE = ("false", "f", "no", "n", "0")
+_KEEP = "keep"  # no project equivalent: the option is left for argparse to refuse in one line
+# official boolean-valued options -> (flag when true, flag when false); None = nothing
+_BOOL_OPTIONS = {
+    "--eval": ("--eval", None), "--dist_eval": ("--dist-eval", None), "--dist-eval": ("--dist-eval", None),
+    "--model_ema": ("--model-ema", "--no-model-ema"), "--auto_resume": ("--auto-resume", None),
+    "--use_amp": ("--amp", None), "--imagenet_default_mean_and_std": (None, _KEEP),
+}
+_RENAMED = {"--model_path": "--resume", "--model-path": "--resume", "--crop_pct": "--eval-crop-ratio",
+            "--ratiow": "--ratio_weight", "--teacher-path": "--dynamicvit-teacher",
+            "--teacher_path": "--dynamicvit-teacher", "--update_freq": "--accum-iter"}
+
+
+def _split(argv: Sequence[str]) -> List[List[str]]:
+    """argv as [option, value...] / [positional] items (`--a=b` becomes ['--a', 'b'])."""
+    items: List[List[str]] = []
+    for token in argv:
+        if token.startswith("--") and "=" in token:
+            items.append(token.split("=", 1))
+        elif token.startswith("-") and not _is_number(token):
+            items.append([token])
+        elif items and items[-1][0].startswith("-"):
+            items[-1].append(token)
+        else:
+            items.append([token])
+    return items
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def _model_of(items: List[List[str]]) -> Optional[str]:
+    name = None
+    for item in items:
+        if item[0] in ("--model", "--arch") and len(item) > 1:
+            name = item[1]
+    return name
+
+
+def translate_official_argv(argv: Sequence[str]) -> List[str]:
+    """An official DynamicViT line in this project's flags (other lines are returned unchanged).
+
+    `--model deit-s|deit-256|deit-b` and 2021 `--arch deit_small|deit_256|deit_base` select the
+    registered models; `--model_path/--model-path CKPT` (infer.py) means `--eval --resume CKPT`;
+    boolean-valued options (`--eval true`, `--dist_eval false`, ...) become switches; `--crop_pct`,
+    `--ratiow`, `--update_freq` and `--teacher-path` take this project's names. A training line
+    with an official model name and no `--finetune`/`--resume` starts, as the official trainer,
+    from the DeiT weights at the official relative path (`--finetune ./pretrained/deit_*.pth`),
+    which also feed the teacher unless `--teacher-path` is given.
+    """
+    items = _split(argv)
+    name = _model_of(items)
+    official = name in OFFICIAL_NAMES and (name.startswith("deit-") or any(i[0] == "--arch" for i in items))
+    if not (official or (name or "").startswith("dynamicvit_")):
+        return list(argv)
+    out: List[List[str]] = []
+    for item in items:
+        option, values = item[0], item[1:]
+        if option in ("--model", "--arch") and values:
+            out.append(["--model", OFFICIAL_NAMES.get(values[0], values[0])] + values[1:])
+        elif option in ("--model_path", "--model-path"):
+            out.append(["--eval"])
+            out.append(["--resume"] + values)
+        elif option in _BOOL_OPTIONS and values and values[0].lower() in _TRUE + _FALSE:
+            flag = _BOOL_OPTIONS[option][0 if values[0].lower() in _TRUE else 1]
+            if flag == _KEEP:
+                out.append(item)
+            elif flag is not None:
+                out.append([flag] + values[1:])
+            elif values[1:]:
+                out.append(values[1:])
+        elif option in _RENAMED:
+            out.append([_RENAMED[option]] + values)
+        else:
+            out.append(item)
+    flat = [token for item in out for token in item]
+    options = {item[0] for item in out}
+    evaluating = "--eval" in options
+    if official and not evaluating and not options & {"--finetune", "--resume", "--checkpoint"}:
+        model = OFFICIAL_NAMES[name]
+        dim = {"dynamicvit_deit_small_patch16_224": 384, "dynamicvit_deit_base_patch16_224": 768}.get(model)
+        if dim is not None:
+            flat += ["--finetune", DEIT_WEIGHTS[dim]]
+    elif not evaluating and "--dynamicvit-teacher" not in options:
+        finetune = next((item[1] for item in out if item[0] == "--finetune" and len(item) > 1), None)
+        if finetune:
+            flat += ["--dynamicvit-teacher", finetune]
+    return flat
+
+
+# ---------------------------------------------------------------------------
+# The method family
+# ---------------------------------------------------------------------------
+
+def _check_options(options) -> None:
+    rate = options.base_rate
+    if rate is not None and rate != family.AUTO and (isinstance(rate, bool) or not 0 < float(rate) <= 1):
+        raise ModelConfigError(f"--base_rate must be in (0, 1], got {rate}; e.g. --base_rate 0.7")
+    for dest in ("ratio_weight", "distillw", "lr_scale", "backbone_freeze_epochs"):
+        value = getattr(options, dest)
+        if value is not None and value < 0:
+            raise ModelConfigError(f"--{dest} must be >= 0, got {value}")
+
+
+def _search_base_rate(build, target, gmacs_of):
+    probe = build(1.0)
+    n, locations = probe.patch_embed.num_patches, len(probe.pruning_loc)
+    # the smallest two-decimal rate that keeps at least one patch at the last location
+    low = next(h / 100 for h in range(1, 101) if min(keep_counts(keep_ratios(h / 100, locations), n)) >= 1)
+    return family.search_continuous(low, 1.0, build, target, gmacs_of, decimals=3)
+
+
+_TINY = dict(depth=4, embed_dim=32, num_heads=2, patch_size=8, pruning_loc=(1, 2, 3))
+
+FAMILY = family.register_family(family.MethodFamily(
+    name="dynamicvit",
+    title="DynamicViT: learned token sparsification (score predictors before blocks 3, 6, 9)",
+    owns=family.models_of(__name__),
+    flags=(
+        family.Flag("--base_rate", type=family.auto_or(float), kwarg="base_rate", metavar="RHO",
+                    help="keep ratio rho: the locations keep rho, rho^2, rho^3 of the patches (model default 0.7; "
+                         "'auto' with --target-gmacs)"),
+        family.Flag("--pruning_loc", type=family.literal("int_tuple"), kwarg="pruning_loc", metavar="BLOCKS",
+                    help='blocks before which tokens are pruned, e.g. "(3, 6, 9)" (model default)'),
+        family.Flag("--ratio_weight", type=float, default=2.0,
+                    help="weight of the keep-ratio loss (official --ratio_weight; 2021 --ratiow)"),
+        family.Flag("--distillw", type=float, default=0.5,
+                    help="weight of the teacher's logit KL and token MSE (0: no teacher, the 2021 DiffPruningLoss)"),
+        family.Flag("--lr_scale", type=float, default=0.01,
+                    help="backbone lr multiplier (the predictors train at the full lr)"),
+        family.Flag("--backbone_freeze_epochs", type=int, default=5,
+                    help="epochs at the start in which the backbone's lr is 0 (the predictors train alone)"),
+        family.Flag("--dynamicvit-teacher", dest="dynamicvit_teacher", metavar="FILE",
+                    help="DeiT checkpoint of the teacher (on DynamicViT lines --teacher-path means this; default: "
+                         "the --finetune file, else the official ./pretrained/deit_*_patch16_224-*.pth)"),
+    ),
+    check_options=_check_options,
+    reduction=family.Reduction("base_rate", _search_base_rate),
+    hooks=_family_hooks,
+    # HEAD main.py and its README lines (section 6a of docs/methods/dynamicvit.md)
+    recipe=dict(lr=1e-3, unscale_lr=True, epochs=30, batch_size=128, warmup_epochs=5, warmup_lr=0.0, min_lr=1e-6,
+                warmup_prefix=True, sched_step="iter", cooldown_epochs=0, weight_decay=0.05, drop_path=0.0,
+                color_jitter=0.4, repeated_aug=False, model_ema=True, model_ema_decay=0.9999, auto_resume=True),
+    translate_argv=translate_official_argv,
+    checkpoint_filter_fn=_checkpoint_filter,
+    # no DeiT teacher file in the tests (--distillw 0); tests/test_dynamicvit.py trains with one
+    examples=(
+        family.Example("dynamicvit", model="dynamicvit_deit_tiny_patch16_224", kwargs=dict(_TINY),
+                       flags=("--base_rate", "0.7", "--distillw", "0")),
+        # the other sizes are the same class with other dims: compiled once, through the tiny Example
+        *(family.Example(f"dynamicvit_{size}", model=f"dynamicvit_deit_{size}_patch16_224", kwargs=dict(_TINY),
+                         flags=("--base_rate", "0.5", "--distillw", "0"), compile=())
+          for size in ("256", "small", "base")),
+    ),
+))
