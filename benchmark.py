@@ -7,7 +7,7 @@
         "deit_small_patch16_shrink_base --base_keep_rate 0.7 --fuse_token"
 
 Methodology: the model is built (random weights, nothing downloaded), its forward MACs
-are counted once (`flops.py`, counter named in every record), then `--warmup`
+are counted once (`models/flops.py`, counter named in every record), then `--warmup`
 untimed iterations are followed by `--rounds` timed rounds of `--iters-per-round`
 iterations. The device is synchronised at the end of warm-up and of each round only
 (never per step, and only on CUDA/MPS). Throughput is reported as the median over rounds
@@ -46,55 +46,36 @@ and `peak_mem_mb` (weights plus the largest working set) is the number to read.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import dataclasses
-import datetime
 import difflib
 import fnmatch
-import gc
-import importlib
-import importlib.metadata
-import json
 import logging
-import os
-import platform
 import shlex
-import statistics
-import subprocess
 import sys
-import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import flops
 import main as trainer_cli
-from engine import autocast_in, cast_for_inference
-from losses import main_logits
+from engine import cast_for_inference
 import models  # noqa: F401  (registers the project's model families)
 from models import family as families
+from models import flops
 from models.compiling import compile_model
 from models.errors import ModelConfigError
+from utils.bench_records import (append_csv, append_jsonl, check_plot_path, format_compare, format_table, make_record,
+                                 plot_throughput_vs_gmacs)
 from utils.errors import UserError
 from utils.host_memory import keep_freed_memory
+from utils.measure import (PRECISIONS, _release_memory, autocast_dtype, compute_dtype, dtype_name, environment_info,
+                           is_out_of_memory, measure_models, measure_peak_gflops, run_with_backoff, summarize,
+                           weights_dtype)
 
 _logger = logging.getLogger("benchmark")
 
-PRECISIONS = ("fp32", "bf16", "fp16", "amp", "bf16-weights")
 MODES = ("infer", "train", "both")
-RECORD_VERSION = 1
-CSV_FIELDS = (
-    "timestamp", "kind", "label", "model", "mode", "batch_size_requested", "batch_size",
-    "oom_backoff", "img_size", "precision", "channels_last", "compile", "device", "device_name",
-    "torch_threads", "fused_attn", "params", "gmacs", "flops_counter", "gmacs_fvcore",
-    "gmacs_torchprofile", "counters_disagree", "throughput_median", "throughput_q1",
-    "throughput_q3", "throughput_min", "throughput_max", "latency_ms_median", "peak_mem_mb",
-    "peak_mem_kind", "achieved_gflops", "pct_of_peak", "ratio", "error", "compile_speedup",
-)
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -231,7 +212,13 @@ class ModelSpec:
 
 
 def _method_parser() -> argparse.ArgumentParser:
-    return add_method_args(argparse.ArgumentParser(prog="model spec", add_help=False, exit_on_error=False))
+    """The method flags with no defaults at all, so the namespace holds exactly the flags a spec gives
+    (a switch given as off, e.g. `--no-x`, is given too)."""
+    parser = add_method_args(argparse.ArgumentParser(prog="model spec", add_help=False, exit_on_error=False,
+                                                     allow_abbrev=False))
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return parser
 
 
 def _method_defaults(args: argparse.Namespace) -> dict:
@@ -287,7 +274,7 @@ def parse_spec(text: str, defaults: dict | None = None) -> list[ModelSpec]:
     if unknown:
         raise UserError(f"model spec {text!r}: unknown flag(s) {' '.join(unknown)}; "
                         f"allowed: {', '.join('--' + d for d in dests)}")
-    explicit = tuple(d for d in dests if getattr(given, d, None) not in (None, False))
+    explicit = tuple(d for d in dests if getattr(given, d, None) is not None)
     method = {d: getattr(given, d) if d in explicit else getattr(base, d, None) for d in dests}
     return [ModelSpec(name, method, explicit, **settings) for name in expand_model_names([tokens[0]])]
 
@@ -468,567 +455,6 @@ def model_img_size(model: nn.Module, img_size: int | None) -> tuple[int, int]:
         return (img_size, img_size)
     config = timm.data.resolve_model_data_config(model)
     return tuple(config["input_size"][1:])
-
-
-# ---------------------------------------------------------------- measurement
-
-def summarize(values: Sequence[float]) -> dict:
-    """Median, quartiles (inclusive method), IQR, min, max, mean and count."""
-    values = sorted(values)
-    if len(values) >= 2:
-        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    else:
-        q1 = median = q3 = values[0]
-    return {"median": median, "q1": q1, "q3": q3, "iqr": q3 - q1, "min": values[0],
-            "max": values[-1], "mean": statistics.fmean(values), "n": len(values)}
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels; CPU ops are synchronous already. Called per round, never per step."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if precision == "amp":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if precision == "bf16-weights":
-        return None
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def weights_dtype(precision: str) -> torch.dtype | None:
-    """The dtype the model is cast to (`engine.cast_for_inference`), None to keep fp32 weights."""
-    return torch.bfloat16 if precision == "bf16-weights" else None
-
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the model's matmuls run in under `precision` (what `--peak` measures)."""
-    return weights_dtype(precision) or autocast_dtype(precision, device) or torch.float32
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).replace("torch.", "")
-
-
-_autocast = autocast_in
-
-
-def _input(model: nn.Module, batch_size: int, img_size, device, channels_last: bool) -> torch.Tensor:
-    height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    in_chans = getattr(model, "in_chans", None) or 3
-    x = torch.randn(batch_size, in_chans, height, width, device=device)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-_logits = main_logits
-
-
-def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
-    """The model's `num_classes`, else the width of its logits on `x`."""
-    base = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    if getattr(base, "num_classes", 0):
-        return int(base.num_classes)
-    with torch.no_grad():
-        return int(_logits(base(x[:1])).shape[-1])
-
-
-def training_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on every logits tensor of a training output (Tensor, tuple or dict)."""
-    if isinstance(output, dict):
-        loss = training_loss(output["logits"], target)
-        return loss + output["aux_loss"] if "aux_loss" in output else loss
-    if isinstance(output, (tuple, list)):
-        return sum(F.cross_entropy(o.float(), target) for o in output)
-    return F.cross_entropy(output.float(), target)
-
-
-def make_step(model: nn.Module, mode: str, batch_size: int, img_size, device: torch.device,
-              precision: str = "fp32", channels_last: bool = False) -> Callable[[], None]:
-    """One benchmark iteration: a no-grad forward ('infer') or forward+backward+SGD step ('train')."""
-    dtype = autocast_dtype(precision, device)
-    x = _input(model, batch_size, img_size, device, channels_last)
-    if mode == "infer":
-        model.eval()
-
-        def infer_step():
-            with torch.no_grad(), _autocast(device, dtype):
-                model(x)
-
-        return infer_step
-    if mode != "train":
-        raise ValueError(f"unknown mode {mode!r}")
-    model.eval()
-    target = torch.randint(0, _num_classes(model, x), (batch_size,), device=device)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
-
-    def train_step():
-        with _autocast(device, dtype):
-            loss = training_loss(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-    return train_step
-
-
-def _read_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory over a region: CUDA allocator on GPU, process peak RSS elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = None
-        self.baseline_mb = None
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2**20
-            self.kind = "cuda_max_memory_allocated"
-            return
-        gc.collect()
-        self.baseline_mb = (_read_status_kib("VmRSS") or 0) / 1024
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # resets VmHWM to the current RSS
-            self.kind = "process_peak_rss_reset"
-        except OSError:
-            self.kind = "process_peak_rss_lifetime"
-
-    def read(self) -> dict:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self.kind == "process_peak_rss_reset" and _read_status_kib("VmHWM") is not None:
-            peak = _read_status_kib("VmHWM") / 1024
-        else:
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        return {"peak_mem_mb": peak, "peak_mem_delta_mb": max(0.0, peak - (self.baseline_mb or 0.0)),
-                "peak_mem_kind": self.kind}
-
-
-def measure_models(models_: Sequence[nn.Module], mode: str, batch_size: int, img_size, device,
-                   precision: str = "fp32", channels_last: bool = False, warmup: int = 10,
-                   rounds: int = 7, iters_per_round: int = 10) -> list[dict]:
-    """Time several models with interleaved rounds (A B, B A, A B, ...); one result per model.
-
-    Peak memory is only reported for a single model (interleaving mixes the peaks).
-    `precision="bf16-weights"` casts the models in place (`engine.cast_for_inference`).
-    """
-    device = torch.device(device)
-    if warmup < 0 or rounds < 1 or iters_per_round < 1:
-        raise UserError("--warmup must be >= 0 and --rounds, --iters-per-round >= 1")
-    for model in models_:
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        cast_for_inference(getattr(model, "_orig_mod", model), weights_dtype(precision))
-    steps = [make_step(m, mode, batch_size, img_size, device, precision, channels_last) for m in models_]
-    for step in steps:
-        for _ in range(warmup):
-            step()
-    synchronize(device)
-    memory = PeakMemory(device) if len(models_) == 1 else None
-    if memory is not None:
-        memory.reset()
-    round_times: list[list[float]] = [[] for _ in steps]
-    for round_index in range(rounds):
-        # rotate who goes first (A B, B A, A B, ...): cancels drift and any first-in-pair advantage
-        shift = round_index % len(steps)
-        for index in list(range(len(steps)))[shift:] + list(range(len(steps)))[:shift]:
-            start = time.perf_counter()
-            for _ in range(iters_per_round):
-                steps[index]()
-            synchronize(device)
-            round_times[index].append(time.perf_counter() - start)
-    memory_info = memory.read() if memory is not None else {}
-    images = batch_size * iters_per_round
-    results = []
-    for times in round_times:
-        throughput = summarize([images / t for t in times])
-        latency = summarize([1000.0 * t / iters_per_round for t in times])
-        results.append({
-            "mode": mode, "batch_size": batch_size, "precision": precision,
-            "autocast_dtype": dtype_name(autocast_dtype(precision, device)),
-            "weights_dtype": dtype_name(weights_dtype(precision)) or "float32",
-            "channels_last": channels_last, "warmup": warmup, "rounds": rounds,
-            "iters_per_round": iters_per_round, "throughput": throughput, "latency_ms": latency,
-            "per_image_ms": 1000.0 / throughput["median"], "round_times_s": times, **memory_info,
-        })
-    return results
-
-
-def measure_inference(model: nn.Module, batch_size: int, img_size, device, precision: str = "fp32",
-                      warmup: int = 10, rounds: int = 7, iters_per_round: int = 10,
-                      channels_last: bool = False) -> dict:
-    """Inference throughput (images/s, median and spread over rounds), latency and peak memory."""
-    return measure_models([model], "infer", batch_size, img_size, device, precision, channels_last,
-                          warmup, rounds, iters_per_round)[0]
-
-
-def measure_train_step(model: nn.Module, batch_size: int, img_size, device, precision: str = "fp32",
-                       warmup: int = 10, rounds: int = 7, iters_per_round: int = 10,
-                       channels_last: bool = False) -> dict:
-    """Training-step throughput (forward, backward, SGD step) like `measure_inference`."""
-    return measure_models([model], "train", batch_size, img_size, device, precision, channels_last,
-                          warmup, rounds, iters_per_round)[0]
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    message = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def run_with_backoff(measure: Callable[[int], Any], batch_size: int, enabled: bool = True) -> tuple[Any, int, list[int]]:
-    """Call `measure(batch)`, halving the batch on out-of-memory; (result, batch used, failed sizes).
-
-    Re-raises the out-of-memory error when batch 1 fails too (or when disabled).
-    """
-    failed: list[int] = []
-    batch = batch_size
-    while True:
-        try:
-            return measure(batch), batch, failed
-        except Exception as error:
-            if not is_out_of_memory(error) or not enabled or batch == 1:
-                raise
-            _logger.warning("out of memory at batch %d; retrying with %d", batch, batch // 2)
-            failed.append(batch)
-        # outside the handler, so the traceback's frames (and their tensors) are gone
-        _release_memory()
-        batch //= 2
-
-
-def measure_peak_gflops(device, size: int | None = None, repeats: int = 5,
-                        dtype: torch.dtype = torch.float32) -> dict:
-    """Matmul peak in `dtype`: best of `repeats` timings of square `size` matmuls (2 * n^3 flops each)."""
-    device = torch.device(device)
-    size = size or (4096 if device.type == "cuda" else 2048)
-    per_timing = 10 if device.type == "cuda" else 1
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(per_timing):
-            torch.matmul(a, b)
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / per_timing)
-    return {"peak_gflops": 2 * size**3 / best / 1e9, "peak_matmul_size": size, "peak_dtype": dtype_name(dtype),
-            "peak_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None}
-
-
-# ---------------------------------------------------------------- records and output
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def environment_info(device, malloc_settings: dict | None = None) -> dict:
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    return {
-        "device": str(device),
-        "malloc_settings": dict(malloc_settings or {}),  # utils.host_memory, applied by run()
-        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "fused_attn": bool(timm.layers.use_fused_attn()),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if cuda else None,
-        "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "fvcore": _version("fvcore"), "torchprofile": _version("torchprofile"),
-            "numpy": _version("numpy"), "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        },
-        "platform": platform.platform(), "hostname": platform.node(), "git_commit": _git_commit(),
-    }
-
-
-def make_record(kind: str, spec: ModelSpec, model_kwargs: dict, settings: dict, env: dict,
-                flop_info: dict | None, tokens: list[int] | None, result: dict | None,
-                peak: dict | None = None, **extra) -> dict:
-    """One JSON-serialisable record: every setting, environment, counter and measurement."""
-    flop_info = flop_info or {}
-    result = result or {}
-    gmacs = flop_info.get("gmacs")
-    throughput = (result.get("throughput") or {}).get("median")
-    record = {
-        "record_version": RECORD_VERSION,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "kind": kind, "label": spec.label, "model": spec.name, "method_flags": spec.method,
-        "model_kwargs": model_kwargs, **settings, **env,
-        "params": flop_info.get("params"),
-        "gmacs": gmacs, "gflops": flop_info.get("gflops"), "flops_counter": flop_info.get("counter"),
-        "flops_unit": "GMACs (one fused multiply-add = 1; gflops = 2 * gmacs)",
-        "gmacs_fvcore": flop_info.get("gmacs_fvcore"), "gmacs_torchprofile": flop_info.get("gmacs_torchprofile"),
-        "counters_rel_diff": flop_info.get("counters_rel_diff"),
-        "counters_disagree": flop_info.get("counters_disagree"),
-        "skipped_ops": {k[len("skipped_ops_"):]: v for k, v in flop_info.items() if k.startswith("skipped_ops_")},
-        "counter_errors": {k[len("error_"):]: v for k, v in flop_info.items() if k.startswith("error_")},
-        "tokens_per_block": tokens,
-        **result,
-        "peak_gflops": None, "achieved_gflops": None, "pct_of_peak": None,
-        "argv": sys.argv[1:],
-        **extra,
-    }
-    if peak:
-        record.update(peak)
-        if gmacs is not None and throughput is not None and result.get("mode") == "infer":
-            record["achieved_gflops"] = 2 * gmacs * throughput
-            record["pct_of_peak"] = 100.0 * record["achieved_gflops"] / peak["peak_gflops"]
-    record.setdefault("error", None)
-    return record
-
-
-def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
-
-
-def csv_row(record: dict) -> dict:
-    row = {field: record.get(field) for field in CSV_FIELDS}
-    for stat in ("median", "q1", "q3", "min", "max"):
-        row[f"throughput_{stat}"] = (record.get("throughput") or {}).get(stat)
-    row["latency_ms_median"] = (record.get("latency_ms") or {}).get("median")
-    row["ratio"] = (record.get("ratio") or {}).get("of_medians") if isinstance(record.get("ratio"), dict) else None
-    return row
-
-
-def append_csv(path: str, record: dict) -> None:
-    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerow(csv_row(record))
-
-
-def plot_throughput_vs_gmacs(records: Sequence[dict], path: str) -> int:
-    """Scatter of median throughput against GMACs, one labelled point per measured run; FLOPs-only
-    records (--flops-only) give GMACs against parameters instead. Returns the number of points.
-
-    UserError, and nothing written, when no record has the values to plot.
-    """
-    if records and all(r.get("kind") == "flops" for r in records):
-        return _plot_gmacs_vs_params(records, path)
-    points = [r for r in records if r.get("gmacs") is not None and (r.get("throughput") or {}).get("median")]
-    if not points:
-        raise UserError(f"--plot {path}: no run has both GMACs and a throughput ({_no_points_reason(records)}); "
-                        "nothing plotted")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for (series, mode), group in _series(points).items():
-        group = sorted(group, key=lambda r: r["gmacs"])
-        marker = "o" if mode == "infer" else "s"
-        medians = [r["throughput"]["median"] for r in group]
-        errors = [[m - r["throughput"]["q1"] for m, r in zip(medians, group)],
-                  [r["throughput"]["q3"] - m for m, r in zip(medians, group)]]
-        ax.errorbar([r["gmacs"] for r in group], medians, yerr=errors, fmt=marker + ("-" if len(group) > 1 else ""),
-                    capsize=3, label=f"{series} ({mode})")
-        if len(group) == 1:
-            ax.annotate(f"{group[0]['label']} ({mode})", (group[0]["gmacs"], medians[0]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
-        else:  # a line of --target-gmacs points: each labelled with the value the search chose
-            for r, median in zip(group, medians):
-                chosen = (r.get("target_gmacs") or {}).get("value")
-                if chosen is not None:
-                    ax.annotate(str(chosen), (r["gmacs"], median), textcoords="offset points", xytext=(4, 4),
-                                fontsize=6)
-    if any(len(group) > 1 for group in _series(points).values()):
-        ax.legend(fontsize=7)
-    first = points[0]
-    ax.set_title(f"{first.get('device_name')} | {first.get('precision')} | batch {first.get('batch_size')}",
-                 fontsize=9)
-    ax.set_xlabel(f"GMACs per image ({first['flops_counter']})")
-    ax.set_ylabel("throughput (images/s, median; bars: IQR)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return len(points)
-
-
-def _series(points: Sequence[dict]) -> dict:
-    """(series, mode) -> records, in first-seen order; a record without a series is its own."""
-    groups: dict = {}
-    for r in points:
-        groups.setdefault((r.get("series") or r["label"], r.get("mode")), []).append(r)
-    return groups
-
-
-def _no_points_reason(records: Sequence[dict]) -> str:
-    if not records:
-        return "no run was recorded"
-    if all(r.get("error") for r in records):
-        return "every run failed"
-    if all(r.get("gmacs") is None for r in records):
-        return "GMACs were not counted"
-    return "no run has a throughput"
-
-
-def _plot_gmacs_vs_params(records: Sequence[dict], path: str) -> int:
-    """--flops-only: GMACs per image against parameters (nothing was timed)."""
-    points = [r for r in records if r.get("gmacs") is not None and r.get("params") is not None]
-    if not points:
-        raise UserError(f"--plot {path}: no model has both GMACs and a parameter count "
-                        f"({_no_points_reason(records)}); nothing plotted")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in points:
-        ax.plot(r["params"] / 1e6, r["gmacs"], "o")
-        ax.annotate(r["label"], (r["params"] / 1e6, r["gmacs"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
-    ax.set_title(f"--flops-only at {points[0].get('img_size')} px: no speed measured", fontsize=9)
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel(f"GMACs per image ({points[0].get('flops_counter')})")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return len(points)
-
-
-def check_plot_path(args) -> None:
-    """Refuse a --plot that cannot be drawn or written before anything is measured."""
-    if not args.plot:
-        return
-    if args.no_flops:
-        raise UserError("--plot draws against GMACs, which --no-flops skips; drop one of them")
-    directory = os.path.dirname(os.path.abspath(args.plot))
-    if os.path.isdir(args.plot) or not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise UserError(f"--plot {args.plot}: cannot write a file there (is {directory} an existing, writable "
-                        "directory?); choose another path")
-
-
-def _fmt(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _params_m(record: dict) -> str:
-    return _fmt(record["params"] / 1e6 if record.get("params") is not None else None, ".2f")
-
-
-def format_table(records: Sequence[dict]) -> str:
-    """A fixed-width console table, one row per record (a FLOPs table when nothing was timed)."""
-    if all(r.get("kind") == "flops" for r in records):
-        header = ("model", "params M", "GMACs fvcore", "GMACs torchprofile", "diff %", "tokens per block")
-        rows = [header] + [(
-            r["label"], _params_m(r), _fmt(r.get("gmacs_fvcore"), ".3f"), _fmt(r.get("gmacs_torchprofile"), ".3f"),
-            _fmt(100 * r["counters_rel_diff"] if r.get("counters_rel_diff") is not None else None, ".2f"),
-            ",".join(map(str, r.get("tokens_per_block") or [])) or "-",
-        ) for r in records]
-    else:
-        compiled = any(r.get("compile_speedup") is not None for r in records)
-        header = ("model", "mode", "batch", "prec", "img/s", "IQR", "ms/batch", "peak MB", "GMACs",
-                  "tp GMACs", "params M", "%peak") + (("compile x",) if compiled else ())
-        rows = [header]
-        for r in records:
-            tp = r.get("throughput") or {}
-            rows.append((
-                r["label"], r.get("mode") or "-", _fmt(r.get("batch_size"), "d"), r.get("precision") or "-",
-                _fmt(tp.get("median"), ".1f"), _fmt(tp.get("iqr"), ".1f"),
-                _fmt((r.get("latency_ms") or {}).get("median"), ".2f"), _fmt(r.get("peak_mem_mb"), ".0f"),
-                _fmt(r.get("gmacs"), ".3f"), _fmt(r.get("gmacs_torchprofile"), ".3f"), _params_m(r),
-                _fmt(r.get("pct_of_peak"), ".1f"),
-            ) + ((_fmt(r.get("compile_speedup"), ".2f"),) if compiled else ()))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    notes = []
-    if any(r.get("counters_disagree") for r in records):
-        notes.append("fvcore and torchprofile disagree by > 2% for: "
-                     + ", ".join(r["label"] for r in records if r.get("counters_disagree")))
-    if any(r.get("oom_backoff") for r in records):
-        notes.append("batch halved after out-of-memory for: "
-                     + ", ".join(f"{r['label']} {r['oom_backoff']}" for r in records if r.get("oom_backoff")))
-    if any(r.get("error") for r in records):
-        notes.append("errors: " + "; ".join(f"{r['label']}: {r['error']}" for r in records if r.get("error")))
-    counter = next((r.get("flops_counter") for r in records if r.get("flops_counter")), None)
-    if counter:
-        also = "; torchprofile alongside" if any(r.get("gmacs_torchprofile") is not None for r in records) else ""
-        notes.append(f"GMACs: multiply-accumulates per image (forward, batch 1), counter {counter}{also}")
-    kinds = {r.get("peak_mem_kind") for r in records if r.get("peak_mem_kind")}
-    if kinds:
-        notes.append(f"peak MB: {', '.join(sorted(kinds))}")
-    return "\n".join(lines + notes)
-
-
-def format_compare(record: dict) -> str:
-    ratio = record["ratio"]
-    return (f"{record['label_b']}  vs  {record['label_a']}  [{record['mode']}, batch {record['batch_size']}]: "
-            f"throughput ratio B/A = {ratio['of_medians']:.3f} (per-round ratios: median {ratio['median']:.3f}, "
-            f"IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}, min-max {ratio['min']:.3f}-{ratio['max']:.3f}, "
-            f"{ratio['n']} interleaved rounds); A {record['a']['throughput']['median']:.1f} img/s, "
-            f"B {record['b']['throughput']['median']:.1f} img/s")
 
 
 # ---------------------------------------------------------------- runs

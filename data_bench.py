@@ -13,7 +13,7 @@ args)`, samples are seeded per sample through `samplers.PerSampleSeeded` and bat
 transform; labels do not matter for speed.
 
 Three measurements, each with untimed warm-up and `rounds` timed rounds, reported as the
-median and spread over rounds (`benchmark.summarize`), one JSON record each:
+median and spread over rounds (`measure.summarize`), one JSON record each:
 
 * `decode`: open and fully decode to RGB (`datasets.pil_rgb_loader`), one process;
 * `transform`: decode + the recipe's augmentation, one process with one torch thread and
@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import benchmark
+from utils.measure import environment_info, summarize
 import datasets
 import main as trainer_cli
 from samplers import PerSampleSeeded, SampleKey, mix_seed
@@ -147,7 +147,7 @@ def recipe_settings(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------- measurements
 
 def _rates(times: Sequence[float], images: int) -> dict:
-    throughput = benchmark.summarize([images / t for t in times])
+    throughput = summarize([images / t for t in times])
     return {"throughput": throughput, "per_image_ms": 1000.0 / throughput["median"], "round_times_s": list(times)}
 
 
@@ -313,7 +313,7 @@ def run(data_dir: str, recipe: str | Sequence[str] = "", workers: Sequence[int] 
         "record_version": RECORD_VERSION, "kind": "data", "data_dir": os.path.abspath(data_dir), "layout": layout,
         **describe_files(paths), "recipe": recipe_settings(args), "recipe_argv": tokens,
         "transform": repr(dataset.transform).replace("\n", " "), "seeding": "samplers.PerSampleSeeded",
-        "cpu_cores": cores, **(env if env is not None else benchmark.environment_info(torch.device("cpu"))),
+        "cpu_cores": cores, **(env if env is not None else environment_info(torch.device("cpu"))),
         "argv": sys.argv[1:],
     }
     _logger.info("%s: %d image files (%s), batch %d, input %d px", data_dir, len(paths), layout, args.batch_size,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 
 from losses import main_logits
+from utils.precision import AMP_DTYPE_PRECISIONS, autocast_dtype, autocast_in, cast_for_inference  # noqa: F401  (cast_for_inference is part of engine's API)
 from utils.distributed import all_reduce_sum, any_rank, get_rank
 from utils.logger import MetricLogger, SmoothedValue
 
@@ -50,69 +51,12 @@ class RunState:
                 setattr(self, key, int(value))
 
 
-_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """The autocast dtype --amp means on `device`: `--amp-dtype`, or (auto) fp16 on CUDA (with a
-    GradScaler, as DeiT) and bf16 elsewhere."""
-    if requested in _AMP_DTYPES:
-        return _AMP_DTYPES[requested]
-    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
-
-
 def amp_dtype(args, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of this run (None: fp32)."""
+    """The autocast dtype of this run (None: fp32): `--amp` with `--amp-dtype` (auto: fp16 on CUDA
+    with a GradScaler, as DeiT, and bf16 elsewhere)."""
     if not bool(getattr(args, "amp", False)):
         return None
-    return autocast_dtype(device, getattr(args, "amp_dtype", "auto") or "auto")
-
-
-def autocast_in(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to `dtype` on `device`, or nothing for None (fp32): the project's one autocast helper."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """Autocast in `autocast_dtype(device)` when --amp is on, or nothing."""
-    return autocast_in(device, autocast_dtype(device) if enabled else None)
-
-
-def _cast_inputs(dtype: torch.dtype):
-    def pre_hook(module, args, kwargs):
-        def cast(value):
-            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-    return pre_hook
-
-
-def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
-    """Cast `model` in place to `dtype` for inference in that precision (no autocast needed); returns it.
-
-    Weights and buffers become `dtype`, except those of modules that set `keep_fp32 = True`
-    (a method's few decision-making scalars, e.g. LTM's mask scale, LTMP's thresholds). A
-    forward pre-hook casts floating inputs to `dtype`, so callers (`evaluate`, the benchmark)
-    pass their fp32 images unchanged; logits come out in `dtype` (`evaluate` upcasts them).
-    Token-selection scores are computed in float32 by the methods themselves
-    (`models.token_ops.selection_precision`). None or float32: the model is left as it is.
-    Calling it again with the same dtype is a no-op.
-    """
-    if dtype is None or dtype == torch.float32:
-        return model
-    if getattr(model, "_inference_dtype", None) == dtype:
-        return model
-    previous = getattr(model, "_inference_cast_hook", None)
-    if previous is not None:
-        previous.remove()
-    model.to(dtype)
-    for module in model.modules():
-        if getattr(module, "keep_fp32", False):
-            module.float()
-    model._inference_cast_hook = model.register_forward_pre_hook(_cast_inputs(dtype), with_kwargs=True)
-    model._inference_dtype = dtype
-    return model
+    return autocast_dtype(AMP_DTYPE_PRECISIONS[getattr(args, "amp_dtype", "auto") or "auto"], device)
 
 
 def _split_outputs(outputs):

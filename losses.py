@@ -7,19 +7,12 @@ be a Tensor, a `(cls, dist)` tuple (distilled DeiT in training) or a dict with
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-def main_logits(outputs):
-    """The classification logits of any model output form."""
-    if isinstance(outputs, dict):
-        outputs = outputs["logits"]
-    if isinstance(outputs, (tuple, list)):
-        outputs = outputs[0]
-    return outputs
+from utils.outputs import main_logits  # noqa: F401  (part of this module's API: engine, tools)
 
 
 class BinarizedTargetBCE(nn.Module):

@@ -606,7 +606,7 @@ def resolve_target_gmacs(args, num_classes: int) -> None:
     """--target-gmacs: replace the family's 'auto' reduction value by the searched one (logged)."""
     if args.target_gmacs is None:
         return
-    import flops
+    from models import flops
 
     family = next(f for f in families.active_families(args.model, args)
                   if f.reduction is not None and getattr(args, f.reduction.dest, None) == families.AUTO)

@@ -1412,7 +1412,7 @@ def realised_flops_ratio(model: nn.Module, images, device=None, max_images: int 
     images), `gmacs_unreduced`, `flops_ratio` (their quotient), `images`, `counter` and
     `tokens_after_block` (mean tokens each block keeps).
     """
-    import flops  # the project's counter; imported here so models do not need it at import time
+    from . import flops  # fvcore is imported only when a count is asked for
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     twin = inference_twin(model).to(device)
@@ -1422,13 +1422,13 @@ def realised_flops_ratio(model: nn.Module, images, device=None, max_images: int 
     for image in _images(images, max_images):
         image = image.to(device=device, dtype=next(twin.parameters()).dtype)
         example = image if example is None else example
-        count, _ = flops._fvcore_macs(twin, image)
+        count, _ = flops.fvcore_macs(twin, image)
         macs.append(count)
         twin(image)
         tokens.append([float(t.float().mean()) for t in twin.ltmp_info["tokens"]])
     if not macs:
         raise ModelConfigError("realised_flops_ratio got no images; pass a non-empty loader or tensor")
-    unreduced, _ = flops._fvcore_macs(plain, example)
+    unreduced, _ = flops.fvcore_macs(plain, example)
     mean_macs = sum(macs) / len(macs)
     depth = len(tokens[0])
     return {

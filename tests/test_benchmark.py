@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import benchmark
+from utils import measure
+from utils import bench_records
 from benchmark import ModelSpec
 from utils.errors import UserError
 
@@ -179,15 +181,15 @@ class OOMAbove(nn.Module):
 
 def test_backoff_halves_until_it_fits():
     model = OOMAbove(limit=5)
-    measure = lambda b: benchmark.measure_inference(model, b, 8, "cpu", warmup=1, rounds=1, iters_per_round=1)  # noqa: E731
-    result, used, failed = benchmark.run_with_backoff(measure, 32)
+    timed = lambda b: measure.measure_inference(model, b, 8, "cpu", warmup=1, rounds=1, iters_per_round=1)  # noqa: E731
+    result, used, failed = measure.run_with_backoff(timed, 32)
     assert used == 4 and failed == [32, 16, 8] and result["batch_size"] == 4
     assert set(model.batches_seen) == {32, 16, 8, 4}
 
     with pytest.raises(torch.OutOfMemoryError):
-        benchmark.run_with_backoff(measure, 32, enabled=False)
+        measure.run_with_backoff(timed, 32, enabled=False)
     with pytest.raises(torch.OutOfMemoryError):
-        benchmark.run_with_backoff(lambda b: benchmark.measure_inference(
+        measure.run_with_backoff(lambda b: measure.measure_inference(
             OOMAbove(limit=0), b, 8, "cpu", warmup=1, rounds=1, iters_per_round=1), 4)
 
     calls = []
@@ -197,7 +199,7 @@ def test_backoff_halves_until_it_fits():
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        benchmark.run_with_backoff(broken, 32)
+        measure.run_with_backoff(broken, 32)
     assert calls == [32]  # other errors are not retried
 
 
@@ -208,11 +210,11 @@ def test_backoff_is_recorded(monkeypatch, tmp_path):
                                                 "--rounds", "1", "--iters-per-round", "1", "--no-flops",
                                                 "--output", str(out)])
     spec = ModelSpec("fake_oom", {dest: None for dest in benchmark.method_dests()})
-    env = benchmark.environment_info("cpu")
+    env = measure.environment_info("cpu")
     (record,) = benchmark.run_sweep(args, [spec], torch.device("cpu"), env, None)
     assert record["batch_size_requested"] == 16 and record["batch_size"] == 2 and record["oom_backoff"] == [16, 8, 4]
     assert read_jsonl(out)[0]["oom_backoff"] == [16, 8, 4]
-    assert "[16, 8, 4]" in benchmark.format_table([record])
+    assert "[16, 8, 4]" in bench_records.format_table([record])
 
 
 def tiny_net():
@@ -223,19 +225,19 @@ def test_bf16_autocast_is_active_on_cpu():
     model = tiny_net()
     dtypes = []
     model[2].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-    result = benchmark.measure_inference(model, 2, 8, "cpu", precision="bf16", warmup=1, rounds=1, iters_per_round=1)
+    result = measure.measure_inference(model, 2, 8, "cpu", precision="bf16", warmup=1, rounds=1, iters_per_round=1)
     assert result["autocast_dtype"] == "bfloat16" and set(dtypes) == {torch.bfloat16}
     dtypes.clear()
-    benchmark.measure_inference(model, 2, 8, "cpu", precision="fp32", warmup=1, rounds=1, iters_per_round=1)
+    measure.measure_inference(model, 2, 8, "cpu", precision="fp32", warmup=1, rounds=1, iters_per_round=1)
     assert set(dtypes) == {torch.float32}
-    assert benchmark.autocast_dtype("amp", torch.device("cpu")) == torch.bfloat16
-    assert benchmark.autocast_dtype("amp", torch.device("cuda")) == torch.float16
+    assert measure.autocast_dtype("amp", torch.device("cpu")) == torch.bfloat16
+    assert measure.autocast_dtype("amp", torch.device("cuda")) == torch.float16
 
 
 def test_train_step_updates_weights():
     model = tiny_net()
     before = model[2].weight.detach().clone()
-    result = benchmark.measure_train_step(model, 4, 8, "cpu", warmup=1, rounds=2, iters_per_round=1)
+    result = measure.measure_train_step(model, 4, 8, "cpu", warmup=1, rounds=2, iters_per_round=1)
     assert result["mode"] == "train" and result["throughput"]["n"] == 2
     assert not torch.equal(before, model[2].weight.detach())
     assert model.training
@@ -243,23 +245,23 @@ def test_train_step_updates_weights():
 
 def test_training_loss_handles_tuple_and_dict_outputs():
     logits, target = torch.randn(3, 5), torch.tensor([0, 1, 2])
-    single = benchmark.training_loss(logits, target)
-    assert benchmark.training_loss((logits, logits), target) == pytest.approx(2 * single.item())
+    single = measure.training_loss(logits, target)
+    assert measure.training_loss((logits, logits), target) == pytest.approx(2 * single.item())
     aux = torch.tensor(0.5)
-    assert benchmark.training_loss({"logits": logits, "aux_loss": aux}, target) == pytest.approx(single.item() + 0.5)
+    assert measure.training_loss({"logits": logits, "aux_loss": aux}, target) == pytest.approx(single.item() + 0.5)
 
 
 def test_summarize():
-    stats = benchmark.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    stats = measure.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
     assert (stats["median"], stats["q1"], stats["q3"], stats["iqr"], stats["min"], stats["max"]) == (3, 2, 4, 2, 1, 5)
-    assert benchmark.summarize([7.0])["iqr"] == 0
+    assert measure.summarize([7.0])["iqr"] == 0
 
 
 def test_peak_and_achieved_gflops():
-    peak = benchmark.measure_peak_gflops("cpu", size=128, repeats=2)
+    peak = measure.measure_peak_gflops("cpu", size=128, repeats=2)
     assert peak["peak_gflops"] > 0 and peak["peak_matmul_size"] == 128
     spec = ModelSpec("m", {})
-    record = benchmark.make_record("speed", spec, {}, {}, {}, {"gmacs": 2.0, "counter": "fvcore"}, None,
+    record = bench_records.make_record("speed", spec, {}, {}, {}, {"gmacs": 2.0, "counter": "fvcore"}, None,
                                    {"mode": "infer", "throughput": {"median": 100.0}}, {"peak_gflops": 800.0})
     assert record["achieved_gflops"] == pytest.approx(400.0)  # 2 * 2 GMACs * 100 img/s
     assert record["pct_of_peak"] == pytest.approx(50.0)
@@ -334,9 +336,9 @@ def test_a_plot_without_points_is_never_written(tmp_path):
     for records, reason in (([], "no run was recorded"), ([speed_without_gmacs], "GMACs were not counted"),
                             ([{"kind": "speed", "label": "m", "error": "OOM"}], "every run failed")):
         with pytest.raises(UserError, match=reason):
-            benchmark.plot_throughput_vs_gmacs(records, str(plot))
+            bench_records.plot_throughput_vs_gmacs(records, str(plot))
     with pytest.raises(UserError, match="nothing plotted"):
-        benchmark.plot_throughput_vs_gmacs([{"kind": "flops", "label": "m", "gmacs": None, "params": 5}], str(plot))
+        bench_records.plot_throughput_vs_gmacs([{"kind": "flops", "label": "m", "gmacs": None, "params": 5}], str(plot))
     assert not plot.exists()
 
 

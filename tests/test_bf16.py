@@ -12,6 +12,7 @@ import timm
 import torch
 
 import benchmark
+from utils import measure
 import models  # noqa: F401  (registers the project's models)
 import models.ltm
 import models.ltmp
@@ -182,18 +183,18 @@ def test_bf16_model_stays_close_to_fp32(name, kwargs):
 
 def test_benchmark_precisions_and_peak_dtype():
     cpu = torch.device("cpu")
-    assert benchmark.autocast_dtype("bf16-weights", cpu) is None
-    assert benchmark.weights_dtype("bf16-weights") == torch.bfloat16 and benchmark.weights_dtype("bf16") is None
-    assert benchmark.compute_dtype("bf16", cpu) == benchmark.compute_dtype("bf16-weights", cpu) == torch.bfloat16
-    assert benchmark.compute_dtype("amp", cpu) == torch.bfloat16
-    assert benchmark.compute_dtype("fp32", cpu) == torch.float32
-    peak = benchmark.measure_peak_gflops("cpu", size=64, repeats=1, dtype=torch.bfloat16)
+    assert measure.autocast_dtype("bf16-weights", cpu) is None
+    assert measure.weights_dtype("bf16-weights") == torch.bfloat16 and measure.weights_dtype("bf16") is None
+    assert measure.compute_dtype("bf16", cpu) == measure.compute_dtype("bf16-weights", cpu) == torch.bfloat16
+    assert measure.compute_dtype("amp", cpu) == torch.bfloat16
+    assert measure.compute_dtype("fp32", cpu) == torch.float32
+    peak = measure.measure_peak_gflops("cpu", size=64, repeats=1, dtype=torch.bfloat16)
     assert peak["peak_dtype"] == "bfloat16" and peak["peak_gflops"] > 0
 
 
 def test_benchmark_bf16_weights_casts_and_records_it():
     model = timm.create_model("deit_tiny_patch16_224", **dict(VIT, depth=1)).eval()
-    result = benchmark.measure_inference(model, 2, 64, "cpu", precision="bf16-weights", warmup=1, rounds=1,
+    result = measure.measure_inference(model, 2, 64, "cpu", precision="bf16-weights", warmup=1, rounds=1,
                                          iters_per_round=1)
     assert result["weights_dtype"] == "bfloat16" and result["autocast_dtype"] is None
     assert next(model.parameters()).dtype == torch.bfloat16

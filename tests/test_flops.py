@@ -6,7 +6,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-import flops
+from models import flops
 
 IMG, PATCH, DIM, DEPTH, HEADS, MLP_RATIO, CLASSES = 32, 8, 64, 2, 2, 4, 10
 

@@ -264,7 +264,7 @@ FLOPS_TABLE = [  # model, px, r list, LTM target (GMACs), reachable within 3 %
 @pytest.mark.slow
 @pytest.mark.parametrize("name,px,r,target,reachable", FLOPS_TABLE)
 def test_flops_table(name, px, r, target, reachable):
-    import flops
+    from models import flops
     model = timm.create_model(name).eval()
     base = flops.count_flops(model, px)["gmacs"]
     for method in METHODS.values():

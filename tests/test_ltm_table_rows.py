@@ -20,7 +20,7 @@ import pytest
 import timm
 
 import benchmark
-import flops
+from models import flops
 import main
 import models  # noqa: F401  (registers the families)
 from models.factory import create_model

@@ -336,7 +336,7 @@ FLOPS_TABLE = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name,px,prune,target,reachable", FLOPS_TABLE)
 def test_flops_table(name, px, prune, target, reachable):
-    import flops
+    from models import flops
 
     torch.manual_seed(0)
     model = timm.create_model(name, ltmp_threshold=prune).eval()

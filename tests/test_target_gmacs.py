@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 import benchmark
-import flops
+from utils import bench_records
+from models import flops
 import main
 import models  # noqa: F401  (registers the families)
 from models import family as families
@@ -435,7 +436,7 @@ def test_plot_draws_one_line_per_series(tmp_path, monkeypatch):
                for r, g, t in ((8, 3.5, 20.0), (16, 2.6, 28.0), (12, 3.0, 24.0))]
     records.append(_speed_record("deit", "deit", 4.6, 16.0))
     path = tmp_path / "plot.png"
-    assert benchmark.plot_throughput_vs_gmacs(records, str(path)) == 4
+    assert bench_records.plot_throughput_vs_gmacs(records, str(path)) == 4
     assert path.stat().st_size > 0
     assert set(drawn) == {((2.6, 3.0, 3.5), "deit tome_r=auto (infer)"), ((4.6,), "deit (infer)")}
     assert len(drawn) == 2

@@ -50,7 +50,7 @@ def _img_size(model: nn.Module, args) -> tuple:
 def measure_throughput(model: nn.Module, batch_size: int, img_size: tuple, device: torch.device,
                        passes: int) -> float:
     """Images per second of `passes` forward passes in eval mode (the benchmark's one timer)."""
-    from benchmark import measure_inference
+    from utils.measure import measure_inference
     result = measure_inference(model, batch_size, img_size, torch.device(device), warmup=0, rounds=1,
                                iters_per_round=passes)
     return float(result["throughput"]["median"])
@@ -61,7 +61,7 @@ def count_gmacs(model: nn.Module, img_size: tuple, device: torch.device) -> floa
     try:
         from torchprofile import profile_macs
     except ImportError:
-        import flops
+        from models import flops
         return float(flops.count_flops(model, img_size[0])["gmacs"])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchprofile warns about ops without MACs (topk, unbind)

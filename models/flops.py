@@ -98,7 +98,7 @@ def _example_input(model: nn.Module, img_size, batch_size: int) -> torch.Tensor:
     return torch.randn(batch_size, in_chans, height, width, device=device)
 
 
-def _fvcore_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, list[str]]:
+def fvcore_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, list[str]]:
     from fvcore.nn import FlopCountAnalysis
 
     analysis = FlopCountAnalysis(model, example)
@@ -148,7 +148,7 @@ def count_flops(model: nn.Module, img_size, counter: str = "fvcore", batch_size:
     model.eval()
     example = _example_input(model, img_size, batch_size)
     wanted = ("fvcore", "torchprofile") if counter == "both" else (counter,)
-    runners = {"fvcore": _fvcore_macs, "torchprofile": _torchprofile_macs}
+    runners = {"fvcore": fvcore_macs, "torchprofile": _torchprofile_macs}
     result: dict[str, Any] = {"counter": counter, "batch_size": batch_size,
                               "params": count_parameters(model)}
     try:
