@@ -33,6 +33,7 @@ configurations raise `ModelConfigError` at construction.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from functools import partial
 from numbers import Integral, Real
@@ -44,8 +45,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from . import family
 from .errors import ModelConfigError
 from .evit import EViT
+from .hooks import MethodHooks
 from .token_ops import StateSlot, selection_precision
 from .tokenreduction_clustering import DPCKNN, ClusterResult, KMedoids, selection_float
 from .tokenreduction_patchmerger import PatchMerger
@@ -53,7 +56,8 @@ from .tokenreduction_sinkhorn import Sinkhorn
 
 __all__ = [
     "METHODS", "ReductionPlan", "reduction_plan", "TopKViT", "ClusterViT", "KMedoidsViT", "DPCKNNViT",
-    "SinkhornViT", "PatchMergerViT", "ReductionBlock", "ReductionState",
+    "SinkhornViT", "PatchMergerViT", "ReductionBlock", "ReductionState", "checkpoint_filter",
+    "official_param_groups", "TokenReductionHooks", "translate_official_argv", "DEIT_WEIGHTS", "FAMILY",
 ]
 
 METHODS = ("topk", "kmedoids", "dpcknn", "sinkhorn", "patchmerger")
@@ -498,6 +502,11 @@ def _create(variant: str, pretrained: bool = False, args=None, distilled: bool =
         for name in _OFFICIAL_ARGS:
             if hasattr(args, name) and _accepts(method, name):
                 kwargs.setdefault(name, getattr(args, name))
+    for name in _OFFICIAL_ARGS:  # one family's flags reach all five methods: refuse what does not apply
+        if name in kwargs and not _accepts(method, name):
+            if kwargs.pop(name) is not None:
+                owners = " / ".join(m for m in METHODS if _accepts(m, name))
+                raise ModelConfigError(f"{name} is an option of the {owners} models, not of {variant}; drop it")
     if "drop_rate" in kwargs:
         # timm 0.4.12 (the official stack) applies drop_rate in pos-drop, attention projection
         # and MLP, not before the head
@@ -607,3 +616,314 @@ def patchmerger_small_patch16_224(pretrained: bool = False, **kwargs) -> PatchMe
 def patchmerger_base_patch16_224(pretrained: bool = False, **kwargs) -> PatchMergerViT:
     model_args = dict(_BASE)
     return _create("patchmerger_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Training recipe: the official optimizer groups and backbone freeze (optim.py, engine.py)
+# ---------------------------------------------------------------------------
+
+_ROLE = "tokenreduction"  # optimizer group key: "new" or "backbone" (kept in optimizer checkpoints)
+_NEW_MODULES = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "pos_embed", "patch_embed")
+
+
+def official_param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0,
+                          constant_cls: bool = False, constant_pos: bool = False) -> List[dict]:
+    """The official optimizer groups (optim.py `get_parameter_groups`), in its order of first use.
+
+    A parameter is new if its name contains, or is contained in, one of the head / pos_embed /
+    patch_embed names or `model.get_new_module_names()` (`cluster_layers`); new parameters train
+    at `lr`, the backbone at `lr * backbone_lr_scale`. No weight decay for 1-D tensors, `.bias`
+    and `model.no_weight_decay()` names. `constant_cls` leaves cls_token / dist_token out of the
+    optimizer, `constant_pos` pos_embed (the official code wires both to --constant_cls; fixed).
+    """
+    new_names = list(_NEW_MODULES) + list(getattr(model, "get_new_module_names", lambda: [])())
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups: Dict[Tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if constant_cls and ("cls_token" in name or "dist_token" in name):
+            continue
+        if constant_pos and "pos_embed" in name:
+            continue
+        role = "new" if any(name in s or s in name for s in new_names) else "backbone"
+        decay = not (param.ndim == 1 or name.endswith(".bias") or name in skip)
+        key = (role, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr": lr * (backbone_lr_scale if role == "backbone" else 1.0), _ROLE: role}
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+class TokenReductionHooks(MethodHooks):
+    """The TokenReduction training recipe (train.py, optim.py, engine.py).
+
+    * optimizer groups: `official_param_groups` (new modules at the lr, the backbone at
+      `--backbone_lr_scale` times it; `--constant_cls` / `--constant_pos`);
+    * `--backbone_freeze_steps E`: the backbone groups run at lr 0 in epochs < E (the unit is
+      epochs despite the name). The trainer gives hooks no optimizer, so a global optimizer-step
+      pre-hook zeroes the groups this family made (tagged in the group dict, so a resumed
+      optimizer state keeps the tag) right before each step, as the official loop does before
+      each iteration; the scheduler sets their lr again after the step;
+    * progress lines: the patch tokens kept at each reduction location.
+    """
+
+    def __init__(self, model: nn.Module, options):
+        super().__init__(model, options)
+        self.epoch = 0
+        self.freeze_epochs = int(options.backbone_freeze_steps or 0)
+        self._handle = None
+
+    def param_groups(self, model: nn.Module, lrs: List[float]) -> Optional[list]:
+        if len(lrs) != 1:
+            raise ModelConfigError(f"--lr takes one value for the TokenReduction models, got {len(lrs)}")
+        groups = official_param_groups(model, lrs[0], float(self.options.weight_decay or 0.0),
+                                       float(self.options.backbone_lr_scale), bool(self.options.constant_cls),
+                                       bool(self.options.constant_pos))
+        if self.freeze_epochs > 0 and self._handle is None:
+            import weakref
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+            ref = weakref.ref(self)
+
+            def before_step(optimizer, args, kwargs):
+                hooks = ref()
+                if hooks is not None:
+                    hooks.freeze_backbone(optimizer.param_groups)
+
+            self._handle = register_optimizer_step_pre_hook(before_step)
+        return groups
+
+    def freeze_backbone(self, groups: Sequence[dict]) -> None:
+        """lr 0 for this family's backbone groups while the epoch is below --backbone_freeze_steps."""
+        if self.epoch < self.freeze_epochs:
+            for group in groups:
+                if group.get(_ROLE) == "backbone":
+                    group["lr"] = 0.0
+
+    def on_epoch_start(self, model, epoch):
+        self.epoch = epoch
+
+    def on_step_start(self, model, epoch, step, steps_per_epoch):
+        self.epoch = epoch
+
+    def log_state(self, model) -> Dict[str, float]:
+        return {f"tokens_b{loc}": count for loc, count in zip(model.reduction_loc, model.keep_counts)}
+
+    def report(self, model, context) -> Dict[str, Any]:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return {}
+
+
+def _family_hooks(model, options) -> Optional[TokenReductionHooks]:
+    return TokenReductionHooks(model, options) if isinstance(model, (TopKViT, ClusterViT)) else None
+
+
+# ---------------------------------------------------------------------------
+# Official launch lines (train.py) -> this project's flags
+# ---------------------------------------------------------------------------
+
+# train.py always starts from these DeiT weights (models_act.py downloads them into ./deit_weights)
+DEIT_WEIGHTS = {
+    "tiny": "./deit_weights/deit_tiny_patch16_224-a1311bcf.pth",
+    "small": "./deit_weights/deit_small_patch16_224-cd65a155.pth",
+    "base": "./deit_weights/deit_base_patch16_224-b5f2ef4d.pth",
+}
+_TRAIN_PY_RENAMED = {"--data": "--data-path", "--grad_accum_steps": "--accum-iter", "--use_amp": "--amp"}
+_TRAIN_PY_ONLY = ("--dataset", "--data", "--lr_batch_normalizer", "--sched_in_steps", "--use_amp",
+                  "--grad_accum_steps")
+
+
+def _split(argv: Sequence[str]) -> List[List[str]]:
+    """argv as [option, values...] items (`--a=b` split; leading positionals as their own item)."""
+    items: List[List[str]] = []
+    for token in argv:
+        if token.startswith("--") and "=" in token:
+            option, value = token.split("=", 1)
+            items.append([option, value])
+        elif token.startswith("-") and not _is_number(token) or not items:
+            items.append([token])
+        else:
+            items[-1].append(token)
+    return items
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def _model_of(items: List[List[str]]) -> str:
+    for item in items:
+        if item[0] == "--model" and len(item) > 1:
+            return item[1]
+    return ""
+
+
+def translate_official_argv(argv: Sequence[str]) -> List[str]:
+    """A train.py line of the official repository in this project's flags (lines for other models
+    are returned unchanged).
+
+    `--dataset imagenet` -> `--data-set IMNET` (other datasets: a one-line error), `--data P` ->
+    `--data-path P`, `--sched_in_steps` -> `--sched-step iter`, `--use_amp` -> `--amp`,
+    `--grad_accum_steps N` -> `--accum-iter N`, `--lr_batch_normalizer N` folds into `--lr` (the
+    trainer divides by 512: `lr * 512 / N`, train.py's default lr 5e-4 when --lr is absent). A
+    train.py line without `--finetune` / `--resume` / `--eval` starts, as train.py always does,
+    from the DeiT weights models_act.py downloads (`--finetune ./deit_weights/deit_<size>_...pth`).
+    `--distillation-type soft|hard` is refused (these models have no distillation token).
+    """
+    items = _split(argv)
+    model = _model_of(items)
+    if not (model.split("_", 1)[0] in METHODS and model.endswith("_patch16_224")):
+        return list(argv)
+    options = {item[0].replace("-", "_") for item in items}
+    if any(item[0].replace("-", "_") == "__distillation_type" and item[1:2] not in (["none"], []) for item in items):
+        raise ModelConfigError(f"{model} has no distillation token (the official distilled runs cannot train); "
+                               f"drop --distillation-type")
+    train_py = any(item[0] in _TRAIN_PY_ONLY for item in items)
+    normalizer = None
+    out: List[List[str]] = []
+    for item in items:
+        option, values = item[0], item[1:]
+        if option == "--dataset":
+            if values[:1] != ["imagenet"]:
+                raise ModelConfigError(f"--dataset {' '.join(values) or '(missing)'} is not supported here; "
+                                       f"the TokenReduction models train on ImageNet (--dataset imagenet)")
+            out.append(["--data-set", "IMNET"] + values[1:])
+        elif option == "--lr_batch_normalizer":
+            if not values or not _is_number(values[0]) or float(values[0]) <= 0:
+                raise ModelConfigError(f"--lr_batch_normalizer needs a positive number, got {values[:1]}")
+            normalizer = float(values[0])
+            if values[1:]:
+                out.append(values[1:])
+        elif option == "--sched_in_steps":
+            out.append(["--sched-step", "iter"] + values)
+        elif option in _TRAIN_PY_RENAMED:
+            out.append([_TRAIN_PY_RENAMED[option]] + values)
+        else:
+            out.append(item)
+    if normalizer is not None and "__unscale_lr" not in options:
+        lr_items = [item for item in out if item[0] == "--lr" and len(item) > 1 and _is_number(item[1])]
+        if lr_items:
+            for item in lr_items:
+                item[1] = repr(float(item[1]) * 512 / normalizer)
+        else:
+            out.append(["--lr", repr(5e-4 * 512 / normalizer)])
+    if train_py and not options & {"__finetune", "__resume", "__checkpoint", "__eval", "__pretrained",
+                                   "__auto_resume"}:
+        size = model.split("_")[1]
+        if size in DEIT_WEIGHTS:
+            out.append(["--finetune", DEIT_WEIGHTS[size]])
+    return [token for item in out for token in item]
+
+
+# ---------------------------------------------------------------------------
+# The method family
+# ---------------------------------------------------------------------------
+
+class _RatesAction(argparse.Action):
+    """`--keep_rate R [R ...]`: floats, or the single word 'auto' (a rate solved by --target-gmacs)."""
+
+    def __init__(self, option_strings, dest, nargs="+", **kwargs):
+        super().__init__(option_strings, dest, nargs=nargs, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) == 1 and str(values[0]).strip().lower() == family.AUTO:
+            setattr(namespace, self.dest, family.AUTO)
+            return
+        try:
+            setattr(namespace, self.dest, [float(v) for v in values])
+        except ValueError:
+            parser.error(f"{option_string} takes keep rates such as 0.7 (or 0.9 0.8 0.7, or 'auto'), got "
+                         f"{' '.join(values)}")
+
+
+def _check_options(options) -> None:
+    rates = options.keep_rate
+    if rates is not None and rates != family.AUTO:
+        for rate in rates:
+            if not 0 < rate <= 1:
+                raise ModelConfigError(f"--keep_rate {rate:g} is outside (0, 1]; e.g. --keep_rate 0.7")
+    for dest, low in (("cluster_iters", 0), ("k_neighbors", 1), ("backbone_freeze_steps", 0)):
+        value = getattr(options, dest)
+        if value is not None and value < low:
+            raise ModelConfigError(f"--{dest} must be >= {low}, got {value}")
+    for dest in ("sinkhorn_eps", "backbone_lr_scale"):
+        value = getattr(options, dest)
+        if value is not None and not value >= (0 if dest == "backbone_lr_scale" else 1e-300):
+            raise ModelConfigError(f"--{dest} must be {'>= 0' if dest == 'backbone_lr_scale' else '> 0'}, "
+                                   f"got {value}")
+
+
+def _search_keep_rate(build, target, gmacs_of):
+    """--target-gmacs for `--keep_rate auto`: one rate r (location i keeps int(r ** i * P))."""
+    probe = build(1.0)
+    locations, patches = len(probe.reduction_loc), probe.patch_embed.num_patches
+    if not locations:
+        raise ModelConfigError("--keep_rate auto needs reduction locations; give --reduction_loc, e.g. 3 6 9")
+    # the smallest three-decimal rate that keeps at least one token at the last location
+    low = next(k / 1000 for k in range(1, 1001) if int((k / 1000) ** locations * patches) >= 1)
+    return family.search_continuous(low, 1.0, build, target, gmacs_of, decimals=3)
+
+
+_TINY_EXAMPLE = dict(embed_dim=32, num_heads=2, patch_size=8, depth=4)  # 16 patches at 32 px
+_EXAMPLE_FLAGS = ("--reduction_loc", "1", "3", "--keep_rate", "0.5")    # 8 then 4 patch tokens
+
+FAMILY = family.register_family(family.MethodFamily(
+    name="tokenreduction",
+    title="TokenReduction baselines: Top-K, K-Medoids, DPC-KNN, Sinkhorn, PatchMerger (ICCVW 2023)",
+    owns=family.models_of(__name__),
+    flags=(
+        family.Flag("--reduction_loc", type=int, nargs="+", kwarg="reduction_loc", metavar="BLOCK",
+                    help="blocks at which tokens are reduced, e.g. 3 6 9 (model default)"),
+        family.Flag("--keep_rate", action=_RatesAction, kwarg="keep_rate", metavar="RATE",
+                    help="one rate r (location i keeps int(r**i * patches)) or one rate per location "
+                         "(model default 0.9; 'auto' with --target-gmacs)"),
+        family.Flag("--cluster_iters", type=int, kwarg="cluster_iters", metavar="N",
+                    help="K-Medoids / Sinkhorn iterations (model default 3)"),
+        family.Flag("--equal_weight", action="store_true", default=None, kwarg="equal_weight",
+                    help="K-Medoids / DPC-KNN ablation: unit token weights (K-Medoids: sampled start)"),
+        family.Flag("--k_neighbors", type=int, kwarg="k_neighbors", metavar="K",
+                    help="DPC-KNN neighbours of the local density (model default 5)"),
+        family.Flag("--sinkhorn_eps", type=float, kwarg="sinkhorn_eps", metavar="EPS",
+                    help="Sinkhorn entropic regularisation (model default 1.0)"),
+        family.Flag("--viz_mode", action="store_true", default=False,
+                    help="write validate.py's per-image JSON (<output_dir>/<run name>_viz_results.json: "
+                         "predictions, kept tokens / assignments per location) after --eval, then exit"),
+        family.Flag("--backbone_lr_scale", type=float, default=1.0,
+                    help="lr multiplier of the backbone (all but head, pos_embed, patch_embed, cluster_layers)"),
+        family.Flag("--backbone_freeze_steps", type=int, default=0, metavar="EPOCHS",
+                    help="epochs (despite the name) at the start in which the backbone's lr is 0"),
+        family.Flag("--constant_cls", action="store_true", default=False,
+                    help="leave cls_token (and dist_token) out of the optimizer"),
+        family.Flag("--constant_pos", action="store_true", default=False,
+                    help="leave pos_embed out of the optimizer (train.py wired it to --constant_cls; fixed)"),
+        family.Flag("--save_more_than_best", action="store_true", default=False,
+                    help="accepted for train.py lines: main.py always writes checkpoint.pth and best_checkpoint.pth"),
+        family.Flag("--wandb_project", default=None, metavar="NAME",
+                    help="accepted for train.py lines and recorded in args.yaml (no W&B logging)"),
+        family.Flag("--wandb_group", default=None, metavar="NAME",
+                    help="accepted for train.py lines and recorded in args.yaml (no W&B logging)"),
+    ),
+    check_options=_check_options,
+    reduction=family.Reduction("keep_rate", _search_keep_rate),
+    hooks=_family_hooks,
+    # train.py's defaults where they differ from DeiT's main.py
+    recipe=dict(cooldown_epochs=0),
+    translate_argv=translate_official_argv,
+    checkpoint_filter_fn=checkpoint_filter,
+    commands=(family.Command("viz_mode", "tools.tokenreduction_visualize:viz_results_command", exits=True,
+                             needs_data=True),),
+    # one per registered model (the training test covers every entry point); the small and base
+    # entry points build the same classes at the same tiny width, so only tiny is compiled
+    examples=tuple(
+        family.Example(f"{method}_{size}", model=f"{method}_{size}_patch16_224", kwargs=dict(_TINY_EXAMPLE),
+                       flags=_EXAMPLE_FLAGS, invalid=dict(keep_rate=(1.5,)),
+                       compile=("eval", "train") if size == "tiny" else ())
+        for method in METHODS for size in ("tiny", "small", "base")),
+))

@@ -7,7 +7,8 @@ module (`v [K, C]`, initialised N(0, 1)).
 
 Kept from the official code on purpose (docs/methods/tokenreduction.md): the centres are
 re-normalised IN PLACE, under no_grad, at every forward (training and evaluation), so the
-gradient is taken at unit vectors and the optimizer steps from them; both marginals are
+gradient is taken at unit vectors and the optimizer steps from them (centres already unit to
+within rounding are left bit-identical, `Sinkhorn.renormalize_`); both marginals are
 `1 / (K + N)`; the output tokens are sums of unit vectors, not averages. The transport plan is
 computed in float32 (`token_ops.selection_precision`) under bf16, so bf16 runs assign like fp32.
 """
@@ -56,8 +57,16 @@ class Sinkhorn(nn.Module):
 
     @torch.no_grad()
     def renormalize_(self) -> None:
-        """Project the centres back onto the unit sphere, in place (the official forward does this)."""
-        self.v.copy_(F.normalize(self.v, p=2, dim=-1))
+        """Project the centres back onto the unit sphere, in place, as the official forward does.
+
+        A centre whose norm is already 1 to within rounding (8 machine epsilons; a normalised
+        vector's recomputed norm is off by up to ~4) is left as it is, so repeated forwards see
+        the same parameter bits (the official code rewrites it at every forward, drifting by an
+        ulp each time, so two evaluations of one image could differ in the last bits).
+        """
+        v = self.v
+        unit = (v.norm(p=2, dim=-1, keepdim=True) - 1).abs() <= 8 * torch.finfo(v.dtype).eps
+        v.copy_(torch.where(unit, v, F.normalize(v, p=2, dim=-1)))
 
     def forward(self, y: torch.Tensor, weight=None) -> ClusterResult:
         """y `[B, N, C]` -> K tokens `z = Pi @ normalize(y)` `[B, K, C]` (`weight` unused)."""

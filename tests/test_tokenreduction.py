@@ -580,3 +580,33 @@ def test_official_args_namespace():
     assert model.cluster_layers[0].iters == 2 and model.cluster_layers[0].eps == 0.5
     dpc = timm.create_model("dpcknn_small_patch16_224", img_size=64, patch_size=8, depth=3, args=args, **SMALL)
     assert dpc.cluster_layers[0].k == 3 and dpc.keep_counts == (32, 16)
+
+
+def test_method_options_of_other_methods_are_refused():
+    with pytest.raises(ModelConfigError, match="k_neighbors is an option of the dpcknn models"):
+        timm.create_model("sinkhorn_small_patch16_224", img_size=64, patch_size=8, k_neighbors=3, **SMALL)
+    model = timm.create_model("topk_small_patch16_224", img_size=64, patch_size=8, equal_weight=None, **SMALL)
+    assert model.keep_counts == (57, 51, 46)
+
+
+def test_deepcopy_keeps_reducers_attached_to_their_own_cluster_layers():
+    import copy
+    model = build("dpcknn", depth=4, reduction_loc=(1, 3), keep_rate=(0.5,))
+    clone = copy.deepcopy(model)
+    for loc, layer in zip(clone.reduction_loc, clone.cluster_layers):
+        assert clone.blocks[loc].reducer is layer
+        assert model.blocks[loc].reducer is not layer
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(0)
+    assert torch.equal(clone(x), a)
+
+
+def test_sinkhorn_repeated_evaluations_are_bitwise_stable():
+    model = build("sinkhorn", dtype=torch.float32, depth=3, reduction_loc=(1,), keep_rate=(0.5,))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first = model(x)
+        v = model.cluster_layers[0].v.detach().clone()
+        assert torch.equal(model(x), first) and torch.equal(model.cluster_layers[0].v, v)
