@@ -674,7 +674,10 @@ def translate_official_argv(argv: List[str]) -> List[str]:
 
 
 def _family_active(options) -> bool:
-    return options.pitome_ratio is not None
+    # any PiToMe flag switches the family on, so that `_family_check` sees (and refuses) the
+    # other flags given without --pitome-ratio instead of them being silently ignored
+    return (options.pitome_ratio is not None or options.pitome_margin not in (None, DEFAULT_MARGIN)
+            or options.pitome_bsm_layers is not None or bool(options.pitome_prop_attn))
 
 
 def _family_check(options) -> None:
@@ -684,7 +687,8 @@ def _family_check(options) -> None:
                                           ("--pitome-bsm-layers", options.pitome_bsm_layers is None),
                                           ("--pitome-prop-attn", not options.pitome_prop_attn)) if not unset]
         if given:
-            raise ModelConfigError(f"{' / '.join(given)} need --pitome-ratio R (the keep ratio per block)")
+            raise ModelConfigError(f"{' / '.join(given)} {'needs' if len(given) == 1 else 'need'} --pitome-ratio R "
+                                   f"(the keep ratio per block)")
         return
     if ratio != _family.AUTO:
         _check_ratio(ratio, 1)
