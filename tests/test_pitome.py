@@ -545,3 +545,90 @@ def test_blocks_keep_timms_signature():
     assert all(isinstance(b, Block) for b in model.blocks)
     x = torch.randn(2, 10, 48)
     torch.testing.assert_close(model.blocks[0](x), Block.forward(model.blocks[0], x))  # outside a forward: timm's
+
+
+# ---------------------------------------------------------------------------
+# The family: Examples, hooks, --target-gmacs, the visualisation
+# ---------------------------------------------------------------------------
+
+def test_examples_build_patched_and_merge():
+    from models.factory import build_example
+    for example in pitome.FAMILY.examples:
+        model = build_example(example).eval()
+        assert pitome.is_patched(model)
+        calls = []
+        for block in model.blocks:
+            block.register_forward_hook(lambda m, a, out: calls.append(type(out)))
+        with torch.no_grad():
+            model(torch.randn(2, 3, example.input_size, example.input_size))
+        assert calls == [torch.Tensor] * len(model.blocks)  # each block's hook fires once, with a Tensor
+        tokens = model._pitome_info["tokens"]
+        assert tokens == pitome.expected_tokens(model) and tokens[-1] < tokens[0]
+
+
+def test_hooks_log_the_ratio_and_tokens_and_report_the_official_flops():
+    from types import SimpleNamespace
+    model = pitome.patch(make_vit(), ratio=[0.8, 0.9, 1.0, 0.7])
+    hooks = pitome.PiToMeHooks(model, SimpleNamespace(input_size=64))
+    assert hooks.log_state(model) == {"pitome_ratio": pytest.approx(0.85)}
+    with torch.no_grad():
+        model(images())
+    assert hooks.log_state(model)["pitome_tokens"] == pitome.expected_tokens(model)[-1] == 34
+    report = hooks.report(model, None)
+    assert report["pitome_tokens_per_block"] == [53, 48, 48, 34]
+    dim, counts_in = 48, [65, 53, 48, 48]
+    expected = sum(12 * n * dim * dim + 2 * n * n * dim for n in counts_in) / 1e9
+    assert report["pitome_official_gflops"] == pytest.approx(expected)
+
+
+def test_target_gmacs_search_finds_the_ratio():
+    from models import flops
+
+    def build(ratio):
+        return pitome.patch(make_vit(depth=2), ratio=ratio)
+
+    def gmacs_of(model):
+        return flops.count_flops(model, 64)["gmacs"]
+    low, high = gmacs_of(build(0.5)), gmacs_of(build(1.0))
+    target = (low + high) / 2
+    ratio, gmacs = pitome.FAMILY.reduction.search(build, target, gmacs_of)
+    assert 0.5 < ratio < 1.0 and gmacs == gmacs_of(build(ratio))
+    assert abs(gmacs - target) < 0.05 * (high - low)
+    with pytest.raises(ModelConfigError, match="below what the method reaches"):
+        pitome.FAMILY.reduction.search(build, low * 0.5, gmacs_of)
+
+
+def test_fvcore_counts_the_real_token_counts_and_the_similarity():
+    """GMACs of a patched model = the unpatched blocks' cost at each block's real lengths + the T x T similarity."""
+    from models import flops
+    model = pitome.patch(make_vit(depth=4), ratio=0.75)
+    base = make_vit(depth=4)
+    dim, hidden, prefix = 48, 192, 1
+    counts_in = [65] + pitome.expected_tokens(model)[:-1]
+    counts_out = pitome.expected_tokens(model)
+
+    def block_macs(n_in, n_out):
+        attention = n_in * dim * 3 * dim + 2 * n_in * n_in * dim + n_in * dim * dim
+        return attention + n_out * 2 * dim * hidden + 5 * dim * (n_in + n_out)  # + the two LayerNorms
+    plain = flops.count_flops(base, 64)["gmacs"] * 1e9
+    merged = flops.count_flops(model, 64)["gmacs"] * 1e9
+    similarity = sum((n - prefix) ** 2 * (dim // 3) for n in counts_in)
+    saved = sum(block_macs(65, 65) - block_macs(i, o) for i, o in zip(counts_in, counts_out))
+    final_norm = 5 * dim * (65 - counts_out[-1])
+    assert merged == pytest.approx(plain - saved - final_norm + similarity, rel=1e-9)
+
+
+def test_visualisation_writes_an_image(tmp_path):
+    from PIL import Image
+    from tools import pitome_visualize
+    out = tmp_path / "groups.png"
+    rc = pitome_visualize.main(["--model", "deit_small_patch16_224", "--model-kwargs",
+                                "{'depth': 4, 'embed_dim': 48, 'num_heads': 3}", "--input-size", "64",
+                                "--pitome-ratio", "0.6", "--out", str(out)])
+    assert rc == 0 and Image.open(out).size == (128, 64)
+    model = pitome.patch(make_vit(patch_size=16, depth=4), ratio=0.6)
+    maps = pitome_visualize.group_maps(model, images(2), blocks=1)
+    assert len(maps) == 2 and maps[0].shape == (1 + 16 - 6, 17)  # after block 0 only: r = floor(16 - 9.6) = 6
+    assert model._pitome_cfg.ratios == [0.6] * 4 and not model._pitome_cfg.trace_source  # settings restored
+    assert pitome_visualize.main(["--model", "deit_small_patch16_224", "--model-kwargs", "{'depth': 2}",
+                                  "--input-size", "64", "--blocks", "5", "--out", str(out)]) == 2
