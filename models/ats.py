@@ -288,6 +288,9 @@ def _fp32_class_row(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, valid: Op
 class ATSBlockMixin:
     """An ATS block (see the module docstring); placed before timm's `Block` class."""
 
+    # the drop layout's sequence length after the block is data-dependent (`_ats_length`)
+    dynamo_config = {"capture_scalar_outputs": True}
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         cfg: ATSConfig = self._ats_cfg
@@ -760,7 +763,10 @@ class ATSHooks(MethodHooks):
     """Token counts and per-image GMACs in progress lines and log.txt (the last forward's images;
     after an evaluation, its mean), the evaluation's numbers as the end-of-training report."""
 
+    evaluating_only = False
+
     def prepare_eval(self, model: nn.Module) -> None:
+        self.evaluating_only = True  # --eval: only the evaluation's own numbers mean anything
         if is_patched(model):
             start_statistics(model)
 
@@ -773,12 +779,14 @@ class ATSHooks(MethodHooks):
             return {}
         stats = statistics(model)
         if stats:
-            return {"ats_tokens": stats["mean_tokens_per_block"][-1], "ats_gmacs": round(stats["gmacs_per_image"], 4)}
+            return {"ats_tokens": stats["mean_tokens_per_block"][-1], "ats_gmacs": round(stats["gmacs_per_image"], 5)}
         tokens = model._ats_info.get("tokens")
+        if self.evaluating_only:
+            return {}
         if tokens is None or tokens.shape[1] != len(model.blocks):
             return {}
         return {"ats_tokens": round(float(tokens[:, -1].float().mean()), 2),
-                "ats_gmacs": round(float(ats_gmacs(model, tokens).mean()), 4)}
+                "ats_gmacs": round(float(ats_gmacs(model, tokens).mean()), 5)}
 
     def report(self, model: nn.Module, context) -> Dict[str, object]:
         return statistics(model) if is_patched(model) else {}

@@ -112,6 +112,9 @@ MAPPED = {
     (None, "LOG_MODEL_INFO"), ("MODEL", "ARCH"), ("MODEL", "MODEL_NAME"),
 }
 
+# Unmapped keys whose value is what this project does anyway (one view, one centre crop per image).
+EQUIVALENT = {("TEST", "NUM_ENSEMBLE_VIEWS"): 1, ("TEST", "NUM_SPATIAL_CROPS"): 1}
+
 # VIT (EMBED_DIM, NUM_HEADS, DEPTH) -> the timm DeiT the official ViT class builds
 SIZES = {(192, 3, 12): "deit_tiny_patch16_224", (384, 6, 12): "deit_small_patch16_224",
          (768, 12, 12): "deit_base_patch16_224"}
@@ -415,8 +418,10 @@ def _unmapped_changes(cfg: Dict[str, Any], explicit: set) -> List[str]:
         section, key = (None, parts[0]) if len(parts) == 1 else (parts[0], parts[-1])
         if (section, key) in MAPPED:
             continue
-        default = DEFAULTS[key] if section is None else DEFAULTS[section][key]
         value = cfg[key] if section is None else cfg[section][key]
+        if (section, key) in EQUIVALENT and value == EQUIVALENT[(section, key)]:
+            continue
+        default = DEFAULTS[key] if section is None else DEFAULTS[section][key]
         if value != default:
             changed.append(f"{name}={value!r}")
     return changed
@@ -438,7 +443,8 @@ def _split_argv(argv: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str
             cfg_path = token.split("=", 1)[1]
             index += 1
             continue
-        if _OVERRIDE.fullmatch(token) and "." in token and index + 1 < len(argv):
+        top_level = token in DEFAULTS and not isinstance(DEFAULTS[token], dict)
+        if _OVERRIDE.fullmatch(token) and ("." in token or top_level) and index + 1 < len(argv):
             overrides.append((token, argv[index + 1]))
             index += 2
             continue
