@@ -62,7 +62,7 @@ from .token_ops import attention_with_keys, selection_precision
 __all__ = [
     "patch", "unpatch", "is_patched", "mctf_type_kwargs", "normalize_r", "block_reduction", "token_counts",
     "MCTFMatch", "mctf_scores", "mctf_matching", "mctf_merge", "fused_index", "mctf_fuse",
-    "MCTFConfig", "MCTFState", "MCTFPass", "DEFAULT_MCTF_TYPE",
+    "MCTFConfig", "MCTFState", "MCTFPass", "MCTFCriterion", "confidence_of_labels", "DEFAULT_MCTF_TYPE",
 ]
 
 RValue = Union[int, float]
@@ -846,6 +846,73 @@ def mctf_type_kwargs(mctf_type: Sequence) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Token-reduction-consistency fine-tuning loss
+# ---------------------------------------------------------------------------
+
+def confidence_of_labels(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`[B]` probability of the labels: `p[b, y_b]` for class indices; for mixed soft targets
+    (timm Mixup/CutMix, which pair sample b with sample B-1-b) `p[b, y_b] + p[b, y_flip(b)]`,
+    the official rule under mixup.
+
+    The labels before mixing are not visible to a criterion, but `t + t.flip(0)` of timm's
+    mixed targets is `s(y) + s(y_flip)` (s: the smoothed one-hot) whatever lambda, so
+    `(t + t.flip(0) - 2 * off)` has mass `on - off` on each of the two labels (exact for
+    timm's "batch" and "pair" modes; "elem" draws a lambda per sample and is approximate).
+    """
+    if targets.dim() == 1:
+        return probs.gather(1, targets.long()[:, None])[:, 0]
+    pair = targets + targets.flip(0)
+    pair = pair - 2 * targets.amin(dim=1, keepdim=True) if targets.shape[1] > 2 else pair
+    return (probs * pair).sum(dim=1) / (pair.sum(dim=1) / 2).clamp_min(1e-12)
+
+
+class MCTFCriterion(nn.Module):
+    """The official fine-tuning loss (engine.py), called as `criterion(samples, outputs, targets)`:
+
+        L = w_s * base(x_student) [task_type[0]] + w_t * base(x_teacher) [task_type[1]]
+          + w_c * sum_b m_b * loss_consistency_b / sum_b m_b   [task_type[2], when sum_b m_b > 0]
+
+    with `m_b = 1[confidence_b > task_type[2]]`, the confidence computed from the student's
+    softmax (`confidence_of_labels`). `base` is the run's criterion (label smoothing, soft
+    targets, BCE, wrapped as the trainer wraps it). A tensor output (student-only training)
+    counts as `x_student`. The last step's parts are kept (detached tensors) in `last` for log lines.
+    """
+
+    def __init__(self, base: nn.Module, task_type: Sequence[float], task_weight: Sequence[float]):
+        super().__init__()
+        self.base = base
+        self.task_type = _check_task_type(task_type)
+        if isinstance(task_weight, (str, bytes)) or not isinstance(task_weight, Sequence) or len(task_weight) < 3:
+            raise ModelConfigError(f"MCTF task_weight must list 3 loss weights [student, teacher, consistency], "
+                                   f"got {task_weight!r}.")
+        self.task_weight = tuple(float(w) for w in task_weight[:3])
+        self.last: dict = {}
+
+    def forward(self, samples: torch.Tensor, outputs, targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            outputs = {"x_student": outputs}
+        student_on, teacher_on, threshold = self.task_type
+        w_student, w_teacher, w_consistency = self.task_weight
+        parts = {}
+        if student_on:
+            parts["loss_student"] = self.base(samples, outputs["x_student"], targets) * w_student
+        if teacher_on:
+            parts["loss_teacher"] = self.base(samples, outputs["x_teacher"], targets) * w_teacher
+        if threshold:
+            with torch.no_grad():
+                confidence = confidence_of_labels(outputs["x_student"].float().softmax(dim=-1), targets)
+                passed = (confidence > threshold).float()
+            # no sample passing adds 0, as the official `if confidence_pass.sum():` (without a host sync)
+            parts["loss_consistency"] = ((outputs["loss_consistency"] * passed).sum() / passed.sum().clamp_min(1)
+                                         * w_consistency)
+        loss = sum(parts.values()) if parts else outputs["x_student"].sum() * 0
+        self.last = {name: value.detach() for name, value in parts.items()}
+        if threshold:
+            self.last.update(confidence_score=confidence.mean(), confidence_pass=passed.mean())
+        return loss
+
+
+# ---------------------------------------------------------------------------
 # The official model names: timm's DeiT with the official constructor kwargs
 # ---------------------------------------------------------------------------
 
@@ -899,3 +966,314 @@ def deit_small(pretrained: bool = False, **kwargs) -> VisionTransformer:
 def deit_base(pretrained: bool = False, **kwargs) -> VisionTransformer:
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_mctf_deit("deit_base", pretrained, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Method family: a patch applied after the weights load (any supported ViT), switched on by the
+# official `--use_mctf True` or by `--mctf-r R`; official launch lines translated (translate_argv)
+# ---------------------------------------------------------------------------
+
+import argparse as _argparse  # noqa: E402
+import ast as _ast  # noqa: E402
+import logging as _logging  # noqa: E402
+import re as _re  # noqa: E402
+
+from . import family as _family  # noqa: E402
+from .hooks import MethodHooks  # noqa: E402
+
+_logger = _logging.getLogger(__name__)
+
+OFFICIAL_NAMES = ("deit_tiny", "deit_small", "deit_base")
+_TRUE, _FALSE = ("true", "t", "yes", "y", "1"), ("false", "f", "no", "n", "0")
+
+
+def _str2bool(text) -> bool:
+    """argparse type of the official boolean-valued options (`--use_mctf True`)."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _argparse.ArgumentTypeError(f"{text!r} is not a boolean (True or False)")
+
+
+def _number_list(text) -> list:
+    """argparse type of the official list options: a Python literal list of numbers ("[16,8,0]")."""
+    value = text
+    if isinstance(text, str):
+        try:
+            value = _ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise _argparse.ArgumentTypeError(f"{text!r} is not a list of numbers such as [16,8,0]") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise _argparse.ArgumentTypeError(f"{text!r} is not a list of numbers such as [16,8,0]")
+    return list(value)
+
+
+def _r_flag(text):
+    """argparse type of `--mctf-r`: tokens per block (int), a fraction in (0, 1), or 'auto'."""
+    if isinstance(text, str) and text.strip().lower() == _family.AUTO:
+        return _family.AUTO
+    try:
+        value = _ast.literal_eval(str(text).strip())
+        return normalize_r(value, "--mctf-r")
+    except (ValueError, SyntaxError, ModelConfigError) as err:
+        raise _argparse.ArgumentTypeError(str(err) if isinstance(err, ModelConfigError) else
+                                          f"{text!r} is not a token count, a fraction in (0, 1) or 'auto'") from None
+
+
+def _family_active(options) -> bool:
+    return bool(options.use_mctf) or options.mctf_r is not None
+
+
+def _patch_kwargs(options) -> dict:
+    kwargs = mctf_type_kwargs(options.mctf_type)
+    if options.mctf_r is not None:
+        kwargs["r"] = options.mctf_r
+    kwargs.update(activate_layer=options.activate_layer, task_type=options.task_type)
+    return kwargs
+
+
+def _check_options(options) -> None:
+    kwargs = _patch_kwargs(options)
+    if kwargs["r"] != _family.AUTO:
+        normalize_r(kwargs["r"], "r (--mctf_type[0] / --mctf-r)")
+    normalize_r(kwargs["r_teacher_max"], "r_teacher_max (--mctf_type[1])")
+    _check_choice("one_step_ahead (--mctf_type[4])", kwargs["one_step_ahead"], (0, 1, 2))
+    for name, index in (("tau_sim", 5), ("tau_info", 6), ("tau_size", 7)):
+        _check_temperature(f"{name} (--mctf_type[{index}])", kwargs[name])
+    _check_choice("pooling_type (--mctf_type[9])", kwargs["pooling_type"], (0, 1, 2, 3))
+    _check_activate(options.activate_layer, 0)
+    _check_task_type(options.task_type)
+    if len(options.task_weight) < 3:
+        raise ModelConfigError(f"--task_weight must list 3 loss weights [student, teacher, consistency], "
+                               f"got {options.task_weight!r}")
+    for value in options.r_evals or ():
+        normalize_r(value, "--r_evals entry")
+
+
+def _family_patch(model: nn.Module, options) -> None:
+    patch(model, **_patch_kwargs(options))
+
+
+class MCTFHooks(MethodHooks):
+    """The consistency fine-tuning loss, the method's state in log lines, and `--r_evals`."""
+
+    commands = (_family.Command("r_evals", "tools.mctf_tools:run_r_evals", exits=True),
+                _family.Command("mctf_visualize", "tools.mctf_visualize:run_command", exits=True))
+
+    def __init__(self, model: Optional[nn.Module] = None, options=None):
+        super().__init__(model, options)
+        self.criterion: Optional[MCTFCriterion] = None
+
+    def wrap_criterion(self, criterion: nn.Module, model: nn.Module) -> nn.Module:
+        if getattr(criterion, "distillation_type", "none") != "none":
+            raise ModelConfigError("MCTF training does not combine with DeiT distillation (each MCTF pass returns "
+                                   "one logit tensor, no distillation head); drop --distillation-type")
+        self.criterion = MCTFCriterion(criterion, self.options.task_type, self.options.task_weight)
+        return self.criterion
+
+    def log_state(self, model: nn.Module) -> dict:
+        if not is_patched(model):
+            return {}
+        cfg: MCTFConfig = model._mctf_cfg
+        state = {"mctf_r": float(cfg.r)}
+        if cfg.last_tokens is not None:
+            state["mctf_tokens"] = int(cfg.last_tokens)
+        if cfg.last_r_teacher is not None:
+            state["mctf_r_teacher"] = cfg.last_r_teacher
+        if self.criterion is not None:
+            state.update({name: float(value) for name, value in self.criterion.last.items()})
+        return state
+
+
+def _hooks(model: nn.Module, options) -> Optional[MCTFHooks]:
+    return MCTFHooks(model, options) if is_patched(model) else None
+
+
+def _search_r(build, target: float, gmacs_of) -> Tuple[int, float]:
+    """--target-gmacs: the token count r (one value for every activated block) nearest the target."""
+    model = build(0)
+    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    protected = model._mctf_cfg.protected if is_patched(model) else 1
+    return _family.search_sequence(list(range((tokens - protected) // 2, -1, -1)), build, target, gmacs_of)
+
+
+# --- official launch lines ------------------------------------------------------------------
+
+# The official main.py's defaults where they change results and differ from this trainer's (DeiT's).
+OFFICIAL_DEFAULTS = ("--mixup", "0", "--cutmix", "0", "--model-ema")
+_BOOL_OPTIONS = {  # official str2bool option -> (flag for True, flag for False); None: dropped
+    "--model-ema": ("--model-ema", "--no-model-ema"), "--model_ema": ("--model-ema", "--no-model-ema"),
+    "--dist_eval": ("--dist-eval", None), "--dist-eval": ("--dist-eval", None),
+    "--pin_mem": ("--pin-mem", "--no-pin-mem"), "--pin-mem": ("--pin-mem", "--no-pin-mem"),
+    "--use_bce": ("--bce-loss", None), "--use-bce": ("--bce-loss", None),
+    "--persistent_workers": (None, None), "--persistent-workers": (None, None),
+}
+_DROPPED = {  # official options without an equivalent here: (value that is harmless, why)
+    "--accumulation-steps": ("1", "parsed but unused by the official trainer"),
+    "--accumulation_steps": ("1", "parsed but unused by the official trainer"),
+    "--save_every": (None, "extra epoch checkpoints; use --checkpoint-hist K"),
+    "--save-every": (None, "extra epoch checkpoints; use --checkpoint-hist K"),
+    "--debug": (None, "sets CUDA_VISIBLE_DEVICES and stops each epoch after 10 steps"),
+}
+_SAMPLING = ("--sampling_ratio", "--sampling-ratio", "--sampling_ratio_test", "--sampling-ratio-test")
+
+
+def _split_argv(argv: Sequence[str]) -> List[List[str]]:
+    """[[option, values...], ...]: `--a=b` split, values are the tokens up to the next option."""
+    items: List[List[str]] = []
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            items.append(token.split("=", 1) if "=" in token else [token])
+        elif items and not (token.startswith("-") and len(token) > 1 and not _re.fullmatch(r"-[\d.eE+-]+", token)):
+            items[-1].append(token)
+        else:
+            items.append([token])
+    return items
+
+
+def _is_official_line(items: List[List[str]]) -> bool:
+    for item in items:
+        if item[0] in ("--use_mctf", "--use-mctf"):
+            return True
+        if item[0] == "--model" and len(item) > 1 and item[1] in OFFICIAL_NAMES:
+            return True
+    return False
+
+
+def translate_official_argv(argv: Sequence[str]) -> List[str]:
+    """An official MCTF main.py line in this project's flags (other lines are returned unchanged).
+
+    A line is official when it has `--use_mctf` or an official model name (`--model deit_small`).
+    The official main.py defaults that differ from DeiT's come first (`--mixup 0 --cutmix 0
+    --model-ema`), so the line's own flags win; boolean-valued options take switches here
+    (`--model_ema False` -> `--no-model-ema`, a bare `--use_mctf` -> `--use_mctf True`);
+    `--dataset` -> `--data-set`. The official `--pretrained` (default True) starts from the DeiT
+    weights (`--pretrained`, read from the local cache) unless `--finetune` or `--resume` is
+    given, and then also applies, as the official main.py does last, `lr *= --lr_times`,
+    `min_lr` and `warmup_lr *= --min_lr_times`, warm-up 0 and cool-down 10. `--eval` without
+    `--r_evals` evaluates at `--mctf_type[0]`. Unused official options (`--accumulation-steps 1`,
+    `--persistent_workers`, `--save_every`, `--debug`, `--sampling_ratio 1`) are dropped with a
+    warning when they would have had an effect; a sampling ratio other than 1 is refused.
+    """
+    items = _split_argv(argv)
+    if not _is_official_line(items):
+        return list(argv)
+    out: List[List[str]] = []
+    pretrained, lr_times, min_lr_times = True, 1.0, 1.0
+    seen = {item[0] for item in items}
+    values = {item[0]: item[1:] for item in items}
+    for item in items:
+        option, rest = item[0], item[1:]
+        if option in ("--use_mctf", "--use-mctf"):
+            out.append(["--use_mctf"] + (rest if rest else ["True"]))
+        elif option == "--pretrained":
+            pretrained = _str2bool(rest[0]) if rest else True
+            if rest[1:]:
+                out.append(rest[1:])
+        elif option in ("--lr_times", "--lr-times", "--min_lr_times", "--min-lr-times"):
+            try:
+                number = float(rest[0])
+            except (IndexError, ValueError):
+                raise ModelConfigError(f"{option} needs a number, e.g. {option} 0.03") from None
+            if option.startswith("--lr"):
+                lr_times = number
+            else:
+                min_lr_times = number
+        elif option in _BOOL_OPTIONS:
+            on_off = _BOOL_OPTIONS[option]
+            flag = on_off[0] if not rest or _str2bool(rest[0]) else on_off[1]
+            if flag is not None:
+                out.append([flag])
+            if rest[1:]:
+                out.append(rest[1:])
+        elif option == "--dataset":
+            out.append(["--data-set"] + rest)
+        elif option in _DROPPED:
+            harmless, why = _DROPPED[option]
+            if rest and rest[0] != harmless:
+                _logger.warning(f"{option} {rest[0]} is ignored here ({why})")
+        elif option in _SAMPLING:
+            if rest and float(rest[0]) != 1.0:
+                raise ModelConfigError(f"{option} {rest[0]}: training or evaluating on a fraction of ImageNet is not "
+                                       f"supported; drop it (or pass 1)")
+        else:
+            out.append(item)
+    flat = list(OFFICIAL_DEFAULTS) + [token for item in out for token in item]
+    evaluating = "--eval" in seen
+    resuming = bool(values.get("--resume") or values.get("--checkpoint"))
+    mctf_on = any(item[0] == "--use_mctf" and _str2bool(item[1]) for item in out if len(item) > 1)
+    if mctf_on and not evaluating and values.get("--distillation-type", ["none"])[0] != "none":
+        raise ModelConfigError("MCTF training does not combine with DeiT distillation (each MCTF pass returns one "
+                               "logit tensor, no distillation head); drop --distillation-type")
+    if pretrained:
+        if not values.get("--finetune") and not resuming:
+            flat.append("--pretrained")
+        lr = float(values.get("--lr", ["5e-4"])[0]) * lr_times
+        min_lr = float(values.get("--min-lr", values.get("--min_lr", ["1e-5"]))[0]) * min_lr_times
+        warmup_lr = float(values.get("--warmup-lr", values.get("--warmup_lr", ["1e-6"]))[0]) * min_lr_times
+        flat += ["--lr", repr(lr), "--min-lr", repr(min_lr), "--warmup-lr", repr(warmup_lr),
+                 "--warmup-epochs", "0", "--cooldown-epochs", "10"]
+    if mctf_on and evaluating and not values.get("--r_evals") and not values.get("--r-evals"):
+        mctf_type = _number_list(values["--mctf_type"][0]) if values.get("--mctf_type") else DEFAULT_MCTF_TYPE
+        flat += ["--r_evals", f"[{mctf_type[0]}]"]
+    return flat
+
+
+_TINY = dict(depth=4, embed_dim=32, num_heads=2, patch_size=8)
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="mctf",
+    title="MCTF: multi-criteria token fusion with one-step-ahead attention (a patch applied to timm ViTs)",
+    flags=(
+        _family.Flag("--use_mctf", type=_str2bool, default=False, metavar="BOOL",
+                     help="patch the model with MCTF as --mctf_type says (official spelling, e.g. --use_mctf True)"),
+        _family.Flag("--mctf_type", type=_number_list, default=list(DEFAULT_MCTF_TYPE), metavar="LIST",
+                     help="[r, r_teacher_max, trace_source, prop_attn, one_step_ahead, tau_sim, tau_info, tau_size, "
+                          "bidirection, pooling_type, 0]; r: tokens fused per activated block, or a fraction in (0, 1)"),
+        _family.Flag("--activate_layer", type=_family.literal("int_list"), default=list(DEFAULT_ACTIVATE_LAYER),
+                     metavar="LIST", help="blocks that fuse tokens, e.g. [1,2,3,4,5,6,7,8,9,10,11]"),
+        _family.Flag("--task_type", type=_number_list, default=list(DEFAULT_TASK_TYPE), metavar="LIST",
+                     help="training passes [student, teacher, confidence threshold of the consistency loss], "
+                          "e.g. [1,1,0.4]"),
+        _family.Flag("--task_weight", type=_number_list, default=[1.0, 1.0, 1.0], metavar="LIST",
+                     help="loss weights [student, teacher, consistency], e.g. [1.0,1.0,3.0]"),
+        _family.Flag("--r_evals", type=_number_list, default=None, metavar="LIST",
+                     help="--eval: one row (GMACs, im/s, top-1) per r, appended as a JSON line to "
+                          "<output_dir>/result.txt"),
+        _family.Flag("--mctf-r", type=_r_flag, metavar="R",
+                     help="shortcut for --use_mctf True with --mctf_type[0] = R (an int, a fraction, or 'auto' with "
+                          "--target-gmacs); the other --mctf_type entries and --activate_layer apply"),
+        _family.Flag("--mctf_visualize", type=int, default=0, metavar="N",
+                     help="draw the fused token groups of N validation images to <output_dir>/mctf_groups and exit"),
+    ),
+    patch=_family_patch,
+    active=_family_active,
+    check_options=_check_options,
+    reduction=_family.Reduction("mctf_r", _search_r),
+    hooks=_hooks,
+    translate_argv=translate_official_argv,
+    examples=(
+        # (--mctf-r, not the official --use_mctf, which also asks for the official recipe and weights)
+        _family.Example("mctf", model="deit_tiny_patch16_224", kwargs=dict(_TINY),
+                        flags=("--mctf-r", "4", "--activate_layer", "[1,2,3]")),
+        # the consistency fine-tuning (student and teacher pass) on an official model name; the
+        # teacher's r is drawn in every training forward (a host value that sets the token counts),
+        # so training compiles with breaks
+        _family.Example("mctf_consistency", model="deit_small", kwargs=dict(_TINY),
+                        flags=("--mctf-r", "4", "--mctf_type", "[4,3,0,1,1,1,20,40,1,1,0]",
+                               "--activate_layer", "[1,2,3]", "--task_type", "[1,1,0.4]",
+                               "--task_weight", "[1.0,1.0,3.0]"), compile=("eval",)),
+        # the other modes and pooling rules: same module, compiled once through the first Example
+        _family.Example("mctf_fast_precise_max", model="deit_tiny_patch16_224", kwargs=dict(_TINY),
+                        flags=("--mctf-r", "0.35", "--mctf_type", "[0.35,0,0,1,2,1,20,40,0,2,0]",
+                               "--activate_layer", "[1,3]"), compile=(),
+                        invalid={"mctf_type": [16, 0, 0, 1, 3, 1, 20, 40, 1, 1, 0]}),
+    ),
+))

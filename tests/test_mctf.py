@@ -6,6 +6,7 @@ import math
 import pytest
 import timm
 import torch
+from timm.loss import LabelSmoothingCrossEntropy
 from torch import nn
 
 import models  # noqa: F401  (registers the models)
@@ -738,3 +739,55 @@ def test_official_names_are_timm_deit_with_the_official_kwargs(name, timm_name):
     assert not mctf.is_patched(plain)
     defaults = timm.create_model(name, use_mctf=True, **kwargs)  # the official main.py defaults (MCTF-Fast)
     assert (defaults.r, defaults.r_teacher_max, sorted(defaults._mctf_cfg.activate)) == (0.35, 0.15, [3, 6, 9])
+
+
+# ---------------------------------------------------------------------------
+# The consistency fine-tuning loss (engine.py of the official code)
+# ---------------------------------------------------------------------------
+
+class _PlainCriterion(nn.Module):
+    """The trainer's calling convention around a label-smoothing CE."""
+
+    def __init__(self):
+        super().__init__()
+        self.ce = LabelSmoothingCrossEntropy(0.1)
+
+    def forward(self, samples, outputs, targets):
+        return self.ce(outputs, targets)
+
+
+def test_criterion_is_the_official_weighted_sum_with_confidence_gate():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5) * 3, torch.randn(6, 5)
+    consistency = torch.rand(6)
+    y = torch.randint(0, 5, (6,))
+    student[torch.arange(3), y[:3]] += 6  # confident on half of the batch
+    criterion = mctf.MCTFCriterion(_PlainCriterion(), [1, 1, 0.4], [1.0, 1.0, 3.0])
+    loss = criterion(None, {"x_student": student, "x_teacher": teacher, "loss_consistency": consistency}, y)
+    ce = LabelSmoothingCrossEntropy(0.1)
+    p = student.softmax(-1)[torch.arange(6), y]
+    m = (p > 0.4).float()
+    assert 0 < m.sum() < 6
+    expected = ce(student, y) + ce(teacher, y) + 3.0 * (consistency * m).sum() / m.sum()
+    assert torch.allclose(loss, expected)
+    assert criterion.last["confidence_pass"].item() == pytest.approx(m.mean().item())
+    # nobody passes the gate: no consistency term
+    strict = mctf.MCTFCriterion(_PlainCriterion(), [1, 0, 0.9999], [2.0, 1.0, 3.0])
+    assert torch.allclose(strict(None, {"x_student": student, "loss_consistency": consistency}, y),
+                          2.0 * ce(student, y))
+    # student-only training hands the criterion the logits tensor
+    only = mctf.MCTFCriterion(_PlainCriterion(), [1, 0, 0], [0.5, 1.0, 1.0])
+    assert torch.allclose(only(None, student, y), 0.5 * ce(student, y))
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair"])
+def test_confidence_under_mixup_adds_the_flipped_label(mode):
+    from timm.data import Mixup
+    torch.manual_seed(0)
+    y = torch.tensor([0, 3, 3, 1, 2, 4])
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5, mode=mode)
+    _, soft = mixup(torch.randn(6, 3, 8, 8), y)
+    probs = torch.randn(6, 5).softmax(-1)
+    expected = probs[torch.arange(6), y] + probs[torch.arange(6), y.flip(0)]
+    assert torch.allclose(mctf.confidence_of_labels(probs, soft), expected, atol=1e-6)
+    assert torch.equal(mctf.confidence_of_labels(probs, y), probs[torch.arange(6), y])
