@@ -78,6 +78,7 @@ class ReductionPlan:
     locations: Tuple[int, ...]
     rates: Tuple[float, ...]
     counts: Tuple[int, ...]
+    keep_rate: Tuple[float, ...] = ()  # as given (one rate or one per location)
 
 
 def _as_tuple(value, kind) -> tuple:
@@ -108,6 +109,7 @@ def reduction_plan(method: str, reduction_loc, keep_rate, num_patches: int, dept
         raise ModelConfigError("kmedoids cannot reduce at block 0 (it weighs tokens by the previous block's "
                                "attention); use locations >= 1, e.g. --reduction_loc 3 6 9.")
     rates = _as_tuple(keep_rate, Real)
+    given = tuple(float(r) for r in rates if isinstance(r, Real) and not isinstance(r, bool))
     for rate in rates:
         if isinstance(rate, bool) or not isinstance(rate, Real) or not 0 < rate <= 1:
             raise ModelConfigError(f"{method} keep_rate {rate!r} is outside (0, 1]; e.g. --keep_rate 0.7.")
@@ -127,7 +129,7 @@ def reduction_plan(method: str, reduction_loc, keep_rate, num_patches: int, dept
             if b > a:
                 raise ModelConfigError(f"{method} would keep {b} tokens at block {loc_b} after {a} at block {loc_a}; "
                                        f"keep rates must not increase along --reduction_loc.")
-    return ReductionPlan(locations, rates, counts)
+    return ReductionPlan(locations, rates, counts, given)
 
 
 def _check_backbone(model: VisionTransformer, method: str) -> None:
@@ -163,6 +165,7 @@ class TopKViT(EViT):
         self.reduction_loc = plan.locations
         self.reduction_rates = plan.rates
         self.keep_counts = plan.counts
+        self.keep_rate = plan.keep_rate
         tokens: List[Optional[int]] = [None] * depth
         for loc, count in zip(plan.locations, plan.counts):
             tokens[loc] = count
@@ -324,6 +327,7 @@ class ClusterViT(VisionTransformer):
         self.reduction_loc = plan.locations
         self.reduction_rates = plan.rates
         self.keep_counts = plan.counts
+        self.keep_rate = plan.keep_rate
         self.viz_mode = bool(viz_mode)
         self.cluster_layers = nn.ModuleList([self._make_reducer(count) for count in plan.counts])
         for loc, reducer in zip(plan.locations, self.cluster_layers):
@@ -846,7 +850,7 @@ class _RatesAction(argparse.Action):
 def _check_options(options) -> None:
     rates = options.keep_rate
     if rates is not None and rates != family.AUTO:
-        for rate in rates:
+        for rate in _as_tuple(rates, Real):
             if not 0 < rate <= 1:
                 raise ModelConfigError(f"--keep_rate {rate:g} is outside (0, 1]; e.g. --keep_rate 0.7")
     for dest, low in (("cluster_iters", 0), ("k_neighbors", 1), ("backbone_freeze_steps", 0)):
