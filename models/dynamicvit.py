@@ -830,15 +830,16 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
     flat = [token for item in out for token in item]
     options = {item[0] for item in out}
     evaluating = "--eval" in options
-    if official and not evaluating and not options & {"--finetune", "--resume", "--checkpoint"}:
-        model = OFFICIAL_NAMES[name]
-        dim = {"dynamicvit_deit_small_patch16_224": 384, "dynamicvit_deit_base_patch16_224": 768}.get(model)
-        if dim is not None:
-            flat += ["--finetune", DEIT_WEIGHTS[dim]]
-    elif not evaluating and "--dynamicvit-teacher" not in options:
-        finetune = next((item[1] for item in out if item[0] == "--finetune" and len(item) > 1), None)
-        if finetune:
-            flat += ["--dynamicvit-teacher", finetune]
+    if evaluating:
+        return flat
+    finetune = next((item[1] for item in out if item[0] == "--finetune" and len(item) > 1), None)
+    if official and finetune is None and not options & {"--resume", "--checkpoint"}:
+        dim = {"dynamicvit_deit_small_patch16_224": 384, "dynamicvit_deit_base_patch16_224": 768}.get(OFFICIAL_NAMES[name])
+        if dim is not None:  # deit-256 has no training branch in the official code
+            finetune = DEIT_WEIGHTS[dim]
+            flat += ["--finetune", finetune]
+    if finetune and "--dynamicvit-teacher" not in options:
+        flat += ["--dynamicvit-teacher", finetune]
     return flat
 
 

@@ -542,3 +542,77 @@ def test_visualize_kept_patches(tmp_path):
     assert rc == 0
     assert Image.open(out).size == (64 * 4, 64)
     assert dynamicvit_visualize.main(["--model", "deit_small_patch16_224", "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------------
+# The official recipe's optimizer groups and backbone freeze (hooks)
+# ---------------------------------------------------------------------------
+
+def _options(**kwargs):
+    from types import SimpleNamespace
+    values = dict(ratio_weight=2.0, distillw=0.0, lr_scale=0.01, backbone_freeze_epochs=1, dynamicvit_teacher=None,
+                  weight_decay=0.05, base_rate=None, pruning_loc=None, epochs=2, lr=1e-3, input_size=64, seed=0)
+    values.update(kwargs)
+    return SimpleNamespace(**values)
+
+
+def _step(model, optimizer, loss_fn):
+    torch.manual_seed(0)
+    loss_fn(torch.randn(2, 3, 64, 64), model(torch.randn(2, 3, 64, 64)), torch.full((2, 10), 0.1)).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_official_groups_and_backbone_freeze_survive_a_resume():
+    model = make("small", img_size=64).train()
+    hooks = dynamicvit.DynamicViTHooks(model, _options())
+    loss_fn = hooks.wrap_criterion(_Base(), model)
+    groups = hooks.param_groups(model, [1e-3])
+    assert [(g["dynamicvit"], g["weight_decay"], g["lr_scale"]) for g in groups] == [
+        ("predictor", 0.05, 1.0), ("predictor", 0.0, 1.0), ("backbone", 0.05, 0.0), ("backbone", 0.0, 0.0)]
+    in_optimizer = {id(p) for g in groups for p in g["params"]}
+    assert id(model.cls_token) not in in_optimizer and not model.cls_token.requires_grad
+    assert id(model.pos_embed) not in in_optimizer and not model.pos_embed.requires_grad
+    assert id(model.head.weight) in {id(p) for p in groups[2]["params"]}  # the head is "backbone"
+    assert id(model.blocks[0].norm1.weight) in {id(p) for p in groups[3]["params"]}  # 1-D: no decay
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    qkv = model.blocks[0].attn.qkv.weight
+    before, pred_before = qkv.detach().clone(), model.score_predictor[0].in_conv[1].weight.detach().clone()
+    hooks.on_epoch_start(model, 0)
+    _step(model, optimizer, loss_fn)
+    assert torch.equal(qkv, before)  # lr 0: no update, no weight decay ...
+    assert optimizer.state[qkv]["exp_avg"].abs().sum() > 0  # ... but Adam's moments accumulate, as official
+    assert not torch.equal(model.score_predictor[0].in_conv[1].weight, pred_before)
+    assert set(loss_fn.last_parts) == {"cls_loss", "ratio_loss", "keep_0", "keep_1", "keep_2"}
+    assert set(hooks.log_state(model)) == {"keep_b3", "keep_b6", "keep_b9", "ratio_loss"}
+
+    # a resumed run: the optimizer's groups are new dicts from the checkpoint, the freeze still applies
+    saved = optimizer.state_dict()
+    hooks2 = dynamicvit.DynamicViTHooks(model, _options())
+    optimizer2 = torch.optim.AdamW(hooks2.param_groups(model, [1e-3]), lr=1e-3)
+    optimizer2.load_state_dict(saved)
+    hooks2.on_epoch_start(model, 0)
+    _step(model, optimizer2, loss_fn)
+    assert torch.equal(qkv, before)
+    hooks2.on_epoch_start(model, 1)
+    _step(model, optimizer2, loss_fn)
+    assert not torch.equal(qkv, before)
+    backbone = [g for g in optimizer2.param_groups if g["dynamicvit"] == "backbone"]
+    assert all(g["lr"] == pytest.approx(1e-3 * 0.01) and g["lr_scale"] == 0.01 for g in backbone)
+    for h in (hooks, hooks2):
+        h.report(model, None)  # removes the global optimizer pre-step hook
+
+
+def test_checkpoint_filter_keeps_predictor_init_for_a_deit_checkpoint():
+    from models.factory import load_weights
+    model = make("small", img_size=64)
+    deit = plain_deit(model)
+    with torch.no_grad():
+        for p in deit.parameters():
+            p.add_(0.5)
+    init = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("score_predictor.")}
+    load_weights(model, deit.state_dict(), load="finetune", model_name="dynamicvit_deit_small_patch16_224")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in init.items())
+    assert torch.equal(state["blocks.3.mlp.fc1.weight"], deit.state_dict()["blocks.3.mlp.fc1.weight"])
+    assert torch.equal(state["head.weight"], deit.state_dict()["head.weight"])
