@@ -51,9 +51,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
-from . import token_ops
 from .errors import ModelConfigError
-from .token_ops import attention_with_keys, selection_precision
+from .token_ops import StateSlot, attention_with_keys, selection_precision
 
 __all__ = [
     "patch", "unpatch", "is_patched", "DiffRateProxy", "DiffRateState", "load_schedules", "shipped_schedule",
@@ -328,7 +327,7 @@ class DiffRateConfig:
     trace_source: bool
     num_patches: int
     schedule: Optional[Schedule] = None
-    slot: Optional[object] = None
+    slot: Optional[StateSlot] = None
     flops_target: Optional[float] = None
     flops_weight: float = 0.0
 
@@ -526,11 +525,11 @@ class DiffRateModelMixin:
         if not self.training:
             prune, merge = self.get_kept_num()
             state.schedule = list(zip(prune, merge))
-        slot.state = state
+        outer = slot.open(state)
         try:
             out = fn(*args, **kwargs)
         finally:
-            slot.state = None
+            slot.close(outer)
         if state.training:
             self._diffrate_last_kept = (state.prune_kept, state.merge_kept)
         self._diffrate_info = {"size": state.size, "source": state.source, "tokens": list(state.tokens)}
@@ -546,6 +545,7 @@ class DiffRateModelMixin:
             if return_flop:
                 return logits, flops
             gflops = flops / 1e9
+            self._diffrate_info["gflops"] = gflops.detach()
             return {"logits": logits, "aux_loss": cfg.flops_weight * (gflops - cfg.flops_target) ** 2,
                     "gflops": gflops.detach()}
         if return_flop:
@@ -676,17 +676,20 @@ def patch(model: nn.Module, target_flops=None, prune_kept_num: Optional[Sequence
     if target_flops is not None:
         key = schedule_key or schedule_key_of(model)
         if key is None:
-            raise ModelConfigError("DiffRate ships schedules for 224-px DeiT-T/S/B only; pass schedule_key or "
-                                   "explicit prune_kept_num and merge_kept_num for this model.")
+            raise ModelConfigError(f"DiffRate's shipped schedules are for 224-px, 12-block DeiT-T/S/B; this model has "
+                                   f"{depth} blocks and {num_patches} patches: give explicit kept numbers "
+                                   f"(prune_kept_num/merge_kept_num, --diffrate-prune-kept/--diffrate-merge-kept).")
         prune_kept_num, merge_kept_num = shipped_schedule(key, target_flops)
     schedule = None
     if prune_kept_num is not None or merge_kept_num is not None:
         schedule = validate_schedule(prune_kept_num, merge_kept_num, depth, num_patches + 1)
 
     previous = model._diffrate_cfg if is_patched(model) else None
-    slot = previous.slot if previous is not None else _new_slot()
+    slot = previous.slot if previous is not None else StateSlot()
     cfg = DiffRateConfig(granularity=int(granularity), trace_source=bool(trace_source), num_patches=num_patches,
                          schedule=schedule, slot=slot)
+    if previous is not None:  # the search's loss settings are run state, not part of the schedule
+        cfg.flops_target, cfg.flops_weight = previous.flops_target, previous.flops_weight
     for index, block in enumerate(model.blocks):
         if previous is None or previous.granularity != cfg.granularity or not hasattr(block, "prune_ddp"):
             ref = block.mlp.fc1.weight
@@ -703,19 +706,6 @@ def patch(model: nn.Module, target_flops=None, prune_kept_num: Optional[Sequence
     model._diffrate_cfg = cfg
     model._diffrate_info = {"size": None, "source": None, "tokens": []}
     return model
-
-
-def _new_slot():
-    slot_class = getattr(token_ops, "StateSlot", None)
-    return slot_class() if slot_class is not None else _StateSlot()
-
-
-class _StateSlot:
-    """Holds the state of the forward in progress (until `token_ops.StateSlot` exists)."""
-    __slots__ = ("state",)
-
-    def __init__(self):
-        self.state = None
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -764,9 +754,18 @@ def checkpoint_filter(state_dict: dict, model: nn.Module) -> dict:
     return state_dict
 
 
-def _create_diffrate(variant: str, pretrained: bool = False, target_flops=None, prune_kept_num=None,
-                     merge_kept_num=None, granularity: int = 4, schedule_key: Optional[str] = None,
+def _create_diffrate(variant: str, pretrained: bool = False, target_flops=None, load_compression_rate=None,
+                     prune_kept_num=None, merge_kept_num=None, granularity: int = 4, schedule_key: Optional[str] = None,
                      trace_source: bool = False, **kwargs) -> VisionTransformer:
+    """timm DeiT (`pretrained`: timm's DeiT weights) patched with DiffRate.
+
+    target_flops: the shipped schedule to evaluate, unless `load_compression_rate=False` (main.py
+    passes the flag's value: then `--target_flops` is only the search target, as officially).
+    """
+    if load_compression_rate is False:
+        target_flops = None
+    elif load_compression_rate and target_flops is None:
+        target_flops = 3.0  # the official --target_flops default
     model = build_model_with_cfg(VisionTransformer, variant, pretrained,
                                  pretrained_filter_fn=functools.partial(checkpoint_filter_fn, adapt_layer_scale=True),
                                  **kwargs)
@@ -791,3 +790,301 @@ def vit_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTran
 def vit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_diffrate("vit_deit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Method families: the vit_deit_* models (evaluation and the search) and the patch for timm ViTs
+# ---------------------------------------------------------------------------
+
+import logging  # noqa: E402
+
+from . import family as _family  # noqa: E402  (the declarations below are the module's public contract)
+from .hooks import MethodHooks  # noqa: E402
+
+_logger = logging.getLogger(__name__)
+
+FLOPS_LOSS_WEIGHT = 5.0  # official lambda of (F / 1e9 - target)^2
+LOG_KEPT_EVERY = 100  # official: kept numbers logged every 100 steps
+
+# official flags the search does not use (its optimizer and schedule are the search's own, section 9)
+_IGNORED_OFFICIAL_VALUE_FLAGS = ("--lr", "--min-lr", "--min_lr", "--warmup-lr", "--warmup_lr", "--warmup-epochs",
+                                 "--warmup_epochs", "--sched", "--opt", "--opt-eps", "--opt_eps", "--momentum",
+                                 "--weight-decay", "--weight_decay", "--port")
+_WEIGHT_FLAGS = ("--resume", "--checkpoint", "--finetune", "--pretrained", "--auto-resume", "--auto_resume",
+                 "--autoresume", "--model-kwargs", "--model_kwargs", "--cfg")
+
+
+def _is_diffrate_model(model: nn.Module) -> bool:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return is_patched(model) and cfg.get("architecture") in MODEL_SCHEDULE_KEYS
+
+
+def _official_model(argv: Sequence[str]) -> Optional[str]:
+    for i, token in enumerate(argv):
+        if token == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--model="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def translate_official_argv(argv: List[str]) -> List[str]:
+    """DiffRate's main.py flags in this project's spelling, for `vit_deit_*` models only.
+
+    `--arch-lr X` -> `--lr X` and `--arch-min-lr X` -> `--min-lr X` (the search's AdamW and
+    per-epoch cosine; the recipe makes `--lr` unscaled, without warm-up or weight decay); the
+    official flags the search ignores (`--lr`, `--min-lr`, `--warmup-lr`, `--warmup-epochs`,
+    `--sched`, `--opt`, `--opt-eps`, `--opt-betas`, `--momentum`, `--weight-decay`, `--port`)
+    are dropped; `--autoresume` -> `--auto-resume`; and, as the official main.py always starts
+    from timm's DeiT weights, `--pretrained` is added unless the line gives weights
+    (`--resume`, `--finetune`, `--auto-resume`) or reshapes the model (`--model-kwargs`, `--cfg`).
+    """
+    argv = list(argv)
+    if _official_model(argv) not in MODEL_SCHEDULE_KEYS:
+        return argv
+    names = [token.split("=", 1)[0] for token in argv]
+    if not any(name in ("--arch-lr", "--arch_lr", "--arch-min-lr", "--arch_min_lr") for name in names) and \
+            "--pretrained" in names and "--autoresume" not in names:
+        return argv  # already translated
+    out: List[str] = []
+    lr = min_lr = None
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, has_value = token.split("=", 1)[0], "=" in token
+        if name in ("--arch-lr", "--arch_lr", "--arch-min-lr", "--arch_min_lr") + _IGNORED_OFFICIAL_VALUE_FLAGS \
+                + ("--opt-betas", "--opt_betas"):
+            end = i + 1
+            if not has_value:
+                end = i + 2
+                if name in ("--opt-betas", "--opt_betas"):  # nargs='+'
+                    while end < len(argv) and not argv[end].startswith("--"):
+                        end += 1
+            value = token.split("=", 1)[1] if has_value else (argv[i + 1] if i + 1 < len(argv) else None)
+            if name in ("--arch-lr", "--arch_lr"):
+                lr = _learning_rate(name, value)
+            elif name in ("--arch-min-lr", "--arch_min_lr"):
+                min_lr = _learning_rate(name, value)
+            i = end
+            continue
+        out.append("--auto-resume" if token == "--autoresume" else token)
+        i += 1
+    if lr is not None:
+        out += ["--lr", lr]
+    if min_lr is not None:
+        out += ["--min-lr", min_lr]
+    if not any(name in _WEIGHT_FLAGS for name in names):
+        out.append("--pretrained")
+    return out
+
+
+def _learning_rate(flag: str, value: Optional[str]) -> str:
+    try:
+        ok = value is not None and float(value) >= 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ModelConfigError(f"{flag} takes a learning rate >= 0, got {value!r}")
+    return value
+
+
+def _log_schedule(model: nn.Module, when: str) -> None:
+    prune, merge = model.get_kept_num()
+    source = "explicit schedule" if model.has_explicit_schedule() else "schedule of the proxies"
+    _logger.info(f"DiffRate {when}: prune kept number {prune}; merge kept number {merge} ({source}); tokens after "
+                 f"each block {tokens_per_block(prune, merge, model._diffrate_cfg.num_patches + 1)}; official FLOPs "
+                 f"{model.calculate_flop_inference() / 1e9:.3f} G")
+
+
+class DiffRateSearchHooks(MethodHooks):
+    """The search of a `vit_deit_*` model (official recipe, docs/methods/diffrate.md "Search").
+
+    The backbone is frozen (only the proxies' `selected_probability` train, in their own
+    AdamW group without weight decay); the training forward returns the FLOPs loss
+    `lambda (F / 1e9 - target)^2` as `aux_loss` (lambda 5, 0 during epoch 0 with
+    `--warmup_compression_rate`); a schedule given for evaluation (`--load_compression_rate`)
+    is dropped when the search starts, so evaluations during the search use the searched one.
+    """
+
+    def __init__(self, model: nn.Module, options=None):
+        super().__init__(model, options)
+        # before DDP wraps the model: only the proxies take part in the backward
+        model.requires_grad_(False)
+        for parameter in model.arch_parameters():
+            parameter.requires_grad_(True)
+        model.set_flops_loss(float(options.target_flops), FLOPS_LOSS_WEIGHT)
+        self._started = False
+
+    def param_groups(self, model, lrs):
+        lr = self.options.arch_lr if self.options.arch_lr is not None else lrs[0]
+        return [{"params": model.arch_parameters(), "lr": float(lr), "weight_decay": 0.0}]
+
+    def prepare_eval(self, model):
+        _log_schedule(model, "evaluation")
+
+    def on_epoch_start(self, model, epoch):
+        if not self._started and model.has_explicit_schedule():
+            _logger.info("DiffRate search: the loaded schedule is replaced by the searched one")
+            model.set_kept_num(None, None)
+        self._started = True
+        warm = bool(self.options.warmup_compression_rate) and epoch < 1
+        model.set_flops_loss(float(self.options.target_flops), 0.0 if warm else FLOPS_LOSS_WEIGHT)
+
+    def on_step_start(self, model, epoch, step, steps_per_epoch):
+        if step % LOG_KEPT_EVERY == 0:
+            prune, merge = model.get_kept_num()
+            _logger.info(f"prune kept number:{prune}")
+            _logger.info(f"merge kept number:{merge}")
+
+    def log_state(self, model):
+        info = getattr(model, "_diffrate_info", {}) or {}
+        state = {}
+        if info.get("gflops") is not None:
+            state["diffrate_gflops"] = float(info["gflops"])
+        if info.get("tokens"):
+            state["diffrate_tokens"] = float(sum(info["tokens"])) / len(info["tokens"])
+        return state
+
+    def report(self, model, context):
+        prune, merge = model.get_kept_num()
+        return {"prune_kept_num": prune, "merge_kept_num": merge,
+                "tokens_per_block": tokens_per_block(prune, merge, model._diffrate_cfg.num_patches + 1),
+                "official_gflops": round(model.calculate_flop_inference() / 1e9, 3)}
+
+
+def _search_hooks(model: nn.Module, options) -> Optional[MethodHooks]:
+    return DiffRateSearchHooks(model, options) if is_patched(model) else None
+
+
+def _check_model_options(options) -> None:
+    target = options.target_flops
+    if target is not None and not target > 0:
+        raise ModelConfigError(f"--target_flops must be a positive number of GFLOPs, got {target}")
+    if options.granularity is not None and options.granularity < 1:
+        raise ModelConfigError(f"--granularity must be >= 1 (gap between candidate kept numbers), got "
+                               f"{options.granularity}")
+    for name in ("arch_lr", "arch_min_lr"):
+        value = getattr(options, name)
+        if value is not None and not value >= 0:
+            raise ModelConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+_EXAMPLE_DIMS = {"embed_dim": 24, "num_heads": 2}  # the 224-px schedules need 196 patches and 12 blocks
+
+FAMILY = _family.register_family(_family.MethodFamily(
+    name="diffrate",
+    title="DiffRate: searched prune-and-merge schedules (vit_deit_* models: evaluation and the search)",
+    owns=_family.models_of(__name__),
+    flags=(
+        _family.Flag("--target_flops", type=float, default=3.0, kwarg="target_flops", metavar="GFLOPS",
+                     help="search target in GFLOPs (official formula); with --load_compression_rate also the "
+                          "shipped schedule evaluated (DeiT-T 0.6-1.0, DeiT-S 2.3-3.1, DeiT-B 8.7-12.5)"),
+        _family.Flag("--load_compression_rate", action="store_true", default=False, kwarg="load_compression_rate",
+                     help="evaluate the shipped schedule of --target_flops (models/diffrate_schedules.json)"),
+        _family.Flag("--granularity", type=int, kwarg="granularity", metavar="G",
+                     help="gap between the search's candidate kept numbers (model default 4)"),
+        _family.Flag("--arch-lr", type=float, metavar="LR",
+                     help="learning rate of the proxies (official 0.01; an official line's --arch-lr becomes --lr)"),
+        _family.Flag("--arch-min-lr", type=float, metavar="LR",
+                     help="cosine floor of the proxies' learning rate (official 0.001; becomes --min-lr)"),
+        _family.Flag("--warmup_compression_rate", action="store_true", default=False,
+                     help="no FLOPs loss during the first search epoch"),
+        _family.Flag("--multi-reso", action="store_true", default=False,
+                     help="accepted for official launch lines; no effect (as in the official code)"),
+    ),
+    check_options=_check_model_options,
+    hooks=_search_hooks,
+    recipe={"batch_size": 256, "lr": 0.01, "unscale_lr": True, "min_lr": 0.001, "warmup_epochs": 0,
+            "weight_decay": 0.0, "model_ema": False, "dist_eval": True},
+    translate_argv=translate_official_argv,
+    checkpoint_filter_fn=checkpoint_filter,
+    examples=(
+        # 224 px and 12 blocks, as the shipped schedules need; narrow. Training runs the search (the
+        # schedule is the evaluation's); the search forward reads its integer kept numbers from the
+        # proxies at every step (data-dependent), so only evaluation compiles in one graph.
+        _family.Example("diffrate_tiny", model="vit_deit_tiny_patch16_224", kwargs=dict(_EXAMPLE_DIMS),
+                        flags=("--load_compression_rate", "--target_flops", "0.6"), input_size=224,
+                        compile=("eval",)),
+        # same code as the tiny example (other width tables): trained, not compiled again
+        _family.Example("diffrate_small", model="vit_deit_small_patch16_224", kwargs=dict(_EXAMPLE_DIMS),
+                        flags=("--load_compression_rate", "--target_flops", "2.9", "--warmup_compression_rate"),
+                        input_size=224, compile=()),
+        _family.Example("diffrate_base", model="vit_deit_base_patch16_224", kwargs=dict(_EXAMPLE_DIMS),
+                        flags=("--target_flops", "11.5", "--granularity", "2"), input_size=224, compile=()),
+    ),
+))
+
+
+# --- the patch family: a shipped or explicit schedule on any supported timm ViT ---------------
+
+def _patch_active(options) -> bool:
+    return any(value is not None for value in (options.diffrate_flops, options.diffrate_prune_kept,
+                                               options.diffrate_merge_kept))
+
+
+def _check_patch_options(options) -> None:
+    if (options.diffrate_prune_kept is None) != (options.diffrate_merge_kept is None):
+        raise ModelConfigError("--diffrate-prune-kept and --diffrate-merge-kept go together (one kept number per "
+                               "block each)")
+    if options.diffrate_flops is not None and options.diffrate_prune_kept is not None:
+        raise ModelConfigError("give --diffrate-flops (a shipped schedule) or --diffrate-prune-kept/"
+                               "--diffrate-merge-kept, not both")
+    flops = options.diffrate_flops
+    if flops is not None and flops != _family.AUTO and not flops > 0:
+        raise ModelConfigError(f"--diffrate-flops must be a positive GFLOPs key such as 2.9, got {flops}")
+
+
+def _apply_patch(model: nn.Module, options) -> None:
+    granularity = model._diffrate_cfg.granularity if is_patched(model) else 4
+    patch(model, target_flops=options.diffrate_flops, prune_kept_num=options.diffrate_prune_kept,
+          merge_kept_num=options.diffrate_merge_kept, granularity=granularity)
+
+
+class DiffRatePatchHooks(MethodHooks):
+    """Evaluation only: the schedule is logged before `--eval`; training is refused (one line)."""
+
+    def wrap_criterion(self, criterion, model):
+        raise ModelConfigError("--diffrate-flops / --diffrate-prune-kept / --diffrate-merge-kept set an evaluation "
+                               "schedule (--eval, benchmark.py); to search one, train a vit_deit_*_patch16_224 model "
+                               "with --target_flops F")
+
+    def prepare_eval(self, model):
+        if not _is_diffrate_model(model):  # the model family logs its own
+            _log_schedule(model, "evaluation")
+
+
+def _search_shipped(build, target, gmacs_of):
+    """--target-gmacs: the shipped schedule of the model's table whose fvcore GMACs are nearest the target."""
+    key = schedule_key_of(build(None))
+    if key is None:
+        raise ModelConfigError("--diffrate-flops auto needs a model with shipped schedules (224-px DeiT-T/S/B)")
+    measured = [(float(flops), gmacs_of(build(float(flops)))) for flops in load_schedules()[key]]
+    return min(measured, key=lambda item: abs(item[1] - target))
+
+
+PATCH_FAMILY = _family.register_family(_family.MethodFamily(
+    name="diffrate_patch",
+    title="DiffRate schedule on a timm ViT (a patch applied after the weights load; evaluation)",
+    flags=(
+        _family.Flag("--diffrate-flops", type=_family.auto_or(float), metavar="F",
+                     help="patch the model with DiffRate's shipped schedule for F GFLOPs (224-px DeiT-T/S/B; "
+                          "'auto' with --target-gmacs: the nearest shipped one); default: no DiffRate"),
+        _family.Flag("--diffrate-prune-kept", type=_family.literal("int_list"), metavar="LIST",
+                     help="explicit schedule: tokens kept after pruning in each block, class token included "
+                          "(with --diffrate-merge-kept)"),
+        _family.Flag("--diffrate-merge-kept", type=_family.literal("int_list"), metavar="LIST",
+                     help="explicit schedule: tokens kept after merging in each block (with --diffrate-prune-kept)"),
+    ),
+    patch=_apply_patch,
+    active=_patch_active,
+    check_options=_check_patch_options,
+    reduction=_family.Reduction("diffrate_flops", _search_shipped),
+    hooks=lambda model, options: DiffRatePatchHooks(model, options),
+    examples=(
+        # evaluation only (training a fixed schedule is refused); 16 patches, 4 blocks
+        _family.Example("diffrate_patch", model="deit_tiny_patch16_224",
+                        kwargs={"depth": 4, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+                        flags=("--diffrate-prune-kept", "[17,15,15,12]", "--diffrate-merge-kept", "[17,12,9,6]"),
+                        input_size=32, train=False, compile=("eval",)),
+    ),
+))

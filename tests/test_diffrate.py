@@ -442,7 +442,7 @@ def test_repatch_with_other_granularity_resets_proxies():
     (dict(prune_kept_num=[17, 9.0, 17, 17], merge_kept_num=[17] * 4), "ints in [1, 17]"),
     (dict(prune_kept_num=[17] * 4, merge_kept_num=[17, 1, 17, 17]), "merge numbers must be >= 2"),
     (dict(target_flops=2.9, prune_kept_num=[17] * 4, merge_kept_num=[17] * 4), "not both"),
-    (dict(target_flops=2.9), "ships schedules for 224-px DeiT-T/S/B only"),
+    (dict(target_flops=2.9), "shipped schedules are for 224-px, 12-block DeiT-T/S/B"),
     (dict(granularity=0), "granularity must be an int >= 1"),
 ])
 def test_bad_schedules_raise_one_line(kwargs, message):
