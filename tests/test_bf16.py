@@ -16,6 +16,7 @@ from utils import measure
 import models  # noqa: F401  (registers the project's models)
 import models.ltm
 import models.ltmp
+from models import ltmp_layers
 import models.tome
 from engine import autocast_in, cast_for_inference
 from models import token_ops
@@ -133,10 +134,10 @@ def test_ltmp_importance_and_merge_scores_are_fp32_in_a_bf16_model(mode):
     with context:
         out, metric, importance = models.ltmp.ltmp_attention(attn, tokens, size, mask=mask)
         normed = metric / metric.norm(dim=-1, keepdim=True)
-        node_max, _ = models.ltmp._best_partner(normed)
+        node_max, _ = ltmp_layers._best_partner(normed)
     assert out.dtype == torch.bfloat16
     assert metric.dtype == importance.dtype == node_max.dtype == torch.float32
-    expected, _ = models.ltmp._best_partner(normed.float())  # the scores: the fp32 path of the metric
+    expected, _ = ltmp_layers._best_partner(normed.float())  # the scores: the fp32 path of the metric
     assert torch.equal(node_max, expected)
     # only the bf16 inputs of the scores differ from fp32, not their accumulation
     torch.testing.assert_close(importance[:, 1:], importance32[:, 1:], rtol=0.05, atol=1e-3)

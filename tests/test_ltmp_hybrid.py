@@ -11,6 +11,8 @@ from torch import nn
 
 import models  # noqa: F401  (registers the models)
 from models import ltmp
+from models import ltmp_hybrid
+from models import ltmp_layers
 from models.errors import ModelConfigError
 
 PX = 96  # tiny MobileViT: 12x12 -> patch grids 6x6 (4 sequences each), 3x3; tiny EfficientViT: 6x6, 3x3
@@ -55,7 +57,7 @@ def per_block(model, merge, prune):
 
 def stage_of(model):
     """Stage number of every threshold block (its transformer / EfficientViT stage)."""
-    owners = [m for m in model.modules() if isinstance(m, (ltmp.LTMPTransformerSequence, ltmp.LTMPEfficientVitStage))]
+    owners = [m for m in model.modules() if isinstance(m, (ltmp_hybrid.LTMPTransformerSequence, ltmp_hybrid.LTMPEfficientVitStage))]
     return [next(k for k, o in enumerate(owners) if any(b is c for c in o.modules())) for b in model._threshold_blocks()]
 
 
@@ -84,17 +86,17 @@ def test_state_dict_is_the_backbone_plus_thresholds_per_transformer_block(name):
     assert len(extra) == 2 * depth and all(ltmp.is_threshold_key(k) for k in extra)
     prefix = "stages.2.1.transformer.0." if base_name.startswith("mobilevit") else "stages.2.blocks.1."
     assert {prefix + "merge_masker.threshold", prefix + "prune_masker.threshold"} <= extra
-    assert type(model).__module__ == "models.ltmp"
+    assert type(model).__module__ == "models.ltmp_hybrid"
 
 
 @pytest.mark.parametrize("name", ["ltmp_mobilevit_xs", "inference_ltmp_efficientvit_b1"])
 def test_backbone_weights_load_with_thresholds_at_init(name):
     model, base = tiny(name)
-    merge = ltmp.MASKED_MERGE_INIT if name.startswith("ltmp_") else ltmp.INFERENCE_MERGE_INIT
+    merge = ltmp_layers.MASKED_MERGE_INIT if name.startswith("ltmp_") else ltmp_layers.INFERENCE_MERGE_INIT
     thresholds = model.thresholds()
     depth = len(model._threshold_blocks())
     assert len(thresholds["merge"]) == len(thresholds["prune"]) == depth == 5 - name.startswith("inference")
-    assert thresholds["merge"] == pytest.approx([merge] * depth) and thresholds["prune"] == [ltmp.PRUNE_INIT] * depth
+    assert thresholds["merge"] == pytest.approx([merge] * depth) and thresholds["prune"] == [ltmp_layers.PRUNE_INIT] * depth
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in base.state_dict().items())
 
@@ -193,13 +195,13 @@ def test_4_pruned_positions_hold_their_value_at_pruning_and_merged_ones_a_copy()
 
 def test_4_group_kernels_round_trip():
     torch.manual_seed(0)
-    st = ltmp.LTMPStageState(size=torch.ones(2, 3, 1), group=torch.tensor([[0, 1, 1, 2, -1], [2, 2, 0, -1, 1]]),
+    st = ltmp_hybrid.LTMPStageState(size=torch.ones(2, 3, 1), group=torch.tensor([[0, 1, 1, 2, -1], [2, 2, 0, -1, 1]]),
                              parked=torch.randn(2, 5, 4))
     tokens = torch.randn(2, 3, 4)
-    full = ltmp.stage_grid(tokens, st)
+    full = ltmp_hybrid.stage_grid(tokens, st)
     assert torch.equal(full[0, 4], st.parked[0, 4]) and torch.equal(full[0, 2], tokens[0, 1])
-    assert torch.equal(ltmp.stage_grid(tokens, st, pruned="zero")[1, 3], torch.zeros(4))
-    torch.testing.assert_close(ltmp.regroup(full, st, 3), tokens)
+    assert torch.equal(ltmp_hybrid.stage_grid(tokens, st, pruned="zero")[1, 3], torch.zeros(4))
+    torch.testing.assert_close(ltmp_hybrid.regroup(full, st, 3), tokens)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -253,9 +255,9 @@ def test_8_lite_mla_importance_is_the_attention_mass_and_matches_timm():
     mla = LiteMLA(16, 16, dim=8).eval()
     x = torch.randn(2, 16, 4, 4)
     tokens = x.flatten(2).transpose(1, 2)
-    st = ltmp.LTMPStageState(size=torch.ones(2, 16, 1), group=torch.arange(16).expand(2, 16), grid=(4, 4))
+    st = ltmp_hybrid.LTMPStageState(size=torch.ones(2, 16, 1), group=torch.arange(16).expand(2, 16), grid=(4, 4))
     with torch.no_grad():
-        out, metric, importance = ltmp.ltmp_lite_mla(mla, tokens, st)
+        out, metric, importance = ltmp_hybrid.ltmp_lite_mla(mla, tokens, st)
         torch.testing.assert_close(out.transpose(1, 2).reshape(2, 16, 4, 4), mla(x), rtol=1e-5, atol=1e-5)
         qkv = mla.qkv(x)
         multi = torch.cat([qkv] + [op(qkv) for op in mla.aggreg], dim=1)
