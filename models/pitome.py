@@ -161,8 +161,9 @@ def pitome_match(metric: torch.Tensor, r: int, margin: float, alpha: float = 1.0
         else:
             set_a, set_b = order[:, 0:2 * r:2], order[:, 1:2 * r:2]
         batch, tokens = order.shape
-        scores = sim.gather(1, set_a[..., None].expand(batch, set_a.shape[1], tokens))
-        scores = scores.gather(2, set_b[:, None, :].expand(batch, set_a.shape[1], set_b.shape[1]))
+        # W[p, q] = sim[A_p, B_q], one gather of the entries (not a second A @ B^T product)
+        pairs = (set_a[:, :, None] * tokens + set_b[:, None, :]).flatten(1)
+        scores = sim.flatten(1).gather(1, pairs).view(batch, set_a.shape[1], set_b.shape[1])
         best, partner = scores.max(dim=-1)  # first index among equal maxima
         if not bsm:
             return PiToMeMatch(order[:, 2 * r:], set_a, set_b, partner)
