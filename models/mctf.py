@@ -1062,10 +1062,7 @@ def _family_patch(model: nn.Module, options) -> None:
 
 
 class MCTFHooks(MethodHooks):
-    """The consistency fine-tuning loss, the method's state in log lines, and `--r_evals`."""
-
-    commands = (_family.Command("r_evals", "tools.mctf_tools:run_r_evals", exits=True),
-                _family.Command("mctf_visualize", "tools.mctf_visualize:run_command", exits=True))
+    """The consistency fine-tuning loss and the method's state in log lines."""
 
     def __init__(self, model: Optional[nn.Module] = None, options=None):
         super().__init__(model, options)
@@ -1125,6 +1122,14 @@ _DROPPED = {  # official options without an equivalent here: (value that is harm
 _SAMPLING = ("--sampling_ratio", "--sampling-ratio", "--sampling_ratio_test", "--sampling-ratio-test")
 
 
+def _official_value(parse, option: str, text):
+    """An official option's value read by its argparse type; a bad one is a ModelConfigError naming the option."""
+    try:
+        return parse(text)
+    except (_argparse.ArgumentTypeError, ValueError) as err:
+        raise ModelConfigError(f"{option}: {err}") from None
+
+
 def _split_argv(argv: Sequence[str]) -> List[List[str]]:
     """[[option, values...], ...]: `--a=b` split, values are the tokens up to the next option."""
     items: List[List[str]] = []
@@ -1174,7 +1179,7 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
         if option in ("--use_mctf", "--use-mctf"):
             out.append(["--use_mctf"] + (rest if rest else ["True"]))
         elif option == "--pretrained":
-            pretrained = _str2bool(rest[0]) if rest else True
+            pretrained = _official_value(_str2bool, option, rest[0]) if rest else True
             if rest[1:]:
                 out.append(rest[1:])
         elif option in ("--lr_times", "--lr-times", "--min_lr_times", "--min-lr-times"):
@@ -1188,7 +1193,7 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
                 min_lr_times = number
         elif option in _BOOL_OPTIONS:
             on_off = _BOOL_OPTIONS[option]
-            flag = on_off[0] if not rest or _str2bool(rest[0]) else on_off[1]
+            flag = on_off[0] if not rest or _official_value(_str2bool, option, rest[0]) else on_off[1]
             if flag is not None:
                 out.append([flag])
             if rest[1:]:
@@ -1200,7 +1205,7 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
             if rest and rest[0] != harmless:
                 _logger.warning(f"{option} {rest[0]} is ignored here ({why})")
         elif option in _SAMPLING:
-            if rest and float(rest[0]) != 1.0:
+            if rest and _official_value(float, option, rest[0]) != 1.0:
                 raise ModelConfigError(f"{option} {rest[0]}: training or evaluating on a fraction of ImageNet is not "
                                        f"supported; drop it (or pass 1)")
         else:
@@ -1208,7 +1213,8 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
     flat = list(OFFICIAL_DEFAULTS) + [token for item in out for token in item]
     evaluating = "--eval" in seen
     resuming = bool(values.get("--resume") or values.get("--checkpoint"))
-    mctf_on = any(item[0] == "--use_mctf" and _str2bool(item[1]) for item in out if len(item) > 1)
+    mctf_on = any(item[0] == "--use_mctf" and _official_value(_str2bool, "--use_mctf", item[1])
+                  for item in out if len(item) > 1)
     if mctf_on and not evaluating and values.get("--distillation-type", ["none"])[0] != "none":
         raise ModelConfigError("MCTF training does not combine with DeiT distillation (each MCTF pass returns one "
                                "logit tensor, no distillation head); drop --distillation-type")
@@ -1221,7 +1227,8 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
         flat += ["--lr", repr(lr), "--min-lr", repr(min_lr), "--warmup-lr", repr(warmup_lr),
                  "--warmup-epochs", "0", "--cooldown-epochs", "10"]
     if mctf_on and evaluating and not values.get("--r_evals") and not values.get("--r-evals"):
-        mctf_type = _number_list(values["--mctf_type"][0]) if values.get("--mctf_type") else DEFAULT_MCTF_TYPE
+        mctf_type = (_official_value(_number_list, "--mctf_type", values["--mctf_type"][0])
+                     if values.get("--mctf_type") else DEFAULT_MCTF_TYPE)
         flat += ["--r_evals", f"[{mctf_type[0]}]"]
     return flat
 
@@ -1259,6 +1266,8 @@ FAMILY = _family.register_family(_family.MethodFamily(
     reduction=_family.Reduction("mctf_r", _search_r),
     hooks=_hooks,
     translate_argv=translate_official_argv,
+    commands=(_family.Command("r_evals", "tools.mctf_tools:run_r_evals", exits=True),
+              _family.Command("mctf_visualize", "tools.mctf_visualize:run_command", exits=True)),
     examples=(
         # (--mctf-r, not the official --use_mctf, which also asks for the official recipe and weights)
         _family.Example("mctf", model="deit_tiny_patch16_224", kwargs=dict(_TINY),
