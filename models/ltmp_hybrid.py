@@ -18,6 +18,7 @@ from timm.models.mobilevit import MobileVitBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from . import token_ops
 from .errors import ModelConfigError
 from .ltmp_layers import (INFERENCE_MERGE_INIT, MASKED_MERGE_INIT, PRUNE_INIT, InferenceLTMPVisionTransformer,
                           LTMPVisionTransformer, ThresholdMasker, _check_attention, _check_tau, _check_threshold,
@@ -68,12 +69,16 @@ class _HybridRecords:
     tokens: List[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
-class _HybridContext:
-    """Shared by a hybrid model, its stages and blocks: `stage` while a transformer stage runs,
-    `records` while the model's own forward runs (stages called alone still merge)."""
-    masked: bool = True
-    stage: Optional[LTMPStageState] = None
-    records: Optional[_HybridRecords] = None
+class _HybridContext(token_ops.StateSlot):
+    """The slot shared by a hybrid model, its stages and blocks: `state` holds the records of the
+    model's own forward (stages called alone still merge), `stage` the state of the transformer
+    stage that runs."""
+    __slots__ = ("masked", "stage")
+
+    def __init__(self):
+        super().__init__()
+        self.masked = True
+        self.stage: Optional[LTMPStageState] = None
 
 
 def _begin_stage(ctx: _HybridContext, tokens: torch.Tensor, grid: Optional[Tuple[int, int]]) -> LTMPStageState:
@@ -226,12 +231,12 @@ class LTMPHybridBlock(Block):
         st = ctx.stage
         if st is None or attn_mask is not None or is_causal:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if ctx.records is not None:
-            ctx.records.costs.append(self._ltmp_cost(st))
+        if ctx.state is not None:
+            ctx.state.costs.append(self._ltmp_cost(st))
         attn_out, metric, importance = ltmp_attention(self.attn, self.norm1(x), st.size, mask=st.mask,
                                                       valid=st.valid, class_token=False)
         attn_out = self.drop_path1(self.ls1(attn_out))
-        return _hybrid_step(self, st, ctx.records, x, attn_out, metric, importance,
+        return _hybrid_step(self, st, ctx.state, x, attn_out, metric, importance,
                             lambda t: self.drop_path2(self.ls2(self.mlp(self.norm2(t)))))
 
     def _ltmp_cost(self, st: LTMPStageState) -> BlockCost:
@@ -273,8 +278,8 @@ class LTMPEfficientVitBlock(EfficientVitBlock):
             return super().forward(x)
         from .tome import _pointwise
 
-        if ctx.records is not None:
-            ctx.records.costs.append(self._ltmp_cost(st))
+        if ctx.state is not None:
+            ctx.state.costs.append(self._ltmp_cost(st))
         context, local = self.context_module, self.local_module
         attn_out, metric, importance = ltmp_lite_mla(context.main, _pointwise(context.pre_norm, x), st)
 
@@ -283,7 +288,7 @@ class LTMPEfficientVitBlock(EfficientVitBlock):
             hidden = _pointwise(mbconv.inverted_conv, _pointwise(local.pre_norm, tokens))
             return _pointwise(mbconv.point_conv, _on_grid(mbconv.depth_conv, hidden, st))
 
-        return _hybrid_step(self, st, ctx.records, x, attn_out, metric, importance, feedforward)
+        return _hybrid_step(self, st, ctx.state, x, attn_out, metric, importance, feedforward)
 
     def _ltmp_cost(self, st: LTMPStageState) -> BlockCost:
         mla, mbconv = self.context_module.main, self.local_module.main
@@ -411,14 +416,14 @@ class _LTMPHybridMixin(_ThresholdAPI):
 
     def _ltmp_run(self, fn, *args, **kwargs):
         ctx: _HybridContext = self._ltmp_ctx
-        if ctx.records is not None:  # nested (forward -> forward_features)
+        if ctx.state is not None:  # nested (forward -> forward_features)
             return fn(*args, **kwargs)
         records = _HybridRecords()
-        ctx.records = records
+        ctx.state = records
         try:
             out = fn(*args, **kwargs)
         finally:
-            ctx.records = None
+            ctx.state = None
         self.block_costs = records.costs
         if self.masked:
             self.masks = records.masks

@@ -377,12 +377,15 @@ class LTMPState:
     pruned_size: Optional[torch.Tensor] = None
 
 
-class _LTMPContext:
-    """Shared by a model and its blocks; `state` is set only during the model's forward.
-    `make` (during `forward_intermediates`, whose loop is timm's): builds the state from the
+class _LTMPContext(token_ops.StateSlot):
+    """The slot shared by a model and its blocks (`state` is set only during the model's forward),
+    plus `make` (during `forward_intermediates`, whose loop is timm's): builds the state from the
     first block's input."""
-    state: Optional[LTMPState] = None
-    make: Optional[Callable[[torch.Tensor], LTMPState]] = None
+    __slots__ = ("make",)
+
+    def __init__(self):
+        super().__init__()
+        self.make: Optional[Callable[[torch.Tensor], LTMPState]] = None
 
 
 class _ThresholdBlock(Block):

@@ -65,7 +65,7 @@ from timm.models.mobilevit import MobileVitBlock
 
 from .errors import ModelConfigError
 from .token_ops import (
-    BipartiteMatch, RSchedule, attention_with_keys, bipartite_soft_matching, compose_groups, merge_groups,
+    BipartiteMatch, RSchedule, StateSlot, attention_with_keys, bipartite_soft_matching, compose_groups, merge_groups,
     merge_source, merge_wavg, merged_index, parse_r, unmerge_groups)
 
 __all__ = ["patch", "unpatch", "is_patched", "merging_block_indices", "transformer_blocks", "model_family",
@@ -89,7 +89,7 @@ def tome_fusion(block_index: int, match: BipartiteMatch, x: torch.Tensor, size: 
 
 @dataclass
 class ToMeConfig:
-    """Settings shared by a patched model and its blocks; `state` is set only during a forward."""
+    """Settings shared by a patched model and its blocks; `slot.state` is set only during a forward."""
     r: RSchedule
     prop_attn: bool
     start_idx: int
@@ -100,7 +100,7 @@ class ToMeConfig:
     family: str = "vit"
     method: str = "tome"
     fusion: Fusion = tome_fusion
-    state: Optional["ToMeState"] = None
+    slot: StateSlot = field(default_factory=StateSlot)  # holds the ToMeState of the forward in progress
 
 
 @dataclass
@@ -166,7 +166,7 @@ class ToMeBlockMixin:
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         cfg: ToMeConfig = self._tome_cfg
-        state = cfg.state
+        state = cfg.slot.state
         if attn_mask is not None or is_causal:  # masks do not survive merging: run the block unchanged
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if state is None or not _has_attention_now(self):
@@ -206,17 +206,17 @@ class ToMeModelMixin:
 
     def _tome_run(self, fn, *args, **kwargs):
         cfg: ToMeConfig = self._tome_cfg
-        if cfg.state is not None:  # nested call (forward -> forward_features)
+        if cfg.slot.state is not None:  # nested call (forward -> forward_features)
             return fn(*args, **kwargs)
         if self.training and getattr(self, "grad_checkpointing", False):
             raise ModelConfigError("ToMe cannot train with gradient checkpointing (blocks re-run after the forward); "
                                    "disable it.")
         state = ToMeState(r_list=parse_r(cfg.num_layers, cfg.r))
-        cfg.state = state
+        cfg.slot.state = state
         try:
             return fn(*args, **kwargs)
         finally:
-            cfg.state = None
+            cfg.slot.state = None
             if cfg.trace_source:
                 self._tome_info = {"source": state.source, "size": state.size, "r_applied": state.merges}
                 if cfg.family != "vit":
@@ -245,7 +245,7 @@ class ToMeSequenceStageMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg: ToMeConfig = self._tome_cfg
-        state = cfg.state
+        state = cfg.slot.state
         if state is None:
             return super().forward(x)
         state.begin_stage()
@@ -301,7 +301,7 @@ class ToMeEfficientVitBlockMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg: ToMeConfig = self._tome_cfg
-        state = cfg.state
+        state = cfg.slot.state
         if state is None or x.dim() != 3:
             return super().forward(x)
         ordinal = state.attention_blocks_seen
@@ -325,7 +325,7 @@ class ToMeEfficientVitStageMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg: ToMeConfig = self._tome_cfg
-        state = cfg.state
+        state = cfg.slot.state
         if state is None:
             return super().forward(x)
         tokens = None
@@ -345,7 +345,7 @@ class ToMeEfficientVitStageMixin:
 
     @staticmethod
     def _tome_to_grid(tokens: torch.Tensor, channels: int, cfg: ToMeConfig) -> torch.Tensor:
-        state = cfg.state
+        state = cfg.slot.state
         full = unmerge_groups(tokens, state.group)
         height, width = state.grid
         state.end_stage(cfg.trace_source)
@@ -506,7 +506,6 @@ def _check_attention(attn: nn.Module) -> None:
 # ---------------------------------------------------------------------------
 
 from . import family as _family  # noqa: E402  (the declaration below is the module's public contract)
-from .errors import ModelConfigError  # noqa: E402
 from .hooks import MethodHooks  # noqa: E402
 
 

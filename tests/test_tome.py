@@ -324,7 +324,7 @@ def test_no_state_outlives_forward():
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
         model.forward_features(torch.randn(1, 3, 64, 64))
-    assert model._tome_cfg.state is None and model._tome_info["size"] is None
+    assert model._tome_cfg.slot.state is None and model._tome_info["size"] is None
 
 
 @pytest.mark.parametrize("kwargs", [dict(r=-1), dict(r="13"), dict(r=[2, -1]), dict(start_idx=-1),
@@ -476,4 +476,4 @@ def test_forward_intermediates_merges_like_forward():
         final, intermediates = model.forward_intermediates(x, output_fmt="NLC")
         torch.testing.assert_close(final, model.forward_features(x))
     assert [y.shape[1] for y in intermediates] == [13, 10, 7, 4]  # 16 patches + cls, 3 merged per block
-    assert model._tome_cfg.state is None
+    assert model._tome_cfg.slot.state is None
