@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from . import tome
 from .errors import ModelConfigError
 from .token_ops import StateSlot, attention_with_keys, selection_precision
 
@@ -290,7 +292,8 @@ def _has_attention_now(block: nn.Module) -> bool:
 class PiToMeBlockMixin:
     """Placed before the block's own class; see the module docstring for what changes."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         cfg: PiToMeConfig = self._pitome_cfg
         state: Optional[PiToMeState] = cfg.slot.state
         if attn_mask is not None or is_causal or state is None:  # masks do not survive merging
@@ -482,9 +485,7 @@ def patch(model: nn.Module, ratio: Ratio = 1.0, margin: Margin = DEFAULT_MARGIN,
     alpha: ELU alpha of the energy. prop_attn: add `ln(size)` to the attention logits.
     trace_source: keep the source map in `model._pitome_info["source"]` after each forward.
     """
-    from . import tome  # ToMe and ToFu share one patch machinery; a patched model is unpatched first
-
-    if isinstance(model, tome.ToMeModelMixin):
+    if isinstance(model, tome.ToMeModelMixin):  # ToMe and ToFu share one patch machinery
         tome.unpatch(model)
     if is_patched(model):
         unpatch(model)
@@ -541,8 +542,6 @@ def official_gflops(model: nn.Module, img_size: Optional[Tuple[int, int]] = None
 # ---------------------------------------------------------------------------
 # Method family: PiToMe is a patch family, applied after any supported model is built
 # ---------------------------------------------------------------------------
-
-import re  # noqa: E402
 
 from . import family as _family  # noqa: E402  (the declaration below is the module's public contract)
 from .hooks import MethodHooks  # noqa: E402

@@ -6,7 +6,6 @@ import math
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 import models  # noqa: F401  (registers the models)
@@ -40,8 +39,8 @@ def _reference_merge(tokens, sizes, keys, prefix, r, margin, alpha, bsm):
     patch_keys = keys[prefix:]
     t = patch_keys.shape[0]
     unit = [patch_keys[j] / max(float(patch_keys[j].norm()), 1e-12) for j in range(t)]
-    cos = [[float(unit[j] @ unit[l]) for l in range(t)] for j in range(t)]
-    energy = [sum(_elu(cos[j][l] - margin, alpha) for l in range(t)) / t for j in range(t)]
+    cos = [[float(unit[j] @ unit[o]) for o in range(t)] for j in range(t)]
+    energy = [sum(_elu(cos[j][o] - margin, alpha) for o in range(t)) / t for j in range(t)]
     order = sorted(range(t), key=lambda j: -energy[j])  # stable: ties keep sequence order
 
     def best_partner(a, candidates):
@@ -296,7 +295,7 @@ def test_energy_on_a_hand_made_metric():
     unit = metric / metric.norm(dim=-1, keepdim=True)
     energy, sim = pitome.energy_scores(metric, margin=0.25, alpha=0.5)
     for j in range(4):
-        terms = [_elu(float(unit[0, j] @ unit[0, l]) - 0.25, 0.5) for l in range(4)]
+        terms = [_elu(float(unit[0, j] @ unit[0, o]) - 0.25, 0.5) for o in range(4)]
         assert energy[0, j].item() == pytest.approx(sum(terms) / 4, abs=1e-12)
     assert sim[0, 0, 0].item() == pytest.approx(1.0)
 
@@ -632,3 +631,21 @@ def test_visualisation_writes_an_image(tmp_path):
     assert model._pitome_cfg.ratios == [0.6] * 4 and not model._pitome_cfg.trace_source  # settings restored
     assert pitome_visualize.main(["--model", "deit_small_patch16_224", "--model-kwargs", "{'depth': 2}",
                                   "--input-size", "64", "--blocks", "5", "--out", str(out)]) == 2
+
+
+def test_selection_is_float32_in_a_bf16_model(monkeypatch):
+    seen = []
+    original = pitome.energy_scores
+
+    def spy(metric, margin, alpha=1.0):
+        seen.append(metric.dtype)
+        energy, sim = original(metric, margin, alpha)
+        seen.append(sim.dtype)
+        return energy, sim
+    monkeypatch.setattr(pitome, "energy_scores", spy)
+    model = pitome.patch(make_vit(), ratio=0.8).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(images().to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and seen and set(seen) == {torch.float32}
+    assert model._pitome_info["size"].dtype == torch.float32
+    assert model._pitome_info["tokens"] == pitome.expected_tokens(model)

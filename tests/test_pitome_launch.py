@@ -7,7 +7,6 @@ runs on a fake local Hugging Face cache holding (random) weights for timm's
 `deit_small_patch16_224.fb_in1k`, which is where `--pretrained` reads them offline.
 """
 import argparse
-import os
 import shlex
 
 import numpy as np
@@ -156,7 +155,8 @@ def imagenet_folder(tmp_path_factory):
         for cls in ("n01440764", "n01443537"):
             (root / split / cls).mkdir(parents=True)
             for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.JPEG")
+                pixels = rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.JPEG")
     return root
 
 
