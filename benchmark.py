@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--compare-baseline", default=None, metavar="SPEC",
                        help="compare every --model against this spec, alternately")
     which.add_argument("--num-classes", type=int, default=1000, help="classifier size of the built models")
+    which.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                       help="import a module that registers a method family (its models and flags), as main.py's")
     which.add_argument("--model-kwargs", dest="model_kwargs", type=families.literal("dict"), default=None,
                        metavar="DICT", help="constructor kwargs for every model, as main.py's, e.g. "
                                             "\"{'depth': 6}\" (a model-file line may carry its own)")
@@ -727,10 +729,23 @@ def run_data_loading(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def import_plugins(argv: Sequence[str] | None) -> None:
+    """`--plugin MODULE` (repeatable): a researcher's own family module, imported before the parser
+    is built so its flags exist (as main.py's)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        families.import_plugins(known.plugin)
+    except ModelConfigError as error:
+        raise UserError(str(error)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
+        import_plugins(argv)
         args = build_parser().parse_args(argv)
         logging.getLogger().setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
         records = run(args)

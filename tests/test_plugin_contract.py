@@ -122,3 +122,19 @@ def test_only_flags_given_away_from_their_default_warn_on_another_familys_model(
     main.build_model(main.parse_args(plain + ["--tau", "0.3", "--tome-r", "2"]), 10)
     warnings = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
     assert warnings == ["--tau has no effect on --model deit_tiny_patch16_224 (not an option of its family)"]
+
+
+def test_benchmark_takes_plugin_as_main_does(tmp_path):
+    """A fresh process: `--plugin toy_family` registers the toy model and its flag before parsing."""
+    import sys
+    out = tmp_path / "flops.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "benchmark.py", "--plugin", "toy_family", "--model", "toy_vit",
+                           "--toy-logit-scale", "2", "--img-size", "32", "--flops-only", "--output", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["model_kwargs"]["logit_scale"] == 2.0
+    bad = subprocess.run([sys.executable, "benchmark.py", "--plugin", "no_such_module", "--model", "toy_vit"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--plugin no_such_module: no such module" in bad.stderr
+    assert "Traceback" not in bad.stderr
