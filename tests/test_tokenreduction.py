@@ -610,3 +610,42 @@ def test_sinkhorn_repeated_evaluations_are_bitwise_stable():
         first = model(x)
         v = model.cluster_layers[0].v.detach().clone()
         assert torch.equal(model(x), first) and torch.equal(model.cluster_layers[0].v, v)
+
+
+# ---------------------------------------------------------------------------
+# bf16: selection in fp32, models close to fp32
+# ---------------------------------------------------------------------------
+
+def test_selection_kernels_run_the_fp32_path_of_bf16_inputs():
+    y = torch.randn(2, 40, 16).bfloat16()
+    weight = torch.rand(2, 40, 1).bfloat16()
+    a, b = kmedoids_fit(y, 10, 3, weight), kmedoids_fit(y.float(), 10, 3, weight.float())
+    assert torch.equal(a.centers, b.centers) and torch.equal(a.assignment, b.assignment)
+    assert a.tokens.dtype == torch.bfloat16 and torch.equal(a.tokens.float(), b.tokens)
+    torch.manual_seed(0)
+    assign, centres = dpc_knn_cluster(y, 10, 5)
+    torch.manual_seed(0)
+    assign32, centres32 = dpc_knn_cluster(y.float(), 10, 5)
+    assert torch.equal(assign, assign32) and torch.equal(centres, centres32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        assert torch.equal(dpc_knn_cluster(y.float(), 10, 5)[1], centres32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast_and_bf16_weights_stay_close_to_fp32(method):
+    from utils.precision import cast_for_inference
+    model = build(method, dtype=torch.float32, depth=4, reduction_loc=(1, 3), keep_rate=(0.75,))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(0)
+            auto = model(x)
+        torch.manual_seed(0)
+        cast = cast_for_inference(model, torch.bfloat16)(x)
+    assert cast.dtype == torch.bfloat16
+    for out in (auto, cast):
+        assert torch.isfinite(out.float()).all()
+        assert (out.float() - ref).abs().max() < 0.15 * ref.abs().max()
