@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from losses import main_logits
 from utils.precision import AMP_DTYPE_PRECISIONS, autocast_dtype, autocast_in, cast_for_inference  # noqa: F401  (cast_for_inference is part of engine's API)
 from utils.distributed import all_reduce_sum, any_rank, get_rank
 from utils.logger import MetricLogger, SmoothedValue
+from utils.resume import RunState
 
 _logger = logging.getLogger("train")
 
@@ -34,21 +34,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, epoch: int, next_step: int, reason: str):
         super().__init__(f"stopped by {reason} at epoch {epoch}, step {next_step}")
         self.epoch, self.next_step, self.reason = epoch, next_step, reason
-
-
-@dataclass
-class RunState:
-    """Counters that survive across epochs and resumes (saved in checkpoints)."""
-    optimizer_steps: int = 0
-    nonfinite_skipped: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            if hasattr(self, key):
-                setattr(self, key, int(value))
 
 
 def amp_dtype(args, device: torch.device) -> torch.dtype | None:

@@ -274,14 +274,13 @@ def test_shrink_filter_drops_attention_of_removed_blocks():
 def _training_parts(seed):
     from timm.utils import ModelEmaV2
 
-    from engine import RunState
     torch.manual_seed(seed)
     model = tiny_deit()
     args = main.parse_args(["--device", "cpu", "--epochs", "10", "--model", "deit_tiny_patch16_224"])
     optimizer = main.build_optimizer(args, model, 1e-3)
     scheduler = main.build_scheduler(args, optimizer, updates_per_epoch=2)
     ema = ModelEmaV2(model, decay=0.5)
-    return args, main.TrainingParts(model, optimizer, scheduler, None, ema, RunState(), None)
+    return args, main.TrainingParts(model, optimizer, scheduler, None, ema)
 
 
 def test_resume_round_trip_restores_everything(tmp_path):
@@ -293,10 +292,9 @@ def test_resume_round_trip_restores_everything(tmp_path):
     parts.optimizer.step()
     parts.model_ema.update(model)
     parts.lr_scheduler.step(3)
-    parts.run_state.optimizer_steps = 7
+    parts.run_state.optimizer_steps, parts.run_state.max_accuracy = 7, 42.0
     path = str(tmp_path / "checkpoint.pth")
-    assert main.save_training_checkpoint(args, parts, path, epoch=3, epoch_step=0, epoch_complete=True,
-                                         max_accuracy=42.0)
+    assert main.save_training_checkpoint(args, parts, path, epoch=3, epoch_step=0, epoch_complete=True)
 
     args2, fresh = _training_parts(1)
     args2.resume = path
@@ -316,7 +314,7 @@ def test_resume_round_trip_restores_everything(tmp_path):
 def test_resume_mid_epoch_and_eval_only(tmp_path):
     args, parts = _training_parts(0)
     path = str(tmp_path / "checkpoint.pth")
-    main.save_training_checkpoint(args, parts, path, epoch=2, epoch_step=5, epoch_complete=False, max_accuracy=0)
+    main.save_training_checkpoint(args, parts, path, epoch=2, epoch_step=5, epoch_complete=False)
     args2, fresh = _training_parts(1)
     args2.resume = path
     point = main.resume_if_possible(args2, fresh)
@@ -329,7 +327,7 @@ def test_resume_mid_epoch_and_eval_only(tmp_path):
 
 def test_auto_resume_picks_output_dir_checkpoint(tmp_path):
     args, parts = _training_parts(0)
-    main.save_training_checkpoint(args, parts, str(tmp_path / "checkpoint.pth"), 0, 0, True, 0.0)
+    main.save_training_checkpoint(args, parts, str(tmp_path / "checkpoint.pth"), 0, 0, True)
     args2, fresh = _training_parts(1)
     args2.output_dir, args2.auto_resume = str(tmp_path), True
     assert main.resume_if_possible(args2, fresh).start_epoch == 1
@@ -341,15 +339,15 @@ def test_auto_resume_picks_output_dir_checkpoint(tmp_path):
 def test_auto_resume_falls_back_to_epoch_copy_when_latest_is_corrupt(tmp_path):
     args, parts = _training_parts(0)
     path = str(tmp_path / "checkpoint.pth")
-    main.save_training_checkpoint(args, parts, path, 1, 0, True, 0.0)
+    main.save_training_checkpoint(args, parts, path, 1, 0, True)
     keep_epoch_copy(path, 1, keep=3)
-    main.save_training_checkpoint(args, parts, path, 2, 0, True, 0.0)
+    main.save_training_checkpoint(args, parts, path, 2, 0, True)
     with open(path, "r+b") as f:  # damage the newest file in place
         f.truncate(100)
     args2, fresh = _training_parts(1)
     args2.output_dir, args2.auto_resume = str(tmp_path), True
     point = main.resume_if_possible(args2, fresh)
-    assert point.start_epoch == 2 and point.path.endswith("checkpoint-0001.pth")
+    assert point.start_epoch == 2 and point.resumed_from.endswith("checkpoint-0001.pth")
     os.unlink(tmp_path / "checkpoint-0001.pth")
     with pytest.raises(UserError, match="truncated"):
         main.resume_if_possible(args2, _training_parts(2)[1])
@@ -358,9 +356,10 @@ def test_auto_resume_falls_back_to_epoch_copy_when_latest_is_corrupt(tmp_path):
 def test_nonfinite_weights_are_not_written(tmp_path, caplog):
     args, parts = _training_parts(0)
     path = str(tmp_path / "checkpoint.pth")
-    assert main.save_training_checkpoint(args, parts, path, 0, 3, False, 0.0)
+    assert main.save_training_checkpoint(args, parts, path, 0, 3, False)
     with torch.no_grad():
         parts.model_without_ddp.head.weight[0, 0] = float("nan")
-    assert not main.save_training_checkpoint(args, parts, path, 0, 4, False, 0.0)
+    assert not main.save_training_checkpoint(args, parts, path, 0, 4, False)
     assert "not writing" in caplog.text and "head.weight" in caplog.text
     assert load_checkpoint_file(path)["epoch_step"] == 3
+

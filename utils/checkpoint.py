@@ -10,6 +10,7 @@ file that needs any other Python global is refused without running it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import glob
 import logging
@@ -272,3 +273,13 @@ def restore_rng_state(state: dict) -> None:
 def close_matches(word: str, options, n: int = 5) -> str:
     matches = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
     return ", ".join(matches) if matches else "none"
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run code that may draw random numbers without moving the training RNG streams."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
