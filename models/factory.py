@@ -39,7 +39,7 @@ from . import family as family_registry
 from .errors import ModelConfigError
 
 __all__ = ["create_model", "check_model_name", "load_weights", "LoadSummary", "CheckpointMismatchError",
-           "saved_args", "head_keys_of", "default_input_size", "build_example"]
+           "saved_args", "state_dict_of", "head_keys_of", "default_input_size", "build_example"]
 
 _logger = logging.getLogger(__name__)
 
@@ -102,17 +102,44 @@ def saved_args(checkpoint) -> Dict[str, Any]:
     return {}
 
 
-def _state_dict_of(checkpoint) -> Dict[str, torch.Tensor]:
+# Where checkpoints keep their weights, in the order they are looked for: this project's and
+# DeiT's `model`, timm train.py's `state_dict`, `net` and `module` of other trainers, then an
+# EMA copy for a file that holds only that.
+STATE_DICT_KEYS = ("model", "state_dict", "net", "module", "model_ema", "state_dict_ema")
+# Prefixes of wrapped models: DataParallel / DDP (`module.`), torch.compile (`_orig_mod.`).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def state_dict_of(checkpoint) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: the one reader used by resume, finetune, evaluation,
+    the benchmark and the tools.
+
+    The first of `STATE_DICT_KEYS` that holds tensors, else the dict itself; only tensor
+    entries are kept, and a prefix that every key carries (`module.`, `_orig_mod.`, also nested)
+    is stripped. ModelConfigError when there are no weights.
+    """
     if not isinstance(checkpoint, dict):
         raise ModelConfigError(f"checkpoint holds a {type(checkpoint).__name__}, expected a dict of tensors")
-    for key in ("model", "state_dict", "model_ema", "module"):
+    tensors = {}
+    for key in STATE_DICT_KEYS:
         inner = checkpoint.get(key)
-        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            return inner
-    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint
-    raise ModelConfigError(f"checkpoint has no weights: expected a 'model' or 'state_dict' entry or a state "
-                           f"dict; found keys {', '.join(map(str, list(checkpoint)[:6]))}")
+        if isinstance(inner, dict):
+            tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+            if tensors:
+                break
+    if not tensors:
+        tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ModelConfigError(f"checkpoint has no weights: expected one of {', '.join(STATE_DICT_KEYS)} or a "
+                               f"state dict; its top-level keys are {', '.join(sorted(map(str, checkpoint))[:8])}")
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+                stripped = True
+    return tensors
 
 
 def _timm_module(model_name: str) -> str:
@@ -343,7 +370,7 @@ def create_model(name: str, *, options=None, num_classes: Optional[int] = None, 
                                    f"and the method flags") from None
         raise
     if checkpoint is not None:
-        model.load_summary = load_weights(model, _state_dict_of(checkpoint), load=load, model_name=name,
+        model.load_summary = load_weights(model, state_dict_of(checkpoint), load=load, model_name=name,
                                           source=source)
     if apply_patches:
         family_registry.apply_patches(model, name, options)
@@ -364,7 +391,7 @@ def build_example(example: "family_registry.Example", num_classes: int = 10, ove
 
 
 def _saved_num_classes(checkpoint) -> Optional[int]:
-    state = _state_dict_of(checkpoint)
+    state = state_dict_of(checkpoint)
     for key in ("head.weight", "head.fc.weight", "classifier.weight", "fc.weight"):
         value = state.get(key)
         if isinstance(value, torch.Tensor) and value.dim() == 2:

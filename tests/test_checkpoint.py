@@ -363,3 +363,48 @@ def test_nonfinite_weights_are_not_written(tmp_path, caplog):
     assert "not writing" in caplog.text and "head.weight" in caplog.text
     assert load_checkpoint_file(path)["epoch_step"] == 3
 
+
+# --------------------------------------------------------------------------- one checkpoint reader
+
+def _ddp_checkpoint(tmp_path, model_name="deit_tiny_patch16_224"):
+    """A checkpoint as a DDP-wrapped model saves it: every key prefixed `module.`."""
+    model = tiny_deit(model_name)
+    path = tmp_path / "ddp.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 0,
+                "args": {"model": model_name}}, path)
+    return model, str(path)
+
+
+def _tiny_args(*extra):
+    return main.parse_args(["--model", "deit_tiny_patch16_224", "--model-kwargs",
+                            "{'depth': 1, 'embed_dim': 32, 'num_heads': 2, 'patch_size': 8}", "--input-size", "32",
+                            "--device", "cpu", "--num_workers", "0", *extra])
+
+
+def test_ddp_prefixed_checkpoint_loads_with_finetune_as_with_resume(tmp_path):
+    """`--resume` stripped the `module.` prefix, `--finetune` stopped with '20 model keys missing'."""
+    source, path = _ddp_checkpoint(tmp_path)
+    finetuned = main.build_model(_tiny_args("--finetune", path), 10)
+    assert finetuned.load_summary.missing == [] and finetuned.load_summary.unexpected == []
+    args = _tiny_args("--resume", path, "--eval")
+    resumed = main.build_model(args, 10)
+    main.resume_if_possible(args, main.TrainingParts(resumed))
+    for key, value in source.state_dict().items():
+        assert torch.equal(finetuned.state_dict()[key], value) and torch.equal(resumed.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("wrap", ["model", "state_dict", "net", "model_ema", "state_dict_ema", None])
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod."])
+def test_one_reader_for_every_wrapper_and_prefix(wrap, prefix):
+    from models.factory import state_dict_of
+    weights = {"a.weight": torch.zeros(2), "b.bias": torch.ones(1)}
+    inner = {prefix + k: v for k, v in weights.items()}
+    checkpoint = {wrap: inner, "epoch": 3, "args": {"model": "m"}} if wrap else inner
+    assert state_dict_of(checkpoint).keys() == weights.keys()
+    assert extract_state_dict(checkpoint).keys() == weights.keys()  # the trainer's name for the same reader
+
+
+def test_the_model_weights_win_over_the_ema_weights():
+    from models.factory import state_dict_of
+    checkpoint = {"model_ema": {"w": torch.zeros(1)}, "model": {"w": torch.ones(1)}}
+    assert torch.equal(state_dict_of(checkpoint)["w"], torch.ones(1))

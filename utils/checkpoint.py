@@ -25,13 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.errors import ModelConfigError
+from models.factory import saved_args, state_dict_of  # noqa: F401  (saved_args: the one reader of a checkpoint's args)
 from utils.errors import UserError
 from utils.model_match import suggest_model_for_keys
 
 _logger = logging.getLogger(__name__)
-
-STATE_DICT_KEYS = ("model", "net", "state_dict")
-
 
 # ----------------------------------------------------------------------------- writing
 
@@ -182,34 +181,13 @@ def _first_line(err: BaseException) -> str:
     return text[0][:200] if text else type(err).__name__
 
 
-def saved_args(checkpoint) -> dict:
-    """The `args` a checkpoint was trained with, as a dict (main.py stores a dict, the official
-    DeiT / EViT / lambda_vit code an argparse.Namespace); {} when there are none."""
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
-    return dict(args) if isinstance(args, dict) else {}
-
-
 def extract_state_dict(checkpoint) -> dict:
-    """The model weights of a checkpoint: its `model`, `net` or `state_dict` entry, or the dict itself.
-
-    `module.` prefixes left by DataParallel / DDP are stripped.
-    """
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"checkpoint holds a {type(checkpoint).__name__}, expected a dict of tensors")
-    state = checkpoint
-    for key in STATE_DICT_KEYS:
-        if isinstance(checkpoint.get(key), dict):
-            state = checkpoint[key]
-            break
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise UserError(f"checkpoint has no weights: expected one of {STATE_DICT_KEYS} or a state dict; "
-                        f"top-level keys are {sorted(map(str, checkpoint))[:8]}")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors
+    """The model weights of a checkpoint (`models.factory.state_dict_of`, the one reader: `model`,
+    `state_dict`, `net`, EMA entries; `module.` / `_orig_mod.` prefixes stripped); UserError if none."""
+    try:
+        return state_dict_of(checkpoint)
+    except ModelConfigError as err:
+        raise UserError(str(err)) from None
 
 
 def describe_key_mismatch(model_state: dict, state_dict: dict, shown: int = 4) -> tuple[list, list, list, str]:
