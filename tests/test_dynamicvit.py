@@ -616,3 +616,44 @@ def test_checkpoint_filter_keeps_predictor_init_for_a_deit_checkpoint():
     assert all(torch.equal(state[k], v) for k, v in init.items())
     assert torch.equal(state["blocks.3.mlp.fc1.weight"], deit.state_dict()["blocks.3.mlp.fc1.weight"])
     assert torch.equal(state["head.weight"], deit.state_dict()["head.weight"])
+
+
+# ---------------------------------------------------------------------------
+# FLOPs and --target-gmacs
+# ---------------------------------------------------------------------------
+
+def test_gmacs_follow_the_kept_tokens():
+    """fvcore's count equals a closed form over the per-block token counts (predictors included)."""
+    from models import flops as flops_module
+    model = make("small", img_size=64, base_rate=0.7).eval()
+    got = flops_module.count_flops(model, (64, 64), counter="fvcore")["gmacs"]
+    c, n0, hidden = 48, 16, 192
+
+    def block(n):
+        return n * (3 * c * c + c * c + 2 * c * hidden) + 2 * n * n * c + 2 * 5 * n * c  # linears, attention, 2 LNs
+
+    def predictor(n):
+        return n * (c * c + c * c // 2 + c // 2 * c // 4 + c // 4 * 2) + 5 * n * c  # linears + its LayerNorm
+
+    lengths = [n0 + 1] * 3 + [12] * 3 + [8] * 3 + [6] * 3
+    want = sum(block(n) for n in lengths) + sum(predictor(n) for n in (16, 11, 7))
+    want += 3 * 16 * 16 * 16 * c + 5 * 6 * c + c * 10  # patch embedding, final norm (6 tokens), head
+    assert got == pytest.approx(want / 1e9, rel=1e-9)
+
+
+def test_target_gmacs_solves_for_base_rate(tmp_path):
+    import json
+
+    import benchmark
+    out = tmp_path / "r.jsonl"
+    kwargs = "{'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'patch_size': 8, 'pruning_loc': (1, 2, 3)}"
+    common = ["--model", "dynamicvit_deit_tiny_patch16_224", "--model-kwargs", kwargs, "--img-size", "64",
+              "--flops-only", "--counter", "fvcore"]
+    assert benchmark.main(common + ["--base_rate", "1.0", "--output", str(tmp_path / "full.jsonl")]) == 0
+    full = json.loads((tmp_path / "full.jsonl").read_text().splitlines()[0])["gmacs"]
+    target = round(0.7 * full, 6)
+    assert benchmark.main(common + ["--base_rate", "auto", "--target-gmacs", str(target), "--output", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    rate = record["method_flags"]["base_rate"]
+    assert record["target_gmacs"]["dest"] == "base_rate" and 0 < rate < 1
+    assert abs(record["gmacs"] - target) / target < 0.03  # one more kept token per location is a ~2% step here
