@@ -34,32 +34,41 @@ def imagenet_folder(tmp_path_factory):
 
 
 def official_checkpoint(path, model_name, **kwargs):
+    """(path, model): a checkpoint in the official layout (DeiT's dict with a pickled Namespace)."""
     model = timm.create_model(model_name, **kwargs)
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # spread the logits so accuracy and loss are not trivial
     torch.save({"model": model.state_dict(), "epoch": 299, "args": argparse.Namespace(model=model_name)}, path)
-    return path
+    return path, model
 
 
 @pytest.mark.slow
 def test_evit_eval_line(imagenet_folder, tmp_path):
-    ckpt = official_checkpoint(tmp_path / "evit.pth", "deit_small_patch16_shrink_base", fuse_token=True)
+    ckpt, model = official_checkpoint(tmp_path / "evit.pth", "deit_small_patch16_shrink_base", fuse_token=True)
     line = f"--model deit_small_patch16_shrink_base --fuse_token --base_keep_rate 0.7 --eval --resume {ckpt} " \
            f"--data-path {imagenet_folder}"
     proc = run_main(shlex.split(line))
     assert_ok(proc)
-    assert "Accuracy of the network on the 4 test images" in proc.stderr
+    acc1, acc5, loss, count = _reference_eval(model, imagenet_folder, int(1.5 * 64))  # DeiT's default batch 64
+    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
+    assert f"Accuracy of the network on the {count} test images: {acc1:.1f}%" in proc.stderr
 
 
 @pytest.mark.slow
 def test_shrink_test_sh_line(imagenet_folder, tmp_path):
-    ckpt = official_checkpoint(tmp_path / "small_0246.pth", "deit_small_patch16_224_copy_lambda",
-                               prune_layer=[0, 2, 4, 6])
+    ckpt, source = official_checkpoint(tmp_path / "small_0246.pth", "deit_small_patch16_224_copy_lambda",
+                                       prune_layer=[0, 2, 4, 6])
     line = f"--data-set IMNET --data-path {imagenet_folder} --model deit_small_patch16_224_shrink " \
            f"--prune_layer [] --done_layer [0,2,4,6] --seed 42 --num_workers 10 --batch-size 256 " \
            f"--finetune {ckpt} --eval --no-model-ema"
     proc = run_main(shlex.split(line), script="main_lambda.py")
     assert_ok(proc)
     assert "0 resized, 24 dropped, 0 missing" in proc.stderr  # the 6 attention keys of 4 removed blocks
-    assert "Accuracy of the network on the 4 test images" in proc.stderr
+    deployed = timm.create_model("deit_small_patch16_224_shrink", done_layer=[0, 2, 4, 6])
+    deployed.load_state_dict({k: v for k, v in source.state_dict().items() if k in deployed.state_dict()})
+    acc1, acc5, loss, count = _reference_eval(deployed, imagenet_folder, int(1.5 * 256))
+    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
+    assert f"Accuracy of the network on the {count} test images: {acc1:.2f}%" in proc.stderr  # lambda_vit: 2 decimals
 
 
 def test_ltm_readme_line_parses_as_written():
