@@ -337,6 +337,31 @@ def _pretrained_cfg_sizes(model_name: str) -> dict:
     return sizes
 
 
+def translate_official_argv(argv: list) -> list:
+    """`argv` with every family's official spellings rewritten (after `--plugin` modules are imported,
+    so a plugin's translator applies too); the rewrite is logged when it changes anything."""
+    import models  # noqa: F401  (registers the built-in families and their translators)
+
+    _import_plugins(argv)
+    try:
+        translated = families.translate_argv(argv)
+    except ModelConfigError as err:
+        raise UserError(str(err)) from None
+    if translated != argv:
+        _logger.info("official launch line translated: %s", " ".join(translated))
+    return translated
+
+
+def _import_plugins(argv) -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    try:
+        families.import_plugins(known.plugin)
+    except ModelConfigError as err:
+        raise UserError(str(err)) from None
+
+
 def build_parser(argv=None) -> argparse.ArgumentParser:
     """The full parser with the defaults in force for this command line: parser defaults, then
     the model family's recipe, then `--defaults timm` files, then `--cfg` (the command line wins)."""
@@ -346,10 +371,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     pre.add_argument("--plugin", action="append", default=[])
     pre.add_argument("--model", default=None)
     known, _ = pre.parse_known_args(argv)
-    try:
-        families.import_plugins(known.plugin)
-    except ModelConfigError as err:
-        raise UserError(str(err)) from None
+    _import_plugins(argv)
     import models  # noqa: F401  (registers the built-in families before the parser is built)
 
     parser = OneLineParser("main.py", parents=[get_args_parser()], usage=USAGE, help_hint=_help_hint(),
@@ -369,8 +391,10 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Full command-line parsing: recipes and --cfg YAML as defaults, then the command line, then checks."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Full command-line parsing: an official launch line's flags translated into this project's
+    (each family's `translate_argv`), recipes and --cfg YAML as defaults, then the command line,
+    then checks."""
+    argv = translate_official_argv(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     args.argv = argv
