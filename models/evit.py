@@ -190,6 +190,10 @@ class EViT(VisionTransformer):
         self.runtime_keep_rate: Optional[float] = None
         # patch tokens per image that the blocks' `runtime_tokens` (set_keep_rate's counts) are for
         self.runtime_tokens_grid: Optional[int] = None
+        # configured per-block token counts (None entries: no count) that a forward given neither
+        # keep_rate nor tokens, with no run-time rate set, uses in place of the configured rates
+        # (TokenReduction's Top-K: a fixed count per location, models/tokenreduction.py)
+        self.fixed_tokens: Optional[Tuple[Optional[int], ...]] = None
 
     @staticmethod
     def _num_protected_tokens() -> int:
@@ -246,6 +250,8 @@ class EViT(VisionTransformer):
         if keep_rate is None and tokens is None and self.runtime_tokens_grid is not None and images is not None \
                 and self._grid_tokens(images) == self.runtime_tokens_grid:
             tokens = [block.runtime_tokens for block in self.blocks]
+        elif keep_rate is None and tokens is None and self.runtime_keep_rate is None and self.fixed_tokens is not None:
+            tokens = self.fixed_tokens
         elif keep_rate is None:
             keep_rate = self.runtime_keep_rate
         slot.state = EViTState(self._broadcast(keep_rate, "keep_rate"), self._broadcast(tokens, "tokens"))
