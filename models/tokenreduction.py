@@ -149,10 +149,11 @@ def _to_numpy(tensor: torch.Tensor):
 class TopKViT(EViT):
     """Top-K pruning (spec section 2) as the project's EViT with `fuse_token=False`.
 
-    No block prunes by rate; the forward's default `tokens` argument is this model's per-block
-    count (`K_i` at `reduction_loc[i]`, None elsewhere), which EViT's blocks apply after their
-    attention residual, keeping the kept tokens in decreasing class-attention order. A count
-    equal to the current one prunes nothing (the official code crashes there).
+    No block prunes by rate; EViT's `fixed_tokens` holds this model's per-block counts (`K_i` at
+    `reduction_loc[i]`, None elsewhere), which EViT's blocks apply after their attention
+    residual, keeping the kept tokens in decreasing class-attention order, whenever a forward is
+    given no keep_rate / tokens of its own. A count equal to the current one prunes nothing (the
+    official code crashes there).
     """
 
     method = "topk"
@@ -169,13 +170,8 @@ class TopKViT(EViT):
         tokens: List[Optional[int]] = [None] * depth
         for loc, count in zip(plan.locations, plan.counts):
             tokens[loc] = count
-        self.block_tokens: Tuple[Optional[int], ...] = tuple(tokens)
+        self.fixed_tokens = tuple(tokens)  # EViT's per-block counts for forwards given no rate
         self.viz_mode = bool(viz_mode)
-
-    def _forward_state(self, keep_rate=None, tokens=None, images=None):
-        if keep_rate is None and tokens is None:
-            tokens = self.block_tokens
-        return super()._forward_state(keep_rate, tokens, images)
 
     def get_reduction_count(self) -> Tuple[int, ...]:
         return self.reduction_loc
