@@ -27,15 +27,6 @@ README_LINE = "--batch-size 64 --model DEIT_S_patch16_224 --algo pitome --ratio 
               "--lr 0.00001"
 
 
-def _main_translates() -> bool:
-    with open(main.__file__) as f:
-        return "translate_argv" in f.read()
-
-
-needs_wiring = pytest.mark.xfail(not _main_translates(), strict=False,
-                                 reason="main.py does not apply models.family.translate_argv to its argv yet")
-
-
 def translated(line: str):
     return family.translate_argv(shlex.split(line))
 
@@ -129,7 +120,6 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message, capfd):
     assert "Traceback" not in err
 
 
-@needs_wiring
 @pytest.mark.parametrize("line,message", [
     ("--model DEIT-S-224 --algo pitome --ratio 0.3 --eval", "keep ratio must lie in [0.5, 1]"),
     ("--model DEIT-S-224 --ratio 0.9 --eval", "--ratio is main_ic.py's keep ratio"),
@@ -191,7 +181,6 @@ def reference_eval(model, folder):
     return acc1, acc5, loss, len(data)
 
 
-@needs_wiring
 @pytest.mark.slow
 def test_eval_line_prints_the_patched_models_numbers(imagenet_folder, tmp_path):
     torch.manual_seed(0)
@@ -209,7 +198,6 @@ def test_eval_line_prints_the_patched_models_numbers(imagenet_folder, tmp_path):
     assert f"Accuracy of the network on the {count} test images: {acc1:.1f}%" in proc.stderr
 
 
-@needs_wiring
 @pytest.mark.slow
 def test_training_line_trains_from_an_official_checkpoint(imagenet_folder, tmp_path):
     """The training line (30 epochs of DeiT-S at batch 64 in the original) made tiny by appended flags,
