@@ -56,6 +56,7 @@ from numbers import Integral
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelConfigError
@@ -86,9 +87,8 @@ def significance_scores(cls_attn: torch.Tensor, v: torch.Tensor, num_prefix: int
     the image's sum. Computed in float32 whatever the inputs' dtype.
     """
     with selection_precision(v):
-        batch, heads, n, dim = v.shape
         attention = cls_attn.float().sum(dim=1)
-        value_norm = torch.linalg.norm(v.float().transpose(1, 2).reshape(batch, n, heads * dim), ord=2, dim=2)
+        value_norm = torch.linalg.vector_norm(v.float(), ord=2, dim=(1, 3))  # over all heads' channels
         score = (attention * value_norm)[:, num_prefix:]
         if real is not None:
             score = score.masked_fill(~real[:, num_prefix:], 0.0)
@@ -256,6 +256,7 @@ class ATSState:
     counts `[B]` real tokens per image (None: the sequence length); positions `[B, N - prefix]`
     original patch index of each patch row (-1: padding)."""
     valid: Optional[torch.Tensor] = None
+    padding: Optional[torch.Tensor] = None  # ~valid
     counts: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None
     tokens: List[torch.Tensor] = field(default_factory=list)
@@ -276,13 +277,21 @@ class ATSState:
 # Blocks and model
 # ---------------------------------------------------------------------------
 
-def _fp32_class_row(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, valid: Optional[torch.Tensor]):
-    """Class-query attention probabilities `[B, H, N]` in float32 (bf16 runs select like fp32 runs)."""
+def _class_row(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, valid: Optional[torch.Tensor]):
+    """Class-query attention probabilities `[B, H, N]` in float32 (bf16 runs select like fp32 runs),
+    with the official operation order `(q k^T) * scale`; padded keys get probability 0."""
     with selection_precision(q):
         logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * attn.scale
         if valid is not None:
             logits = logits.masked_fill(~valid[:, None, None, :], -math.inf)
         return logits.softmax(dim=-1)[:, :, 0]
+
+
+def _zero_rows(x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """x `[B, L, C]` with the rows where padding `[B, L]` is True set to 0 (in place without autograd)."""
+    if torch.is_grad_enabled():
+        return x.masked_fill(padding[..., None], 0.0)
+    return x.masked_fill_(padding[..., None], 0.0)
 
 
 class ATSBlockMixin:
@@ -304,55 +313,53 @@ class ATSBlockMixin:
     def _ats_forward(self, x: torch.Tensor, state: ATSState, cfg: ATSConfig) -> torch.Tensor:
         attn = self.attn
         batch, n, channels = x.shape
+        heads, dim = attn.num_heads, attn.head_dim
         prefix = cfg.num_prefix
         valid = state.valid
         y = self.norm1(x)
-        qkv = attn.qkv(y).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        logits = (q @ k.transpose(-2, -1)) * attn.scale  # official order: scale after the product
-        if valid is not None:
-            logits = logits.masked_fill(~valid[:, None, None, :], -math.inf)
-        probs = logits.softmax(dim=-1)
-        cls_row = probs[:, :, 0] if logits.dtype == torch.float32 else _fp32_class_row(attn, q, k, valid)
-
+        qkv = attn.qkv(y).reshape(batch, n, 3, heads, dim)
+        k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+        v = qkv[:, :, 2].transpose(1, 2)
         with torch.no_grad():
+            cls_row = _class_row(attn, attn.q_norm(qkv[:, :1, 0].transpose(1, 2)), k, valid)
             p = significance_scores(cls_row, v, prefix, valid)
-            excluded = None if valid is None or not cfg.drop_tokens else ~valid[:, prefix:]
+            excluded = None if valid is None or not cfg.drop_tokens else state.padding[:, prefix:]
             cap = self._ats_cap
             sampling = inverse_transform_sampling(p, cap - prefix, excluded)
             length = self._ats_length(sampling, n, cap, cfg)
             rows, real = kept_rows(sampling, prefix, length)
+            images = torch.arange(batch, device=x.device)[:, None]
 
-        heads, dim = attn.num_heads, attn.head_dim
-        kept_probs = probs.gather(2, rows[:, None, :, None].expand(batch, heads, length, n))
-        out = (attn.attn_drop(kept_probs) @ v).transpose(1, 2).reshape(batch, length, attn.attn_dim)
-        out = attn.norm(out)
-        kept_y = y.gather(1, rows[..., None].expand(batch, length, channels))
+        # Only the kept rows attend (to all n keys, padded ones masked): fused attention on the
+        # gathered queries (row by row the official softmax rows). Rows are taken by advanced
+        # indexing, which is several times faster than gather on CPU.
+        kept_q = attn.q_norm(qkv[images, rows, 0].transpose(1, 2))
+        out = F.scaled_dot_product_attention(
+            kept_q, k, v, attn_mask=None if valid is None else valid[:, None, None, :],
+            dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale)
+        out = attn.norm(out.transpose(1, 2).reshape(batch, length, attn.attn_dim))
         if getattr(attn, "gate", None) is not None:
-            out = out * attn.gate(kept_y).sigmoid()
+            out = out * attn.gate(y[images, rows]).sigmoid()
         out = attn.proj_drop(attn.proj(out))
-        x = x.gather(1, rows[..., None].expand(batch, length, channels)) + self.drop_path1(self.ls1(out))
+        x = x[images, rows] + self.drop_path1(self.ls1(out))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))  # row-wise: filler rows harm no one
 
-        compiling = torch.compiler.is_compiling()
-        if not compiling and bool(real.all()):  # eager shortcut; compiled code always masks
+        if not torch.compiler.is_compiling() and bool(real.all()):  # eager shortcut; compiled code always masks
             real = None
-        if real is not None:
-            x = x.masked_fill(~real[..., None], 0.0)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        if real is not None:
-            x = x.masked_fill(~real[..., None], 0.0)
+        padding = None if real is None else ~real
+        if padding is not None:
+            x = _zero_rows(x, padding)
 
         with torch.no_grad():
             if state.positions is None:
                 state.positions = torch.arange(n - prefix, device=x.device).expand(batch, n - prefix)
-            positions = state.positions.gather(1, rows[:, prefix:] - prefix)
-            if real is not None:
-                positions = positions.masked_fill(~real[:, prefix:], -1)
+            positions = state.positions[images, rows[:, prefix:] - prefix]
+            if padding is not None:
+                positions = positions.masked_fill(padding[:, prefix:], -1)
             state.positions = positions
             state.kept[self._ats_index] = positions
             state.counts = sampling.counts + prefix
-            state.valid = real
+            state.valid, state.padding = real, padding
         return x
 
     @staticmethod
@@ -389,7 +396,7 @@ class ATSPlainBlockMixin:
                 x = super().forward(x, attn_mask=valid[:, None, None, :])
             else:
                 x = super().forward(x)
-            x = x.masked_fill(~valid[..., None], 0.0)
+            x = _zero_rows(x, state.padding)
         state.record(x)
         return x
 
@@ -544,8 +551,11 @@ def _model_dims(model: nn.Module) -> dict:
     return dict(C=channels, hidden=hidden, patch=patch_macs, head=head_macs)
 
 
+CONVENTIONS = ("paper", "executed", "official")
+
+
 def ats_macs_tensor(model: nn.Module, tokens: torch.Tensor, include_norms: bool = False,
-                    official_av: bool = False) -> torch.Tensor:
+                    convention: str = "paper") -> torch.Tensor:
     """MACs per image `[B]` (float64) from token counts `[B, depth]` (spec section 8): `tokens[:, i]` real
     tokens (class token included) leaving block i; the first block receives the initial count.
 
@@ -553,11 +563,16 @@ def ats_macs_tensor(model: nn.Module, tokens: torch.Tensor, include_norms: bool 
         ATS block:      3 n C^2 + n^2 C + n' n C + n' C^2 + 2r n' C^2
         plus patch embedding (patches x in_chans x P^2 x C) and the head (C x classes).
 
-    `include_norms` adds fvcore's LayerNorm count (5 per element: norm1 on n, norm2 on n', the
-    final norm on the last count), so the result equals fvcore's count of the model on the image
-    at batch 1. `official_av`: the released ATS block's `A @ v` on all n rows (n^2 C instead of
-    n' n C), as the official code executes it. Blocks without attention count their MLP only.
+    `convention` is how an ATS block's attention is charged: "paper" (above: the full `q k^T`,
+    `A v` on the kept rows), "executed" (what this implementation runs: the class row's `q k^T`
+    for the scores, then fused attention of the n' kept rows over the n keys: n C + 2 n' n C),
+    "official" (the released block: `q k^T` and `A v` on all rows, 2 n^2 C). `include_norms`
+    adds fvcore's LayerNorm count (5 per element: norm1 on n, norm2 on n', the final norm on the
+    last count): "executed" with norms equals fvcore's count of the patched model on the image at
+    batch 1. Blocks without attention count their MLP only.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     cfg: Optional[ATSConfig] = model._ats_cfg if is_patched(model) else None
     caps = cfg.caps if cfg is not None else {}
     dims = _model_dims(model)
@@ -571,8 +586,9 @@ def ats_macs_tensor(model: nn.Module, tokens: torch.Tensor, include_norms: bool 
         out = tokens[:, index]
         has_attention = getattr(block, "has_attention", True) and getattr(block, "attn", None) is not None
         if index in caps:
-            rows = n if official_av else out
-            total = total + 3 * n * c * c + n * n * c + rows * n * c + out * c * c + 2 * out * hidden * c
+            attention = {"paper": n * n * c + out * n * c, "executed": n * c + 2 * out * n * c,
+                         "official": 2 * n * n * c}[convention]
+            total = total + 3 * n * c * c + attention + out * c * c + 2 * out * hidden * c
             norms = 5 * (n + out) * c
         elif has_attention:
             total = total + 4 * n * c * c + 2 * n * hidden * c + 2 * n * n * c
@@ -588,17 +604,17 @@ def ats_macs_tensor(model: nn.Module, tokens: torch.Tensor, include_norms: bool 
     return total
 
 
-def ats_macs(model: nn.Module, tokens: Sequence[int], include_norms: bool = False) -> int:
+def ats_macs(model: nn.Module, tokens: Sequence[int], include_norms: bool = False, convention: str = "paper") -> int:
     """MACs of one image from its token counts `[depth]` (see `ats_macs_tensor`)."""
     counts = torch.as_tensor([int(t) for t in tokens], dtype=torch.float64)[None]
-    return int(round(float(ats_macs_tensor(model, counts, include_norms)[0])))
+    return int(round(float(ats_macs_tensor(model, counts, include_norms, convention)[0])))
 
 
 def ats_gmacs(model: nn.Module, tokens: Union[torch.Tensor, Sequence[Sequence[int]]],
-              include_norms: bool = False) -> torch.Tensor:
+              include_norms: bool = False, convention: str = "paper") -> torch.Tensor:
     """Per-image GMACs `[B]` from token counts `[B, depth]` (e.g. `model._ats_info["tokens"]`)."""
     counts = torch.as_tensor(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens, dtype=torch.float64)
-    return ats_macs_tensor(model, counts, include_norms) / 1e9
+    return ats_macs_tensor(model, counts, include_norms, convention) / 1e9
 
 
 def padded_batch_gmacs(model: nn.Module, tokens: torch.Tensor) -> float:
@@ -607,7 +623,7 @@ def padded_batch_gmacs(model: nn.Module, tokens: torch.Tensor) -> float:
     runs on the padded length), and the released ATS block's `A @ v` on all n rows instead of
     the kept ones. tokens `[B, depth]` from one batch."""
     longest = torch.as_tensor(tokens).to(torch.float64).max(dim=0, keepdim=True).values
-    return float(ats_macs_tensor(model, longest, official_av=True)[0]) / 1e9
+    return float(ats_macs_tensor(model, longest, convention="official")[0]) / 1e9
 
 
 # ---------------------------------------------------------------------------
@@ -658,7 +674,7 @@ def stop_statistics(model: nn.Module) -> None:
 def _accumulate(model: nn.Module, tokens: torch.Tensor) -> None:
     totals = model._ats_cfg.totals
     macs = ats_macs_tensor(model, tokens)
-    padded = ats_macs_tensor(model, tokens.max(dim=0, keepdim=True).values, official_av=True)
+    padded = ats_macs_tensor(model, tokens.max(dim=0, keepdim=True).values, convention="official")
     batch = torch.tensor(tokens.shape[0], dtype=torch.float64)
     update = {"images": batch, "tokens": tokens.sum(dim=0, dtype=torch.float64), "macs": macs.sum(),
               "padded_macs": padded.sum() * batch}
@@ -710,9 +726,12 @@ def _int_list(text, what: str) -> List[int]:
     return [int(v) for v in value]
 
 
-def ats_blocks_arg(text) -> List[int]:
-    """argparse type of one `--ats-blocks` token: an index or a list such as [3,4,5] ("[]": none)."""
-    return _int_list(text, "a block index or a list of them such as [3,4,5]")
+def ats_blocks_arg(text):
+    """argparse type of one `--ats-blocks` token: an index, or a list such as [3,4,5] ("[]": none)."""
+    values = _int_list(text, "a block index or a list of them such as [3,4,5]")
+    if isinstance(text, str) and re.fullmatch(r"\s*[-+]?\d+\s*", text):
+        return values[0]
+    return values
 
 
 def num_tokens_arg(text):
@@ -756,7 +775,7 @@ def _family_patch(model: nn.Module, options) -> None:
     if options.ats_num_tokens == _family.AUTO:
         raise ModelConfigError("--ats-num-tokens auto needs --target-gmacs G")
     patch(model, ats_blocks=_flat_blocks(options.ats_blocks), num_tokens=options.ats_num_tokens,
-          drop_tokens=bool(options.ats_drop_tokens))
+          drop_tokens=options.ats_drop_tokens is not False)
 
 
 class ATSHooks(MethodHooks):
@@ -878,9 +897,9 @@ FAMILY = _family.register_family(_family.MethodFamily(
         _family.Flag("--ats-num-tokens", type=num_tokens_arg, metavar="K",
                      help="token budget K of the ATS blocks (class token included, >= 8): one value, or one per "
                           "block as the official NUM_TOKENS; 'auto' with --target-gmacs; default: the initial count"),
-        _family.Flag("--ats-drop-tokens", dest="ats_drop_tokens", action="store_true", default=True,
+        _family.Flag("--ats-drop-tokens", dest="ats_drop_tokens", action="store_true", default=None,
                      help="remove the tokens ATS does not keep (per-image results at any batch size; default)"),
-        _family.Flag("--no-ats-drop-tokens", dest="ats_drop_tokens", action="store_false", default=True,
+        _family.Flag("--no-ats-drop-tokens", dest="ats_drop_tokens", action="store_false", default=None,
                      help="the official masked layout: non-kept tokens stay as zero rows"),
         _family.Flag("--ats-report", action="store_true", default=False,
                      help="after --eval (or over the validation set): mean per-image GMACs and tokens per block, "

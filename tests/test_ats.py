@@ -512,10 +512,15 @@ def test_flops_formula_equals_fvcore_per_image():
     model = ats.patch(make_vit(), ats_blocks=[1, 2, 3, 4, 5])
     x = images(3)
     for i in range(3):
-        macs, _ = flops._fvcore_macs(model, x[i:i + 1])
+        macs, _ = flops.fvcore_macs(model, x[i:i + 1])
         tokens = model._ats_info["tokens"][0].tolist()
         assert len(set(tokens)) > 1
-        assert macs == ats.ats_macs(model, tokens, include_norms=True)
+        assert macs == ats.ats_macs(model, tokens, include_norms=True, convention="executed")
+        # the paper's convention charges the full q k^T and A v on the kept rows: (n^2 - n - n' n) C
+        # more per ATS block than the class row plus fused attention of the kept rows
+        entering = [17] + tokens[:-1]
+        extra = sum((entering[i] ** 2 - entering[i] - tokens[i] * entering[i]) * 48 for i in (1, 2, 3, 4, 5))
+        assert ats.ats_macs(model, tokens, include_norms=True) - macs == extra >= 0
 
 
 # ---------------------------------------------------------------------------
@@ -545,3 +550,47 @@ def test_bf16_scores_are_float32():
     assert seen and all(d == torch.float32 for d in seen)
     bf16_counts = model._ats_info["tokens"]
     assert (bf16_counts - counts).abs().max() <= 2  # near-ties may flip, the selection is the fp32 one
+
+
+# ---------------------------------------------------------------------------
+# torch.compile: data-dependent token counts as unbacked sizes, no graph breaks
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("drop_tokens,training", [
+    pytest.param(True, False, id="drop-eval"),
+    pytest.param(True, True, id="drop-train", marks=pytest.mark.slow),
+    pytest.param(False, False, id="masked-eval", marks=pytest.mark.slow),
+    pytest.param(False, True, id="masked-train", marks=pytest.mark.slow),
+])
+def test_compiles_in_one_graph_and_matches_eager(drop_tokens, training):
+    from models.compiling import dynamo_settings
+    model = ats.patch(make_vit(depth=4), ats_blocks=[1, 2, 3], num_tokens=None if drop_tokens else 14,
+                      drop_tokens=drop_tokens).train(training)
+    x = images(3)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(training), torch._dynamo.config.patch(**dynamo_settings(model)):
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        want, want_counts = model(x), model._ats_info["tokens"]
+        for batch in (x, images(3, seed=7)):  # other images, other counts: the same graph
+            got = compiled(batch)
+            if batch is x:
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+                assert torch.equal(model._ats_info["tokens"], want_counts)
+    assert (want_counts != want_counts[:1]).any()  # the images keep different counts
+
+
+@pytest.mark.slow
+def test_inductor_compiled_matches_eager_without_recompiling():
+    from models.compiling import compile_model
+    model = ats.patch(make_vit(depth=3), ats_blocks=[1, 2])
+    torch._dynamo.reset()
+    compiled = compile_model(model, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for seed in (1, 2):
+            x = images(3, seed=seed)
+            want, counts = run(model, x)
+            torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-5)
+            assert torch.equal(model._ats_info["tokens"], counts)

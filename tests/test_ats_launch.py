@@ -158,6 +158,7 @@ TINY = ["--model", "deit_tiny_patch16_224", "--model-kwargs",
         "--device", "cpu", "--synthetic-val-size", "2", "--num_workers", "0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", [
     (["--ats-num-tokens", "5"], "every K must be >= 8"),
     (["--ats-num-tokens", "many"], "--ats-num-tokens"),
