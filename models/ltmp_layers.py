@@ -516,6 +516,18 @@ class _LTMPModelMixin(_ThresholdAPI):
     block_cls: type = LTMPBlock
     trace_source = False
 
+    def __init__(self, *args, tau: float = 0.1, merge_threshold: Optional[float] = None,
+                 prune_threshold: Optional[float] = None, ltmp_threshold: Optional[float] = None,
+                 ltmp_merge_threshold: Optional[float] = None, **kwargs):
+        if args:
+            raise ModelConfigError("LTMP models take keyword arguments only")
+        record = self._ltmp_init(kwargs, tau, merge_threshold, prune_threshold)
+        super().__init__(**kwargs, block_fn=partial(self.block_cls, tau=record["tau"],
+                                                    merge_threshold=record["merge_threshold"],
+                                                    prune_threshold=record["prune_threshold"]))
+        self._ltmp_finish(record)
+        self._ltmp_overrides_init(ltmp_threshold, ltmp_merge_threshold, masked=self.block_cls is LTMPBlock)
+
     def _ltmp_init(self, kwargs: dict, tau: float, merge_threshold: Optional[float],
                    prune_threshold: Optional[float]) -> dict:
         """Checked constructor kwargs (with tau and the threshold inits) for `_ltmp_finish`."""
@@ -613,17 +625,8 @@ class LTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
     block_cls = LTMPBlock
     return_masks = False
 
-    def __init__(self, *args, tau: float = 0.1, merge_threshold: Optional[float] = None,
-                 prune_threshold: Optional[float] = None, ltmp_threshold: Optional[float] = None,
-                 ltmp_merge_threshold: Optional[float] = None, **kwargs):
-        if args:
-            raise ModelConfigError("LTMP models take keyword arguments only")
-        record = self._ltmp_init(kwargs, tau, merge_threshold, prune_threshold)
-        super().__init__(**kwargs, block_fn=partial(self.block_cls, tau=record["tau"],
-                                                    merge_threshold=record["merge_threshold"],
-                                                    prune_threshold=record["prune_threshold"]))
-        self._ltmp_finish(record)
-        self._ltmp_overrides_init(ltmp_threshold, ltmp_merge_threshold, masked=self.block_cls is LTMPBlock)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.masks: List[torch.Tensor] = []
         self.vizs: List[torch.Tensor] = []
 
@@ -657,17 +660,8 @@ class InferenceLTMPVisionTransformer(_LTMPModelMixin, VisionTransformer):
 
     block_cls = InferenceLTMPBlock
 
-    def __init__(self, *args, tau: float = 0.1, merge_threshold: Optional[float] = None,
-                 prune_threshold: Optional[float] = None, ltmp_threshold: Optional[float] = None,
-                 ltmp_merge_threshold: Optional[float] = None, **kwargs):
-        if args:
-            raise ModelConfigError("LTMP models take keyword arguments only")
-        record = self._ltmp_init(kwargs, tau, merge_threshold, prune_threshold)
-        super().__init__(**kwargs, block_fn=partial(self.block_cls, tau=record["tau"],
-                                                    merge_threshold=record["merge_threshold"],
-                                                    prune_threshold=record["prune_threshold"]))
-        self._ltmp_finish(record)
-        self._ltmp_overrides_init(ltmp_threshold, ltmp_merge_threshold, masked=self.block_cls is LTMPBlock)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.ltmp_info: dict = {}
 
     def _new_state(self, x: torch.Tensor) -> LTMPState:
