@@ -514,6 +514,11 @@ def prepare(spec: ModelSpec, args, device: torch.device) -> Prepared:
     if not args.no_flops:
         flop_info = flops.count_flops(model, img_size, counter=args.counter)
         tokens = flops.tokens_per_block(model, img_size)
+        official = {}
+        for family in families.active_families(spec.name, spec.method):
+            if family.official_flops is not None:
+                official.update(family.official_flops(model, tuple(img_size)))
+        flop_info["official"] = official or None
         if flop_info.get("counters_disagree"):
             _logger.warning("%s: fvcore %.4f vs torchprofile %.4f GMACs (%.1f%% apart)", spec.label,
                             flop_info["gmacs_fvcore"], flop_info["gmacs_torchprofile"],

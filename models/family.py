@@ -209,6 +209,9 @@ class MethodFamily:
     # State-dict filter for --finetune / --pretrained; default: the filter of the timm module
     # that defines the base architecture.
     checkpoint_filter_fn: Optional[Callable[[dict, nn.Module], dict]] = None
+    # The official code's own FLOP count of a built model (an analytic formula, its counter's
+    # convention): (model, (height, width)) -> {name: value}; benchmark.py records it beside fvcore's.
+    official_flops: Optional[Callable[[nn.Module, Tuple[int, int]], Dict[str, float]]] = None
     # Extra actions switched on by the family's flags (a visualisation, a speed test).
     commands: Tuple[Command, ...] = ()
     examples: Tuple[Example, ...] = ()

@@ -752,6 +752,7 @@ FAMILY = _family.register_family(_family.MethodFamily(
     check_options=_family_check,
     reduction=_family.Reduction("pitome_ratio", _search_ratio),
     hooks=PiToMeHooks,
+    official_flops=lambda model, size: {"pitome_official_gflops": official_gflops(model, size)},
     translate_argv=translate_official_argv,
     examples=(
         _family.Example("pitome", model="deit_tiny_patch16_224",

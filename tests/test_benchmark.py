@@ -383,3 +383,19 @@ def test_bad_model_kwargs_is_one_line(argv, words, caplog):
         code = benchmark.main(["--model", "deit_tiny_patch16_224", "--img-size", "64", "--flops-only", *argv])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert code != 0 and len(errors) == 1 and words in errors[0] and "\n" not in errors[0]
+
+
+def test_records_carry_the_methods_own_flop_count(tmp_path):
+    """A family's `official_flops` (PiToMe's analytic formula) is recorded beside fvcore's count."""
+    from models import pitome
+    import timm
+    out = tmp_path / "r.jsonl"
+    assert benchmark.main(["--model", "deit_tiny_patch16_224", "--pitome-ratio", "0.9", "--img-size", "64",
+                           "--flops-only", "--counter", "fvcore", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    model = pitome.patch(timm.create_model("deit_tiny_patch16_224", img_size=64), ratio=0.9)
+    assert record["official_flops"] == {"pitome_official_gflops": pytest.approx(pitome.official_gflops(model, (64, 64)))}
+    plain = tmp_path / "plain.jsonl"
+    assert benchmark.main(["--model", "deit_tiny_patch16_224", "--img-size", "64", "--flops-only", "--counter",
+                           "fvcore", "--output", str(plain)]) == 0
+    assert json.loads(plain.read_text())["official_flops"] is None

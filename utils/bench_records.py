@@ -43,6 +43,7 @@ def make_record(kind: str, spec, model_kwargs: dict, settings: dict, env: dict,
         "skipped_ops": {k[len("skipped_ops_"):]: v for k, v in flop_info.items() if k.startswith("skipped_ops_")},
         "counter_errors": {k[len("error_"):]: v for k, v in flop_info.items() if k.startswith("error_")},
         "tokens_per_block": tokens,
+        "official_flops": flop_info.get("official"),  # the method's own counter (family.official_flops)
         **result,
         "peak_gflops": None, "achieved_gflops": None, "pct_of_peak": None,
         "argv": sys.argv[1:],
