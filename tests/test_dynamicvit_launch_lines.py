@@ -34,18 +34,6 @@ README_B = ("--output_dir {out} --model deit-b --input_size 224 --batch_size 128
 SMALL = "{'depth': 4, 'embed_dim': 48, 'num_heads': 3, 'patch_size': 8, 'pruning_loc': (1, 2, 3)}"
 
 
-def _main_translates() -> bool:
-    """Whether main.py applies the families' `translate_argv` before parsing."""
-    try:
-        return main.parse_args(["--model", "deit-s", "--eval"]).model == "dynamicvit_deit_small_patch16_224"
-    except Exception:
-        return False
-
-
-needs_translation = pytest.mark.skipif(
-    not _main_translates(), reason="main.py does not apply models.family.translate_argv before parsing yet")
-
-
 def _folder(root, splits):
     """ImageNet layout, 2 classes x 2 images per split."""
     rng = np.random.default_rng(0)
@@ -158,7 +146,6 @@ def test_translation_details_and_other_lines_untouched():
 # ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-@needs_translation
 @pytest.mark.parametrize("line", [HEAD_INFER, OLD_INFER, HEAD_EVAL], ids=["infer_head", "infer_2021", "main_eval"])
 def test_evaluation_lines_print_the_official_numbers(line, val_folder, released_checkpoint):
     path, model = released_checkpoint
@@ -171,7 +158,6 @@ def test_evaluation_lines_print_the_official_numbers(line, val_folder, released_
 
 
 @pytest.mark.slow
-@needs_translation
 def test_model_path_refuses_a_checkpoint_with_other_keys(val_folder, tmp_path):
     deit = timm.create_model("deit_small_patch16_224")
     ckpt = tmp_path / "deit.pth"
@@ -186,7 +172,6 @@ def test_model_path_refuses_a_checkpoint_with_other_keys(val_folder, tmp_path):
 # The README training lines
 # ---------------------------------------------------------------------------
 
-@needs_translation
 def test_readme_lines_parse_to_the_official_recipe():
     args = main.parse_args(shlex.split(README_S.format(out="logs/dynamicvit_deit-s", data="/imagenet")))
     got = main.resolved_options(args)
@@ -204,7 +189,6 @@ def test_readme_lines_parse_to_the_official_recipe():
 
 
 @pytest.mark.slow
-@needs_translation
 def test_readme_deit_s_line_trains_from_the_official_deit_path(imagenet_folder, tmp_path):
     """The line as written, then flags that shrink the model and the run (2 epochs, the first with
     the backbone frozen): DeiT weights from ./pretrained initialise the student and feed the teacher."""
