@@ -550,6 +550,11 @@ def test_bf16_scores_are_float32():
     assert seen and all(d == torch.float32 for d in seen)
     bf16_counts = model._ats_info["tokens"]
     assert (bf16_counts - counts).abs().max() <= 2  # near-ties may flip, the selection is the fp32 one
+    model.to(torch.bfloat16)  # bf16 weights (main.py --bf16-weights)
+    with torch.no_grad():
+        out = model(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert (model._ats_info["tokens"] - counts).abs().max() <= 2
 
 
 # ---------------------------------------------------------------------------
@@ -594,3 +599,30 @@ def test_inductor_compiled_matches_eager_without_recompiling():
             want, counts = run(model, x)
             torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-5)
             assert torch.equal(model._ats_info["tokens"], counts)
+
+
+# ---------------------------------------------------------------------------
+# Visualisation
+# ---------------------------------------------------------------------------
+
+def test_visualisation_of_kept_tokens(tmp_path):
+    from PIL import Image
+
+    from tools import ats_visualize
+    model = ats.patch(make_vit(), ats_blocks=[1, 3, 5])
+    x = images(2)
+    masks = ats_visualize.kept_masks(model, x)
+    counts = model._ats_info["tokens"]
+    assert sorted(masks) == [1, 3, 5]
+    for block, mask in masks.items():
+        assert mask.shape == (2, 4, 4)
+        assert torch.equal(mask.flatten(1).sum(1) + 1, counts[:, block])  # the kept patches, per image
+    assert (masks[1] | ~masks[5]).all()  # a patch dropped once stays dropped
+    out = tmp_path / "kept.png"
+    assert ats_visualize.main(["--model", "deit_small_patch16_224", "--input-size", "64", "--model-kwargs",
+                               "{'depth': 4, 'embed_dim': 48, 'num_heads': 3}", "--ats-blocks", "1", "2",
+                               "--out", str(out)]) == 0
+    strip = Image.open(out)
+    assert strip.size == (64 * 3, 64 + ats_visualize.TITLE_HEIGHT)
+    assert ats_visualize.main(["--ats-blocks", "9", "--input-size", "64", "--model-kwargs", "{'depth': 2}",
+                               "--out", str(out)]) == 2

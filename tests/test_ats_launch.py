@@ -228,3 +228,15 @@ def test_official_trainer_checkpoint_is_never_silently_random(imagenet_folder, t
         assert "resumed model weights" in proc.stderr
     else:
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_eval_report_and_visualisation_commands(tmp_path):
+    proc = run_main(TINY + ["--ats-blocks", "1", "2", "3", "--synthetic-val-size", "6", "--batch-size", "2",
+                            "--ats-report", "--ats-visualize", "--ats-visualize-images", "2", "--output_dir",
+                            str(tmp_path)])
+    assert_ok(proc)
+    report = json.loads((tmp_path / "ats_report.json").read_text())
+    assert report["images"] == 6 and len(report["mean_tokens_per_block"]) == 4
+    assert report["gmacs_padded_batches"] >= report["gmacs_per_image"] > 0
+    assert sorted(os.listdir(tmp_path / "ats_visualize")) == ["img_0.png", "img_1.png"]
