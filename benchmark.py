@@ -360,11 +360,6 @@ def _auto_reduction(spec: ModelSpec):
     return None
 
 
-def resolve_auto(spec: ModelSpec, target_gmacs: float | None, num_classes: int, img_size: int | None) -> ModelSpec:
-    """A spec whose reduction flag is 'auto': the value that gives `target_gmacs` (logged)."""
-    return _resolve_auto(spec, target_gmacs, num_classes, img_size)[0]
-
-
 def _resolve_auto(spec: ModelSpec, target_gmacs: float | None, num_classes: int,
                   img_size: int | None) -> tuple[ModelSpec, dict | None]:
     """(resolved spec, {"target", "dest", "value", "gmacs"} of the search or None without 'auto')."""
