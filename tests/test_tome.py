@@ -118,14 +118,18 @@ def reference_tome(model, x, r, start_idx=0, prop_attn=True):
 # section 10 checks
 # ---------------------------------------------------------------------------
 
-def test_r0_and_large_start_idx_equal_unpatched():
+@pytest.mark.parametrize("method", ["tome", "tofu"])
+def test_r0_and_large_start_idx_equal_unpatched(method):
+    """ToMe and ToFu (which shares ToMe's patch): r = 0, or every block left unpatched, is the plain ViT."""
+    from models import tofu
+    patch = {"tome": tome.patch, "tofu": tofu.patch}[method]
     model = make_vit()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
-        tome.patch(model, r=0)
+        patch(model, r=0)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-        tome.patch(model, r=8, start_idx=12)
+        patch(model, r=8, start_idx=12)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
