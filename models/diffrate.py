@@ -25,6 +25,8 @@ An in-place, reversible patch for timm `VisionTransformer`s with a class token
   differentiable function of the proxies (`calculate_flop_training`);
 * LayerScale (`ls1`, `ls2`) is applied (the official code ignores it; identity for DeiT).
 
+The token kernels and the proxy are pure functions / a small module in `models/diffrate_ops.py`.
+
 Per-forward state (sizes, masks, sources, the proxies' kept numbers) lives in one
 `DiffRateState` made by the model's forward and held in a `StateSlot` shared with the
 blocks, which keep timm's `Tensor -> Tensor` signature (forward hooks and
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -52,6 +53,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
 from .errors import ModelConfigError
+from .diffrate_ops import (DiffRateProxy, class_attention_scores, gather_tokens, kept_numbers, masked_softmax,
+                           match_to_destinations, merge_into, rank_tokens, score_dtype, ste_min)
 from .token_ops import StateSlot, attention_with_keys, selection_precision
 
 __all__ = [
@@ -150,74 +153,7 @@ def inference_flops(embed_dim: int, num_patches: int, patch_area: int, num_class
 
 
 # ---------------------------------------------------------------------------
-# Straight-through estimators (forward values exact, gradients as the official autograd functions)
-# ---------------------------------------------------------------------------
-
-def ste_ceil(x: torch.Tensor) -> torch.Tensor:
-    """`ceil(x)` forward, identity backward (adding `x - x.detach()`, exactly 0, keeps the value exact)."""
-    return torch.ceil(x).detach() + (x - x.detach())
-
-
-def ste_min(n: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`min(n, a, b)` forward; backward sends the gradient to both `a` and `b`, none to `n`.
-
-    The official `STE_Min` does so whichever is smallest (spec quirk kept for search parity).
-    """
-    value = torch.minimum(torch.minimum(n, a), b).detach()
-    return value + (a - a.detach()) + (b - b.detach())
-
-
-# ---------------------------------------------------------------------------
-# Differentiable discrete proxy (official DiffRate/ddp.py layout)
-# ---------------------------------------------------------------------------
-
-class DiffRateProxy(nn.Module):
-    """One block's choice of a kept-token number among candidates.
-
-    `kept_token_candidate` `[K]` (a Parameter without gradient, as the official code saves it):
-    patch-token counts `num_patches, num_patches - g, ...` (`[num_patches]` for block 0, which
-    is never compressed); `selected_probability` `[K]` the trained logits (zeros at start).
-    Kept numbers count the class token: `K = ceil(c . softmax(theta)) + 1`.
-    """
-
-    keep_fp32 = True  # engine.cast_for_inference leaves the proxies in float32: they decide the kept numbers
-
-    def __init__(self, num_patches: int, granularity: int):
-        super().__init__()
-        candidates = torch.arange(num_patches, 0, -granularity).float()
-        self.kept_token_candidate = nn.Parameter(candidates, requires_grad=False)
-        self.selected_probability = nn.Parameter(torch.zeros_like(candidates))
-
-    def expected_kept(self) -> torch.Tensor:
-        """`STEceil(c . softmax(theta)) + 1`, a 0-d float32 tensor with gradient to `theta`."""
-        probability = self.selected_probability.float().softmax(dim=-1)
-        return ste_ceil(torch.matmul(self.kept_token_candidate.float(), probability)) + 1
-
-    def keep_probability(self, length: int) -> torch.Tensor:
-        """`t_j = sum_k p_k [j < c_k + 1]` for positions j = 0 .. length - 1 -> `[length]` float32."""
-        probability = self.selected_probability.float().softmax(dim=-1)
-        bound = (self.kept_token_candidate.float() + 1).trunc()  # official int(c + 1)
-        positions = torch.arange(length, device=bound.device, dtype=bound.dtype)
-        return (probability[None, :] * (positions[:, None] < bound[None, :])).sum(dim=-1)
-
-    def token_mask(self, kept: int, active: int, length: int) -> torch.Tensor:
-        """Straight-through mask `[length]`: exactly 0 at positions `kept .. active - 1`, else 1;
-        gradient d/dt of `keep_probability` (forward value exact: `(1 - t) + t` rounds to 1)."""
-        t = self.keep_probability(length)
-        hard = torch.ones_like(t)
-        hard[kept:active] = 0
-        return hard - t.detach() + t
-
-
-def _kept_numbers(proxies: Sequence[DiffRateProxy]) -> List[int]:
-    """The integer kept numbers the proxies encode (one device sync for all of them)."""
-    with torch.no_grad():
-        values = torch.stack([proxy.expected_kept() for proxy in proxies])
-    return [int(v) for v in values.tolist()]
-
-
-# ---------------------------------------------------------------------------
-# Per-forward state and the token kernels
+# Per-forward state (the token kernels and the proxy are in models/diffrate_ops.py)
 # ---------------------------------------------------------------------------
 
 @dataclass
@@ -239,81 +175,6 @@ class DiffRateState:
     prune_kept: List[torch.Tensor] = field(default_factory=list)
     merge_kept: List[torch.Tensor] = field(default_factory=list)
     tokens: List[int] = field(default_factory=list)
-
-
-def _score(t: torch.Tensor) -> torch.Tensor:
-    """A selection-score operand in float32 (float64 stays float64, for reference runs)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def class_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
-                           size: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Head-mean attention of the class query over all keys, with proportional attention.
-
-    q, k: `[B, H, T, D]`; size `[B, T, 1]` or None. Returns `[B, T]` float32 =
-    `mean_h softmax_j((q_0 . k_j) * scale + ln(size_j))`, computed in float32 (selection score).
-    """
-    with selection_precision(k):
-        logits = (_score(q[:, :, :1]) @ _score(k).transpose(-2, -1)) * scale  # [B, H, 1, T]
-        if size is not None:
-            logits = logits + _score(size).log()[:, None, None, :, 0]
-        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
-
-
-def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
-    """Order `[B, T]`: the class token first, then patch tokens by decreasing score (stable).
-
-    scores: `[B, T]` (column 0, the class token's own score, is ignored).
-    """
-    order = torch.sort(scores[:, 1:], dim=1, descending=True, stable=True).indices + 1
-    return torch.cat([torch.zeros_like(order[:, :1]), order], dim=1)
-
-
-def gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """x `[B, T, C]` (or `[B, T]`), order `[B, K]` -> the K tokens in that order."""
-    if x.dim() == 2:
-        return x.gather(1, order)
-    return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def match_to_destinations(x: torch.Tensor, kept: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each source (positions `kept ..`) picks its most cosine-similar destination (`1 .. kept - 1`).
-
-    x `[B, T, C]` ranked tokens. Returns (node_max `[B, T - kept]` float32 similarity,
-    node_idx `[B, T - kept]` destination index); nothing matches the class token (position 0);
-    ties go to the first index. Computed without gradient, in float32 (selection score).
-    """
-    with torch.no_grad(), selection_precision(x):
-        metric = _score(x)
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        similarity = metric[:, kept:] @ metric[:, :kept].transpose(-1, -2)
-        similarity[..., 0] = -math.inf
-        return similarity.max(dim=-1)
-
-
-def merge_into(dst: torch.Tensor, src: torch.Tensor, node_idx: torch.Tensor, mode: str) -> torch.Tensor:
-    """`scatter_reduce` of sources `[B, S, C]` into destinations `[B, D, C]` (destination included).
-
-    mode "mean": `(x_d + sum_{s -> d} x_s) / (1 + #{s -> d})` (unweighted); "sum"; "amax".
-    """
-    index = node_idx.unsqueeze(-1).expand(-1, -1, src.shape[-1])
-    return dst.scatter_reduce(1, index, src.to(dst.dtype), reduce=mode)
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The search's attention: masked keys off, a masked token still attends to itself.
-
-    logits `[B, H, N, N]`, mask `[B, N]` (1 = active). float32:
-    `(exp(l - max_j l) * pol + eps / N) / (sum_j exp(l - max_j l) * pol + eps)` with
-    `pol[b, i, j] = mask[b, j] + (1 - mask[b, j]) [i == j]` and the max over all keys.
-    """
-    n = mask.shape[1]
-    logits = _score(logits)
-    policy = mask.to(logits.dtype).reshape(mask.shape[0], 1, 1, n)
-    eye = torch.eye(n, dtype=policy.dtype, device=policy.device).view(1, 1, n, n)
-    policy = policy + (1.0 - policy) * eye
-    e = (logits - logits.max(dim=-1, keepdim=True)[0]).exp() * policy
-    return (e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)
 
 
 # ---------------------------------------------------------------------------
@@ -423,7 +284,7 @@ class DiffRateBlockMixin:
 def _init_state(state: DiffRateState, x: torch.Tensor, trace_source: bool) -> None:
     batch, tokens, _ = x.shape
     # sizes in float32 (float64 for float64 reference runs), whatever the features' dtype
-    state.size = torch.ones(batch, tokens, 1, device=x.device, dtype=_score(x[:0]).dtype)
+    state.size = torch.ones(batch, tokens, 1, device=x.device, dtype=score_dtype(x[:0]).dtype)
     if trace_source:
         state.source = torch.eye(tokens, device=x.device, dtype=x.dtype)[None].expand(batch, tokens, tokens)
 
@@ -441,7 +302,7 @@ def _search_attention(attn: nn.Module, x: torch.Tensor, size: torch.Tensor, mask
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     with selection_precision(k):
-        logits = (_score(q) @ _score(k).transpose(-2, -1)) * attn.scale + _score(size).log()[:, None, None, :, 0]
+        logits = (score_dtype(q) @ score_dtype(k).transpose(-2, -1)) * attn.scale + score_dtype(size).log()[:, None, None, :, 0]
         probabilities = attn.attn_drop(masked_softmax(logits, mask))
     out = (probabilities.to(v.dtype) @ v).transpose(1, 2).reshape(batch, n, attn.attn_dim)
     out = attn.norm(out)
@@ -476,7 +337,7 @@ class DiffRateModelMixin:
 
     def derived_kept_num(self) -> Tuple[List[int], List[int]]:
         """The kept numbers `ceil(c . softmax(theta)) + 1` of the proxies, per block (block 0: all tokens)."""
-        values = _kept_numbers([b.prune_ddp for b in self.blocks] + [b.merge_ddp for b in self.blocks])
+        values = kept_numbers([b.prune_ddp for b in self.blocks] + [b.merge_ddp for b in self.blocks])
         depth = len(self.blocks)
         return values[:depth], values[depth:]
 
