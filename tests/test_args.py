@@ -174,3 +174,25 @@ def test_warmup_prefix_spans_the_decay_over_the_epochs_after_warmup():
 
 def main_dir():
     return os.path.dirname(os.path.abspath(main.__file__))
+
+
+# --------------------------------------------------------------------------- utils/cli: shared by every script
+
+def test_one_line_parser_spellings_and_close_matches_are_shared():
+    from tools import _common
+    from utils import cli
+
+    parser = cli.OneLineParser("prog", help_hint="python prog.py")
+    parser.add_argument(*cli.spellings("--output_dir", "-o"), dest="output_dir")
+    parser.add_argument("--batch-size", type=int)
+    cli.add_spelling_aliases(parser)
+    assert parser.parse_args(["--output-dir", "a", "--batch_size", "3"]).output_dir == "a"
+    with pytest.raises(UserError) as info:
+        parser.parse_args(["--batch-size", "x"])
+    assert str(info.value).endswith("(see python prog.py --help)") and "\n" not in str(info.value)
+    assert cli.spellings("--drop_loc", "-b") == ["--drop_loc", "--drop-loc", "-b"]
+    assert cli.close_matches("deit_smal", ["deit_small", "vit_base", "deit_tiny"]) == ["deit_small", "deit_tiny"]
+    assert cli.close_matches_text("zzz", ["deit_small"]) == "none"
+    # main.py, and the tools through tools/_common.py, use these and no copies of their own
+    assert issubclass(_common.ToolParser, cli.OneLineParser) and _common.spellings is cli.spellings
+    assert isinstance(main.get_args_parser(), cli.OneLineParser)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from utils.cli import OneLineParser, close_matches, spellings
 from utils.errors import UserError
 
 _logger = logging.getLogger("tools")
@@ -36,28 +36,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-class ToolParser(argparse.ArgumentParser):
+class ToolParser(OneLineParser):
     """Errors are one-line UserErrors; a later flag may redefine an earlier one (conflict_handler)."""
 
     def __init__(self, prog: str, description: str):
         super().__init__(prog=prog, description=description, formatter_class=HelpFormatter,
                          conflict_handler="resolve")
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
-def spellings(*names: str) -> list:
-    """`--a-b` and `--a_b` for every long flag given (order kept, no duplicates)."""
-    out = []
-    for name in names:
-        body = name[2:]
-        for variant in (name, "--" + body.replace("_", "-"), "--" + body.replace("-", "_")):
-            if name.startswith("--") and variant not in out:
-                out.append(variant)
-        if not name.startswith("--") and name not in out:
-            out.append(name)
-    return out
 
 
 def dict_literal(text: str) -> dict:
@@ -116,7 +100,7 @@ def check_model_name(name: str, flag: str = "--model", supported: Optional[Seque
     options = list(supported) if supported is not None else timm.list_models()
     if name in options and timm.is_model(name):
         return
-    matches = difflib.get_close_matches(name, options, n=5, cutoff=0.5)
+    matches = close_matches(name, options)
     known = "is not supported by this tool" if timm.is_model(name) else "is unknown"
     hint = f"close matches: {', '.join(matches)}" if matches else (
         f"use one of {', '.join(options)}" if supported is not None else "list names with timm.list_models('*part*')")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import glob
 import logging
 import os
@@ -246,11 +245,6 @@ def restore_rng_state(state: dict) -> None:
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-
-
-def close_matches(word: str, options, n: int = 5) -> str:
-    matches = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
-    return ", ".join(matches) if matches else "none"
 
 
 @contextlib.contextmanager

@@ -39,7 +39,9 @@ def spellings(*names: str) -> list:
         if name.startswith("--"):
             body = name[2:]
             variants += ["--" + body.replace("_", "-"), "--" + body.replace("-", "_")]
-        out += [v for v in variants if v not in out]
+        for variant in variants:
+            if variant not in out:
+                out.append(variant)
     return out
 
 
