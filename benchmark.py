@@ -206,7 +206,9 @@ class ModelSpec:
             accepted |= set(patch_dests())
         except (RuntimeError, KeyError, ImportError):  # a name not in the registry (tests, fakes)
             accepted = set(self.method)
-        given = [f"{k}={v}" for k, v in self.method.items() if v not in (None, False) and k in accepted]
+        defaults = {flag.dest: flag.default for family in families.families() for flag in family.flags}
+        given = [f"{k}={v}" for k, v in self.method.items()
+                 if v is not None and v != defaults.get(k, False) and k in accepted]
         if self.img_size is not None:
             given.append(f"img_size={self.img_size}")
         given.extend(f"{k}={v}" for k, v in (self.model_kwargs or {}).items())

@@ -483,5 +483,10 @@ FAMILY = family.register_family(family.MethodFamily(
                        invalid=dict(base_keep_rate=1.5)),
         family.Example("evit_distilled", model="deit_tiny_distilled_patch16_shrink_base",
                        kwargs=dict(_TINY, depth=2, drop_loc=(1,)), flags=("--base_keep_rate", "0.5"), compile=()),
+    ) + tuple(  # every other registered size trains one epoch too
+        family.Example(name, model=name, kwargs=dict(_TINY, depth=2, drop_loc=(1,)), flags=("--base_keep_rate", "0.5"),
+                       compile=())
+        for name in ("deit_small_patch16_shrink_base", "deit_base_patch16_shrink_base",
+                     "deit_small_distilled_patch16_shrink_base", "deit_base_distilled_patch16_shrink_base")
     ),
 ))
