@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,15 +34,6 @@ TINY = {"embed_dim": 32, "num_heads": 2, "patch_size": 8, "depth": 4}
 SHRINK = ["--epochs", "1", "--batch-size", "2", "--input-size", "32", "--model-kwargs", repr(TINY),
           "--num_workers", "0", "--device", "cpu", "--warmup-epochs", "0", "--reduction_loc", "1", "3",
           "--print-freq", "1"]
-
-
-def _main_translates() -> bool:
-    with open(main.__file__) as f:
-        return "translate_argv" in f.read()
-
-
-needs_wiring = pytest.mark.xfail(not _main_translates(), strict=False,
-                                 reason="main.py does not apply models.family.translate_argv to its argv yet")
 
 
 def translated(line: str, **paths):
@@ -115,7 +105,6 @@ def _tiny_deit_weights(folder):
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_readme_line_trains_through_main(imagenet_folder, tmp_path):
     """The README line with only size flags appended, run from a directory holding train.py's DeiT weights."""
     deit = _tiny_deit_weights(tmp_path)
@@ -176,7 +165,6 @@ def test_eval_with_viz_mode_writes_validate_py_json(imagenet_folder, tmp_path, n
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_validate_py_spellings_run_as_eval(imagenet_folder, tmp_path):
     """validate_dirs.py's flags on one run: --dataset imagenet --data P --use_amp (bf16 on CPU)."""
     _, ckpt = _official_run(tmp_path, "kmedoids_small_patch16_224", reduction_loc=(1, 3), keep_rate=(0.5,))
@@ -199,6 +187,7 @@ def test_validate_py_spellings_run_as_eval(imagenet_folder, tmp_path):
     (["--reduction_loc", "1", "1", "3"], "must be strictly increasing"),
     (["--k_neighbors", "0"], "--k_neighbors must be >= 1"),
     (["--sinkhorn_eps", "3", "--reduction_loc", "1"], "sinkhorn_eps is an option of the sinkhorn models"),
+    (["--dataset", "coco"], "--dataset coco is not supported"),
 ])
 def test_bad_flag_values_are_one_line_and_exit_2(flags, message):
     model = ["--model", "kmedoids_tiny_patch16_224", "--model-kwargs", repr(TINY), "--input-size", "32"]
