@@ -146,6 +146,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
                     _handle_nonfinite(loss_value, epoch, i, args, run_state, _nonfinite_weight(named_params, device))
                     optimizer.zero_grad(set_to_none=True)
                     continue
+                if need_update and hooks is not None:
+                    hooks.before_optimizer_step(unwrapped, optimizer)
                 _backward_and_step(loss / accum_iter, optimizer, loss_scaler, clip_grad, params, need_update)
 
             if need_update:

@@ -48,7 +48,6 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import family
 from .errors import ModelConfigError
@@ -640,9 +639,9 @@ class DynamicViTHooks(MethodHooks):
       `--teacher-path` (official default: `./pretrained/deit_{tiny,small,base}_patch16_224-*.pth`)
       unless `--distillw 0`;
     * optimizer groups: `official_param_groups`; the backbone groups run at lr 0 for the first
-      `--backbone_freeze_epochs` epochs, then at `--lr_scale` times the scheduled lr. The trainer
-      gives hooks no optimizer, so a global optimizer step pre-hook applies this to the groups
-      this family made (tagged in the group dict, so it survives a resumed optimizer state);
+      `--backbone_freeze_epochs` epochs, then at `--lr_scale` times the scheduled lr, set before
+      each optimizer step on the groups this family made (tagged in the group dict, so it
+      survives a resumed optimizer state);
     * progress lines: the kept fraction at each location and the loss parts.
     """
 
@@ -652,7 +651,6 @@ class DynamicViTHooks(MethodHooks):
         self.epoch = 0
         self.backbone_scale = float(options.lr_scale)
         self.freeze_epochs = int(options.backbone_freeze_epochs)
-        self._handle = None
 
     def wrap_criterion(self, criterion: nn.Module, model: nn.Module) -> nn.Module:
         distill_weight = float(self.options.distillw)
@@ -671,18 +669,11 @@ class DynamicViTHooks(MethodHooks):
     def param_groups(self, model: nn.Module, lrs: List[float]) -> Optional[list]:
         if len(lrs) != 1:
             raise ModelConfigError(f"--lr takes one value for DynamicViT, got {len(lrs)}")
-        groups = official_param_groups(model, float(self.options.weight_decay or 0.0),
-                                       0.0 if self.freeze_epochs > 0 else self.backbone_scale)
-        if self._handle is None:
-            ref = _weakref(self)
+        return official_param_groups(model, float(self.options.weight_decay or 0.0),
+                                     0.0 if self.freeze_epochs > 0 else self.backbone_scale)
 
-            def before_step(optimizer, args, kwargs):
-                hooks = ref()
-                if hooks is not None:
-                    hooks.set_backbone_lr(optimizer.param_groups)
-
-            self._handle = register_optimizer_step_pre_hook(before_step)
-        return groups
+    def before_optimizer_step(self, model: nn.Module, optimizer) -> None:
+        self.set_backbone_lr(optimizer.param_groups)
 
     def set_backbone_lr(self, groups: Sequence[dict]) -> None:
         """Backbone lr = scheduled lr (the predictor groups' lr) x 0 while frozen, else x --lr_scale."""
@@ -713,16 +704,6 @@ class DynamicViTHooks(MethodHooks):
                 state[name] = float(parts[name])
         return state
 
-    def report(self, model, context) -> Dict[str, Any]:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        return {}
-
-
-def _weakref(obj):
-    import weakref
-    return weakref.ref(obj)
 
 
 def _family_hooks(model, options) -> Optional[DynamicViTHooks]:

@@ -52,6 +52,10 @@ class MethodHooks:
     def on_step_start(self, model: nn.Module, epoch: int, step: int, steps_per_epoch: int) -> None:
         pass
 
+    def before_optimizer_step(self, model: nn.Module, optimizer: Any) -> None:
+        """Once per optimizer step, before its (last) backward and the step, after the lr scheduler
+        set this step's group lrs: the place to scale or zero a group's lr (a frozen backbone)."""
+
     def after_optimizer_step(self, model: nn.Module) -> None:
         pass
 
@@ -110,6 +114,10 @@ class CombinedHooks(MethodHooks):
     def on_step_start(self, model, epoch, step, steps_per_epoch):
         for hook in self.hooks:
             hook.on_step_start(model, epoch, step, steps_per_epoch)
+
+    def before_optimizer_step(self, model, optimizer):
+        for hook in self.hooks:
+            hook.before_optimizer_step(model, optimizer)
 
     def after_optimizer_step(self, model):
         for hook in self.hooks:

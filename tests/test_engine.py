@@ -80,10 +80,16 @@ def test_no_weight_decay_groups():
 
 class _RecordingHooks(MethodHooks):
     def __init__(self):
+        super().__init__()
         self.steps = []
+        self.pre_step_calls = 0
 
     def on_step_start(self, model, epoch, step, steps_per_epoch):
         self.steps.append((epoch, step, steps_per_epoch))
+
+    def before_optimizer_step(self, model, optimizer):
+        assert optimizer.param_groups[0]["lr"] == 0.5  # the optimizer of the run, before its step
+        self.pre_step_calls += 1
 
 
 def _linear_setup(seed=0):
@@ -111,6 +117,7 @@ def test_gradient_accumulation_equals_big_batch():
                             hooks=hooks, args=_args(accum_iter=2))
     assert torch.allclose(model_a.weight, model_b.weight, atol=1e-6)
     assert hooks.steps == [(0, 0, 1)]  # one optimizer step: one hook call
+    assert hooks.pre_step_calls == 1  # once per optimizer step, not per accumulated batch
     assert list(stats) == ["lr", "loss"]
 
 
