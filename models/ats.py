@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelConfigError
-from .token_ops import selection_precision
+from .token_ops import StateSlot, selection_precision
 
 __all__ = [
     "patch", "unpatch", "is_patched", "ATSConfig", "ATSState", "significance_scores", "sample_points",
@@ -239,14 +239,14 @@ def block_caps(depth: int, blocks: Sequence[int], num_tokens, initial_tokens: in
 
 @dataclass
 class ATSConfig:
-    """Settings shared by a patched model and its blocks; `state` is set only during a forward."""
+    """Settings shared by a patched model and its blocks; `slot.state` is set only during a forward."""
     ats_blocks: List[int]
     caps: Dict[int, int]
     drop_tokens: bool
     num_prefix: int
     initial_tokens: int
     num_tokens: object = None  # as given (for re-patching / logging)
-    state: Optional["ATSState"] = None
+    slot: StateSlot = field(default_factory=StateSlot)  # the ATSState of the forward in progress
     totals: Optional[Dict[str, torch.Tensor]] = None  # running sums of `start_statistics`
 
 
@@ -303,7 +303,7 @@ class ATSBlockMixin:
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         cfg: ATSConfig = self._ats_cfg
-        state = cfg.state
+        state = cfg.slot.state
         if state is None or attn_mask is not None or is_causal:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         x = self._ats_forward(x, state, cfg)
@@ -385,7 +385,7 @@ class ATSPlainBlockMixin:
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         cfg: ATSConfig = self._ats_cfg
-        state = cfg.state
+        state = cfg.slot.state
         if state is None or attn_mask is not None or is_causal:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         valid = state.valid
@@ -406,17 +406,17 @@ class ATSModelMixin:
 
     def _ats_run(self, fn, *args, **kwargs):
         cfg: ATSConfig = self._ats_cfg
-        if cfg.state is not None:  # nested call (forward -> forward_features)
+        if cfg.slot.state is not None:  # nested call (forward -> forward_features)
             return fn(*args, **kwargs)
         if self.training and getattr(self, "grad_checkpointing", False):
             raise ModelConfigError("ATS cannot train with gradient checkpointing (blocks re-run after the "
                                    "forward and resample); disable it")
         state = ATSState()
-        cfg.state = state
+        outer = cfg.slot.open(state)
         try:
             out = fn(*args, **kwargs)
         finally:
-            cfg.state = None
+            cfg.slot.close(outer)
         self._ats_info = state.info()
         if cfg.totals is not None and not self.training and self._ats_info["tokens"] is not None \
                 and self._ats_info["tokens"].shape[1] == len(self.blocks):
