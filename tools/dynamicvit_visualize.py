@@ -16,17 +16,13 @@ Without `--images` a synthetic test image is used. Several images give `<out ste
 """
 from __future__ import annotations
 
-import logging
-import os
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from utils.errors import UserError
-
-_logger = logging.getLogger(__name__)
+from tools._visualize import model_input, side_by_side
 
 DEFAULT_MODEL = "dynamicvit_deit_small_patch16_224"
 DROPPED_GREY = 0.85  # dropped patches are painted with this grey, blended with a tenth of the image
@@ -57,33 +53,14 @@ def paint(img: Image.Image, keep: torch.Tensor, patch_size: int) -> Image.Image:
 
 def visualize(model: torch.nn.Module, images: Sequence[Image.Image], mean=None, std=None) -> List[Image.Image]:
     """One strip per image: the input, then the kept patches after each pruning location."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    device = next(model.parameters()).device
-    mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1)
     patch_size = model.patch_embed.patch_size[0]
-    batch = torch.stack([(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std
-                         for img in images]).to(device)
-    masks = kept_masks(model, batch)
-    strips = []
-    for i, img in enumerate(images):
-        panels = [img] + [paint(img, mask[i], patch_size) for mask in masks]
-        strip = Image.new("RGB", (img.width * len(panels), img.height), "white")
-        for j, panel in enumerate(panels):
-            strip.paste(panel, (img.width * j, 0))
-        strips.append(strip)
-    return strips
+    masks = kept_masks(model, model_input(images, mean, std, next(model.parameters()).device))
+    return [side_by_side([img] + [paint(img, mask[i], patch_size) for mask in masks]) for i, img in enumerate(images)]
 
 
 def build_parser():
-    from tools import _common
-    parser = _common.ToolParser("dynamicvit_visualize", __doc__)
-    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="weights to load strictly")
-    g = parser.add_argument_group("output")
-    g.add_argument("--images", nargs="*", default=[], help="image files (default: one synthetic image)")
-    g.add_argument("--out", "--output", dest="out", default="dynamicvit_kept.png",
-                   help="output PNG; several images give <stem>_<i>.png")
+    from tools import _visualize
+    parser, _ = _visualize.visualizer_parser("dynamicvit_visualize", __doc__, DEFAULT_MODEL, "dynamicvit_kept.png")
     return parser
 
 
@@ -95,23 +72,9 @@ def supported_models() -> List[str]:
 
 
 def run(args) -> int:
-    from tools import _common
-    from tools.tome_visualize import load_image, synthetic_image
-    _common.check_output_file(args.out, "--out")
-    model = _common.build_model(args, DEFAULT_MODEL, supported=supported_models()).model
-    size = int(model.patch_embed.img_size[0])
-    try:
-        images = [load_image(p, size) for p in args.images] or [synthetic_image(size)]
-    except OSError as err:
-        raise UserError(f"cannot read --images file: {err}") from None
-    strips = visualize(model, images)
-    stem, ext = os.path.splitext(args.out)
-    paths = [args.out] if len(strips) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(strips))]
-    for strip, path in zip(strips, paths):
-        strip.save(path)
-        _logger.info("wrote %s", path)
-    print("\n".join(paths))
-    return 0
+    from tools import _visualize
+    model = _visualize.build_model(args, DEFAULT_MODEL, supported=supported_models()).model
+    return _visualize.draw_and_write(args, model, lambda images: visualize(model, images))
 
 
 def main(argv: Optional[list] = None) -> int:

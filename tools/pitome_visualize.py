@@ -16,18 +16,13 @@ shows the input and its visualisation side by side; several images give `<out st
 """
 from __future__ import annotations
 
-import logging
-import os
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
-from tools.tome_visualize import load_image, make_visualization, synthetic_image
+from tools._visualize import make_visualization, model_input, side_by_side, unmerged_sources
 from utils.errors import UserError
-
-_logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "deit_small_patch16_224"
 
@@ -47,8 +42,7 @@ def group_maps(model: torch.nn.Module, x: torch.Tensor, blocks: Optional[int] = 
         cfg.trace_source, cfg.ratios = saved_trace, saved_ratios
     source = model._pitome_info["source"]
     if source is None:  # nothing merged: every token is its own group
-        tokens = cfg.num_prefix + (x.shape[-2] // _patch(model)) * (x.shape[-1] // _patch(model))
-        source = torch.eye(tokens)[None].expand(x.shape[0], -1, -1)
+        source = unmerged_sources(x, _patch(model), cfg.num_prefix)
     return list(source)
 
 
@@ -59,64 +53,38 @@ def _patch(model) -> int:
 def visualize(model: torch.nn.Module, images: Sequence[Image.Image], blocks: Optional[int] = None,
               mean=None, std=None) -> List[Image.Image]:
     """One side-by-side picture (input | groups) per image; `model` must be PiToMe-patched."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     model.eval()
     device = next(model.parameters()).device
-    mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1)
     results = []
     for img in images:
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        (source,) = group_maps(model, ((x - mean) / std).unsqueeze(0).to(device), blocks)
+        (source,) = group_maps(model, model_input([img], mean, std, device), blocks)
         vis = make_visualization(img, source, _patch(model), num_prefix_tokens=model._pitome_cfg.num_prefix)
-        pair = Image.new("RGB", (img.width * 2, img.height))
-        pair.paste(img, (0, 0))
-        pair.paste(vis, (img.width, 0))
-        results.append(pair)
+        results.append(side_by_side([img, vis]))
     return results
 
 
 def build_parser():
-    from tools import _common
-    parser = _common.ToolParser("pitome_visualize", __doc__)
-    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="weights to load strictly")
-    g = parser.add_argument_group("output")
+    from tools import _visualize
+    parser, g = _visualize.visualizer_parser("pitome_visualize", __doc__, DEFAULT_MODEL, "pitome_groups.png")
     g.add_argument("--blocks", type=int, default=None,
                    help="show the groups after this many blocks (default: after the last block)")
-    g.add_argument("--images", nargs="*", default=[], help="image files (default: one synthetic image)")
-    g.add_argument("--out", "--output", dest="out", default="pitome_groups.png",
-                   help="output PNG; several images give <stem>_<i>.png")
     return parser
 
 
 def run(args) -> int:
     from models import pitome
-    from tools import _common
+    from tools import _visualize
 
-    _common.check_output_file(args.out, "--out")
     if getattr(args, "pitome_ratio", None) is None:
         args.pitome_ratio = 0.9
-    loaded = _common.build_model(args, DEFAULT_MODEL)
+    loaded = _visualize.build_model(args, DEFAULT_MODEL)
     model = loaded.model
     if not pitome.is_patched(model):
         raise UserError(f"--model {loaded.name} is not PiToMe-patched; give --pitome-ratio R")
     depth = len(model.blocks)
     if args.blocks is not None and not 0 <= args.blocks <= depth:
         raise UserError(f"--blocks {args.blocks} is outside 0..{depth} (the model has {depth} blocks)")
-    size = int(model.patch_embed.img_size[0])
-    try:
-        images = [load_image(p, size) for p in args.images] or [synthetic_image(size)]
-    except OSError as err:
-        raise UserError(f"cannot read --images file: {err}") from None
-    pictures = visualize(model, images, args.blocks)
-    stem, ext = os.path.splitext(args.out)
-    paths = [args.out] if len(pictures) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(pictures))]
-    for picture, path in zip(pictures, paths):
-        picture.save(path)
-        _logger.info("wrote %s", path)
-    print("\n".join(paths))
-    return 0
+    return _visualize.draw_and_write(args, model, lambda images: visualize(model, images, args.blocks))
 
 
 def main(argv: Optional[list] = None) -> int:
