@@ -625,3 +625,30 @@ def test_visualisation_of_kept_tokens(tmp_path):
     assert strip.size == (64 * 3, 64 + ats_visualize.TITLE_HEIGHT)
     assert ats_visualize.main(["--ats-blocks", "9", "--input-size", "64", "--model-kwargs", "{'depth': 2}",
                                "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------------
+# --target-gmacs: the token budget
+# ---------------------------------------------------------------------------
+
+def test_token_budget_search_reaches_the_target_and_is_reproducible():
+    pytest.importorskip("fvcore")
+    from models.factory import create_model
+    from models.flops import count_flops
+
+    def build(k):
+        return create_model("deit_tiny_patch16_224", options={"ats_num_tokens": k}, num_classes=10, img_size=32,
+                            model_kwargs=dict(depth=4, embed_dim=32, num_heads=2, patch_size=8)).eval()
+
+    def gmacs_of(model):
+        return count_flops(model, (32, 32))["gmacs"]
+
+    torch.manual_seed(5)
+    low, high = gmacs_of(build(8)), gmacs_of(build(17))
+    target = (low + high) / 2
+    torch.manual_seed(5)
+    k, gmacs = ats.search_num_tokens(build, target, gmacs_of)
+    assert 8 <= k <= 17 and abs(gmacs - target) <= (high - low) / 2
+    assert gmacs_of(build(k)) == gmacs  # the caller's own build and count of K see the search's input
+    with pytest.raises(ModelConfigError, match="above the unreduced model"):
+        ats.search_num_tokens(build, high * 1.5, gmacs_of)

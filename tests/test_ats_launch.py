@@ -240,3 +240,13 @@ def test_eval_report_and_visualisation_commands(tmp_path):
     assert report["images"] == 6 and len(report["mean_tokens_per_block"]) == 4
     assert report["gmacs_padded_batches"] >= report["gmacs_per_image"] > 0
     assert sorted(os.listdir(tmp_path / "ats_visualize")) == ["img_0.png", "img_1.png"]
+
+
+@pytest.mark.slow
+def test_target_gmacs_through_main(tmp_path):
+    proc = run_main(TINY + ["--ats-blocks", "1", "2", "3", "--ats-num-tokens", "auto", "--target-gmacs", "0.0007",
+                            "--output_dir", str(tmp_path)])
+    assert_ok(proc)
+    assert "--target-gmacs 0.0007: --ats-num-tokens" in proc.stderr
+    record = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()][-1]
+    assert record["target_gmacs"]["dest"] == "ats_num_tokens" and 8 <= record["target_gmacs"]["value"] <= 17
