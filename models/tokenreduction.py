@@ -662,10 +662,9 @@ class TokenReductionHooks(MethodHooks):
     * optimizer groups: `official_param_groups` (new modules at the lr, the backbone at
       `--backbone_lr_scale` times it; `--constant_cls` / `--constant_pos`);
     * `--backbone_freeze_steps E`: the backbone groups run at lr 0 in epochs < E (the unit is
-      epochs despite the name). The trainer gives hooks no optimizer, so a global optimizer-step
-      pre-hook zeroes the groups this family made (tagged in the group dict, so a resumed
-      optimizer state keeps the tag) right before each step, as the official loop does before
-      each iteration; the scheduler sets their lr again after the step;
+      epochs despite the name): right before each optimizer step the groups this family made
+      (tagged in the group dict, so a resumed optimizer state keeps the tag) get lr 0, as the
+      official loop does before each iteration; the scheduler sets their lr again after the step;
     * progress lines: the patch tokens kept at each reduction location.
     """
 
@@ -673,26 +672,16 @@ class TokenReductionHooks(MethodHooks):
         super().__init__(model, options)
         self.epoch = 0
         self.freeze_epochs = int(options.backbone_freeze_steps or 0)
-        self._handle = None
 
     def param_groups(self, model: nn.Module, lrs: List[float]) -> Optional[list]:
         if len(lrs) != 1:
             raise ModelConfigError(f"--lr takes one value for the TokenReduction models, got {len(lrs)}")
-        groups = official_param_groups(model, lrs[0], float(self.options.weight_decay or 0.0),
-                                       float(self.options.backbone_lr_scale), bool(self.options.constant_cls),
-                                       bool(self.options.constant_pos))
-        if self.freeze_epochs > 0 and self._handle is None:
-            import weakref
-            from torch.optim.optimizer import register_optimizer_step_pre_hook
-            ref = weakref.ref(self)
+        return official_param_groups(model, lrs[0], float(self.options.weight_decay or 0.0),
+                                     float(self.options.backbone_lr_scale), bool(self.options.constant_cls),
+                                     bool(self.options.constant_pos))
 
-            def before_step(optimizer, args, kwargs):
-                hooks = ref()
-                if hooks is not None:
-                    hooks.freeze_backbone(optimizer.param_groups)
-
-            self._handle = register_optimizer_step_pre_hook(before_step)
-        return groups
+    def before_optimizer_step(self, model: nn.Module, optimizer) -> None:
+        self.freeze_backbone(optimizer.param_groups)
 
     def freeze_backbone(self, groups: Sequence[dict]) -> None:
         """lr 0 for this family's backbone groups while the epoch is below --backbone_freeze_steps."""
@@ -709,12 +698,6 @@ class TokenReductionHooks(MethodHooks):
 
     def log_state(self, model) -> Dict[str, float]:
         return {f"tokens_b{loc}": count for loc, count in zip(model.reduction_loc, model.keep_counts)}
-
-    def report(self, model, context) -> Dict[str, Any]:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        return {}
 
 
 def _family_hooks(model, options) -> Optional[TokenReductionHooks]:

@@ -235,19 +235,17 @@ def test_backbone_freeze_zeroes_backbone_lr_before_each_step():
     optimizer = torch.optim.AdamW(hooks.param_groups(model, [1e-2]), lr=1e-2)
     backbone = model.blocks[0].attn.qkv.weight
     score = model.cluster_layers[0].score.weight
-    try:
-        for epoch, frozen in ((0, True), (1, True), (2, False)):
-            hooks.on_epoch_start(model, epoch)
-            for group in optimizer.param_groups:  # what the scheduler sets after every step
-                group["lr"] = 1e-2 * (0.5 if group[tr._ROLE] == "backbone" else 1.0)
-            before, score_before = backbone.detach().clone(), score.detach().clone()
-            model(torch.randn(2, 3, 32, 32)).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            assert torch.equal(backbone, before) == frozen
-            assert not torch.equal(score, score_before)
-    finally:
-        hooks.report(model, None)  # removes the global step pre-hook
+    for epoch, frozen in ((0, True), (1, True), (2, False)):
+        hooks.on_epoch_start(model, epoch)
+        for group in optimizer.param_groups:  # what the scheduler sets every step
+            group["lr"] = 1e-2 * (0.5 if group[tr._ROLE] == "backbone" else 1.0)
+        before, score_before = backbone.detach().clone(), score.detach().clone()
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        hooks.before_optimizer_step(model, optimizer)  # engine.py: right before the step
+        optimizer.step()
+        optimizer.zero_grad()
+        assert torch.equal(backbone, before) == frozen
+        assert not torch.equal(score, score_before)
     assert hooks.log_state(model) == {"tokens_b1": 14}  # int(0.9 * 16)
 
 
