@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import binary_erosion
 
+from tools._visualize import (build_model, draw_and_write, group_colours, model_input, side_by_side,
+                               visualizer_parser)
 from utils.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -107,11 +108,6 @@ def centre_patches(model: torch.nn.Module, viz: dict) -> Dict[int, np.ndarray]:
 # Pictures
 # ---------------------------------------------------------------------------
 
-def _colours(count: int) -> List[tuple]:
-    random.seed(0)
-    return [(random.random(), random.random(), random.random()) for _ in range(count)]
-
-
 def paint(img: Image.Image, group: np.ndarray, grid: tuple, patch_size: int,
           centres: Optional[np.ndarray] = None, merging: bool = True) -> Image.Image:
     """One panel: `group` `[P]` (token of each patch, -1 dropped) drawn on `img`."""
@@ -124,7 +120,7 @@ def paint(img: Image.Image, group: np.ndarray, grid: tuple, patch_size: int,
     dropped = full < 0
     out[dropped] = 0.9 * DROPPED_GREY + 0.1 * pixels[dropped]
     if merging:
-        colours = _colours(int(full.max()) + 1)
+        colours = group_colours(int(full.max()) + 1)
         for token in np.unique(full[~dropped]):
             mask = full == token
             interior = binary_erosion(mask)
@@ -141,30 +137,18 @@ def paint(img: Image.Image, group: np.ndarray, grid: tuple, patch_size: int,
 
 def visualize(model: torch.nn.Module, images: Sequence[Image.Image], mean=None, std=None) -> List[Image.Image]:
     """One strip per image: the input, then one panel per reduction location."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     device = next(model.parameters()).device
-    mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1)
     patch_size = model.patch_embed.patch_size[0]
-    batch = torch.stack([(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std
-                         for img in images]).to(device)
+    batch = model_input(images, mean, std, device)
     grid = tuple(model.patch_embed.dynamic_feat_size(batch.shape[-2:]))
     _, viz = viz_forward(model, batch)
-    num_patches = grid[0] * grid[1]
-    groups = patch_groups(model, viz, num_patches)
+    groups = patch_groups(model, viz, grid[0] * grid[1])
     centres = centre_patches(model, viz)
     merging = "Assignment_Maps" in viz
-    strips = []
-    for i, img in enumerate(images):
-        panels = [img] + [paint(img, groups[loc][i], grid, patch_size,
-                                centres[loc][i] if merging and loc in centres else None, merging)
-                          for loc in groups]
-        strip = Image.new("RGB", (img.width * len(panels), img.height))
-        for k, panel in enumerate(panels):
-            strip.paste(panel, (k * img.width, 0))
-        strips.append(strip)
-    return strips
+    return [side_by_side([img] + [paint(img, groups[loc][i], grid, patch_size,
+                                        centres[loc][i] if merging and loc in centres else None, merging)
+                                  for loc in groups])
+            for i, img in enumerate(images)]
 
 
 # ---------------------------------------------------------------------------
@@ -246,38 +230,17 @@ def viz_results_command(model: torch.nn.Module, context) -> None:
 # ---------------------------------------------------------------------------
 
 def build_parser():
-    from tools import _common
-    parser = _common.ToolParser("tokenreduction_visualize", __doc__)
-    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="weights to load strictly")
-    g = parser.add_argument_group("images and output")
-    g.add_argument("--images", nargs="*", default=[], help="image files (default: one synthetic image)")
-    g.add_argument("--out", "--output", dest="out", default="tokenreduction_tokens.png",
-                   help="output PNG; several images give <stem>_<i>.png")
+    parser, _ = visualizer_parser("tokenreduction_visualize", __doc__, DEFAULT_MODEL, "tokenreduction_tokens.png",
+                                  title="images and output")
     return parser
 
 
 def run(args) -> int:
-    from tools import _common
-    from tools.tome_visualize import load_image, synthetic_image
-    _common.check_output_file(args.out, "--out")
-    loaded = _common.build_model(args, DEFAULT_MODEL)
-    model = loaded.model
-    if not hasattr(model, "get_reduction_count"):
+    loaded = build_model(args, DEFAULT_MODEL)
+    if not hasattr(loaded.model, "get_reduction_count"):
         raise UserError(f"--model {loaded.name} is not a TokenReduction model (topk_/kmedoids_/dpcknn_/sinkhorn_/"
                         f"patchmerger_*)")
-    size = int(model.patch_embed.img_size[0])
-    try:
-        images = [load_image(p, size) for p in args.images] or [synthetic_image(size)]
-    except OSError as err:
-        raise UserError(f"cannot read --images file: {err}") from None
-    pictures = visualize(model, images)
-    stem, ext = os.path.splitext(args.out)
-    paths = [args.out] if len(pictures) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(pictures))]
-    for picture, path in zip(pictures, paths):
-        picture.save(path)
-        _logger.info("wrote %s", path)
-    print("\n".join(paths))
-    return 0
+    return draw_and_write(args, loaded.model, lambda images: visualize(loaded.model, images))
 
 
 def main(argv: Optional[list] = None) -> int:
