@@ -61,7 +61,7 @@ from .token_ops import attention_with_keys, selection_precision
 
 __all__ = [
     "patch", "unpatch", "is_patched", "mctf_type_kwargs", "normalize_r", "block_reduction", "token_counts",
-    "MCTFMatch", "mctf_scores", "mctf_matching", "mctf_merge", "fused_index", "mctf_fuse",
+    "MCTFMatch", "mctf_scores", "mctf_matching", "mctf_merge", "fused_index", "group_reduce", "mctf_fuse",
     "MCTFConfig", "MCTFState", "MCTFPass", "MCTFCriterion", "confidence_of_labels", "DEFAULT_MCTF_TYPE",
 ]
 
@@ -328,6 +328,23 @@ def fused_index(match: Optional[MCTFMatch], num_tokens: int) -> Optional[torch.T
     return index
 
 
+def group_reduce(t: torch.Tensor, index: torch.Tensor, groups: int, dim: int, mode: str = "sum") -> torch.Tensor:
+    """Reduce the token dimension `dim` of `t` (T entries) into `groups` entries: entry g gets the
+    sum ("sum") or elementwise max ("amax") of the entries t with `index[b, t] == g`.
+
+    index: `[B, T]` per sample (`fused_index`). One scatter over `t`, differentiable in `t`.
+    """
+    dim = dim % t.dim()
+    view = [index.shape[0]] + [1] * (t.dim() - 1)
+    view[dim] = index.shape[1]
+    expanded = index.view(view).expand(t.shape)
+    shape = list(t.shape)
+    shape[dim] = groups
+    if mode == "sum":
+        return t.new_zeros(shape).scatter_add_(dim, expanded, t)
+    return t.new_full(shape, -math.inf).scatter_reduce_(dim, expanded, t, reduce=mode)
+
+
 def mctf_fuse(match: MCTFMatch, x: torch.Tensor, attn: Optional[torch.Tensor], informativeness: torch.Tensor,
               size: Optional[torch.Tensor], pooling_type: int = 1, fuse_attn: bool = True
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -335,50 +352,38 @@ def mctf_fuse(match: MCTFMatch, x: torch.Tensor, attn: Optional[torch.Tensor], i
 
     x `[B, T, C]`; attn `[B, H, T, T]` (needed when `fuse_attn`); informativeness `[B, T]`
     float32 (head/query mean of attn); size `[B, T, 1]` float32 or None (ones).
-    Returns `(x' [B, T', C], size' [B, T', 1] float32, A'' [B, H, T', T'] or None)`.
-    pooling_type 1: weights `a_i s_i / max s` (per sample); 0: `s_i`; 3: 1 (plain mean);
-    2: elementwise max. The attention map sums its keys per group, then pools its queries
-    with the same weights (max for type 2). Weights are computed without gradient; the
-    fused x and A'' are differentiable. Multiplications follow the official order.
+    Returns `(x' [B, T', C], size' [B, T', 1] float32, A'' [B, H, T', T'] or None)` in
+    `mctf_merge`'s output order. pooling_type 1: weights `a_i s_i / max s` (per sample);
+    0: `s_i`; 3: 1 (plain mean); 2: elementwise max. The attention map sums its keys per
+    group, then pools its queries with the same weights (max for type 2; its rows then do
+    not sum to 1, as officially). Weights are computed without gradient; x' and A'' are
+    differentiable. Each group is reduced in one scatter over the fused index (the official
+    code sums in two steps; only the float rounding of the sums differs).
     """
     if size is None:
         size = torch.ones_like(x[..., :1], dtype=torch.float32)
-    fused_attn = None
+    tokens = x.shape[1]
+    groups = tokens - match.r
+    index = fused_index(match, tokens)
+    keys = group_reduce(attn, index, groups, -1) if fuse_attn else None
+    new_size = group_reduce(size, index, groups, 1)
+    if pooling_type == 2:
+        out = group_reduce(x, index, groups, 1, "amax")
+        fused = group_reduce(keys, index, groups, -2, "amax") if fuse_attn else None
+        return out, new_size, fused
+    with torch.no_grad():
+        if pooling_type == 1:
+            weight = informativeness.unsqueeze(-1) * (size / size.amax(dim=-2, keepdim=True))
+        elif pooling_type == 0:
+            weight = size
+        else:
+            weight = torch.ones_like(size)
+        norm = group_reduce(weight, index, groups, 1)
+    out = group_reduce(x * weight.to(x.dtype), index, groups, 1) / norm.to(x.dtype)
+    fused = None
     if fuse_attn:
-        keys = mctf_merge(attn, match, "sum", dim=-1)
-    if pooling_type == 1:
-        with torch.no_grad():
-            relative = size / size.amax(dim=-2, keepdim=True)
-            attn_m = informativeness.unsqueeze(-1)
-            norm = mctf_merge(attn_m * relative, match, "sum")
-        if fuse_attn:
-            fused_attn = mctf_merge(keys * attn_m[:, None].to(keys.dtype) * relative[:, None].to(keys.dtype),
-                                    match, "sum", dim=-2) / norm[:, None].to(keys.dtype)
-        out = mctf_merge(x * attn_m.to(x.dtype) * relative.to(x.dtype), match, "sum") / norm.to(x.dtype)
-        size = mctf_merge(size, match, "sum")
-    elif pooling_type == 2:
-        out = mctf_merge(x, match, "amax")
-        if fuse_attn:
-            fused_attn = mctf_merge(keys, match, "amax", dim=-2)
-        size = mctf_merge(size, match, "sum")
-    elif pooling_type == 3:
-        out = mctf_merge(x, match, "sum")
-        if fuse_attn:
-            fused_attn = mctf_merge(keys, match, "sum", dim=-2)
-        count = mctf_merge(torch.ones_like(size), match, "sum")
-        size = mctf_merge(size, match, "sum")
-        if fuse_attn:
-            fused_attn = fused_attn / count[:, None].to(fused_attn.dtype)
-        out = out / count.to(out.dtype)
-    else:
-        out = mctf_merge(x * size.to(x.dtype), match, "sum")
-        if fuse_attn:
-            fused_attn = mctf_merge(keys * size[:, None].to(keys.dtype), match, "sum", dim=-2)
-        size = mctf_merge(size, match, "sum")
-        if fuse_attn:
-            fused_attn = fused_attn / size[:, None].to(fused_attn.dtype)
-        out = out / size.to(out.dtype)
-    return out, size, fused_attn
+        fused = group_reduce(keys * weight[:, None].to(keys.dtype), index, groups, -2) / norm[:, None].to(keys.dtype)
+    return out, new_size, fused
 
 
 # ---------------------------------------------------------------------------
@@ -983,7 +988,6 @@ from .hooks import MethodHooks  # noqa: E402
 
 _logger = _logging.getLogger(__name__)
 
-OFFICIAL_NAMES = ("deit_tiny", "deit_small", "deit_base")
 _TRUE, _FALSE = ("true", "t", "yes", "y", "1"), ("false", "f", "no", "n", "0")
 
 
@@ -1144,18 +1148,15 @@ def _split_argv(argv: Sequence[str]) -> List[List[str]]:
 
 
 def _is_official_line(items: List[List[str]]) -> bool:
-    for item in items:
-        if item[0] in ("--use_mctf", "--use-mctf"):
-            return True
-        if item[0] == "--model" and len(item) > 1 and item[1] in OFFICIAL_NAMES:
-            return True
-    return False
+    """Lines with the official `--use_mctf` (every official MCTF line has it). The official model
+    names alone do not make a line official: `--model deit_small --mctf-r 16` is this project's."""
+    return any(item[0] in ("--use_mctf", "--use-mctf") for item in items)
 
 
 def translate_official_argv(argv: Sequence[str]) -> List[str]:
     """An official MCTF main.py line in this project's flags (other lines are returned unchanged).
 
-    A line is official when it has `--use_mctf` or an official model name (`--model deit_small`).
+    A line is official when it has `--use_mctf` (True or False, as every official line does).
     The official main.py defaults that differ from DeiT's come first (`--mixup 0 --cutmix 0
     --model-ema`), so the line's own flags win; boolean-valued options take switches here
     (`--model_ema False` -> `--no-model-ema`, a bare `--use_mctf` -> `--use_mctf True`);
