@@ -7,16 +7,17 @@ distilled DeiT, the deployed attention-shrink models). Each block listed in `ats
 becomes an ATS block; parameters and state dict are untouched and `unpatch` restores the
 original classes. Changes of an ATS block relative to timm's `Block`:
 
-* attention is computed explicitly over all n input tokens (the scores need the class row of
-  the probabilities): `A = softmax((q k^T) * scale)`, padded keys at weight 0;
+* the class row of the attention, `A[h, 0, :] = softmax((q_0 k^T) * scale)` over all n input
+  tokens (padded keys at weight 0), is computed first, in float32, for the scores;
 * significance score of patch j: `(sum over heads of A[h, 0, j]) * ||v_j||`, normalised over
   the image's own patches, sorted ascending, cumulated, min-max normalised; `K - 1` points
   spread from the smallest non-zero value to 1 pick their nearest cumulative value
   (inverse-transform sampling); duplicated picks collapse, so each image keeps its own
   number of tokens `1 + |picks| <= min(K, n)`;
-* only the kept rows of `A @ v`, the projection, the residual (kept rows of the block input)
-  and the MLP are computed; the sequence leaves as [class token, kept patches in ascending
-  score order];
+* only the kept rows attend (fused attention of their queries over all n keys and values:
+  tokens dropped here still serve as keys), and only they go through the projection, the
+  residual (kept rows of the block input) and the MLP; the sequence leaves as [class token,
+  kept patches in ascending score order];
 * the scores, cumulative sum and sample points are computed in float32 under bf16
   (`token_ops.selection_precision`).
 
@@ -37,9 +38,10 @@ patched model's forward; blocks keep timm's `Tensor -> Tensor` signature. After 
 included, leaving each block) and `kept` ({ATS block index: `[B, L]` original patch index of
 each patch row, -1 for padding}).
 
-Also here: the per-image FLOPs formula (`ats_gmacs`), the filter for checkpoints written by the
-official trainer (`checkpoint_filter_fn`), the reader of the official SlowFast-style YAML
-configs and `SECTION.KEY VALUE` overrides (`translate_argv`), and the method family.
+Also here: the per-image FLOPs formula (`ats_macs_tensor`, three conventions), the filter for
+checkpoints written by the official trainer (`checkpoint_filter_fn`), token statistics over an
+evaluation (`start_statistics` / `statistics`), and the method family, whose `translate_argv`
+reads the official SlowFast-style YAML configs (models/ats_config.py).
 """
 from __future__ import annotations
 
@@ -839,7 +841,8 @@ def report_command(model: nn.Module, context) -> None:
     if not stats:
         return
     _logger.info(f"ATS over {stats['images']} images: {stats['gmacs_per_image']:.4f} GMACs per image (mean of "
-                 f"per-image counts, the paper's convention; fvcore at batch 1: {stats['gmacs_per_image_fvcore']:.4f}); "
+                 f"per-image counts, the paper's convention; fvcore at batch 1: "
+                 f"{stats['gmacs_per_image_fvcore']:.4f}); "
                  f"{stats['gmacs_padded_batches']:.4f} GMACs as the official code's padded batches would be profiled; "
                  f"mean tokens leaving each block {stats['mean_tokens_per_block']}")
     output_dir = getattr(context, "output_dir", None)
@@ -928,7 +931,8 @@ FAMILY = _family.register_family(_family.MethodFamily(
         _family.Command("ats_visualize", "tools.ats_visualize:visualize_command", exits=True, needs_data=True),
     ),
     examples=(
-        _family.Example("ats", model="deit_tiny_patch16_224", kwargs=dict(_TINY), flags=("--ats-blocks", "1", "2", "3")),
+        _family.Example("ats", model="deit_tiny_patch16_224", kwargs=dict(_TINY),
+                        flags=("--ats-blocks", "1", "2", "3")),
         # the official masked layout with a budget below the token count (fixed shapes)
         _family.Example("ats_masked", model="deit_tiny_patch16_224", kwargs=dict(_TINY),
                         flags=("--ats-blocks", "[1,3]", "--ats-num-tokens", "12", "--no-ats-drop-tokens")),

@@ -2,13 +2,11 @@
 re-statement of the official algorithm written here (policy masks, eps softmax, padded candidate
 vectors and the pick de-duplication, one image or one batch at a time)."""
 import copy
-import math
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 
 import models  # noqa: F401  (registers the models)
 from models import ats
