@@ -427,7 +427,28 @@ def _unmapped_changes(cfg: Dict[str, Any], explicit: set) -> List[str]:
     return changed
 
 
-def _split_argv(argv: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str]], List[str]]:
+def _is_override_key(token: str, any_section: bool) -> bool:
+    """`SECTION.KEY` (of a known section unless `any_section`: after an official --cfg every such
+    token is one, and an unknown one is an error), or a top-level key of the config (OUTPUT_DIR)."""
+    if not _OVERRIDE.fullmatch(token):
+        return False
+    head = token.split(".", 1)[0]
+    if "." in token:
+        return any_section or (head in DEFAULTS and isinstance(DEFAULTS[head], dict)) or head in IGNORED_SECTIONS
+    return head in DEFAULTS and not isinstance(DEFAULTS[head], dict)
+
+
+def _cfg_path(argv: Sequence[str]) -> Optional[str]:
+    for index, token in enumerate(argv):
+        if token == "--cfg" and index + 1 < len(argv):
+            return argv[index + 1]
+        if token.startswith("--cfg="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _split_argv(argv: Sequence[str],
+                any_section: bool = False) -> Tuple[Optional[str], List[Tuple[str, str]], List[str]]:
     """(--cfg path, SECTION.KEY overrides, the rest of argv)."""
     cfg_path = None
     overrides: List[Tuple[str, str]] = []
@@ -443,8 +464,7 @@ def _split_argv(argv: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str
             cfg_path = token.split("=", 1)[1]
             index += 1
             continue
-        top_level = token in DEFAULTS and not isinstance(DEFAULTS[token], dict)
-        if _OVERRIDE.fullmatch(token) and ("." in token or top_level) and index + 1 < len(argv):
+        if _is_override_key(token, any_section) and index + 1 < len(argv):
             overrides.append((token, argv[index + 1]))
             index += 2
             continue
@@ -489,8 +509,9 @@ def translate_argv(argv: Sequence[str]) -> List[str]:
     """The official launch line's argv as main.py flags (anything else passes through, with
     several `--ats-num-tokens` values joined into one list)."""
     argv = list(argv)
-    cfg_path, overrides, rest = _split_argv(argv)
-    slowfast = is_slowfast_config(cfg_path) if cfg_path else False
+    path = _cfg_path(argv)
+    slowfast = is_slowfast_config(path) if path else False
+    cfg_path, overrides, rest = _split_argv(argv, any_section=slowfast)
     if not slowfast and not overrides:
         return _join_token_lists(argv)
     if cfg_path and not slowfast:
