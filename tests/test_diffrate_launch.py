@@ -6,18 +6,17 @@ fake local Hugging Face cache holding (random) DeiT-S weights, where `--pretrain
 offline. The search line (3 epochs of DeiT-S at batch 256 on 4 GPUs) runs made tiny by appended
 flags, from a checkpoint in the official layout.
 """
-import argparse
 import shlex
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import main
 import models  # noqa: F401
-from e2e_utils import assert_ok, read_log, run_main
+from e2e_utils import (
+    assert_ok, assert_printed_eval, fake_pretrained_cache, read_log, reference_eval, run_main, save_official_checkpoint,
+    spread_logits, write_imagenet_folder)
 from models import diffrate, family
 from models.errors import ModelConfigError
 
@@ -115,63 +114,22 @@ def test_per_epoch_learning_rates_are_the_official_ones():
 
 @pytest.fixture(scope="module")
 def imagenet_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet_diffrate")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.JPEG")
-    return root
-
-
-def fake_pretrained_cache(root, model: torch.nn.Module, hub_id: str) -> dict:
-    """A local Hugging Face hub cache holding `model`'s weights as `hub_id`; the environment to use it offline."""
-    from safetensors.torch import save_file
-    repo = root / ("models--" + hub_id.replace("/", "--"))
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(repo / "snapshots" / commit / "model.safetensors"))
-    return {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
-
-
-def reference_eval(model, folder):
-    """DeiT's evaluation written out: resize 256/224, centre crop, one batch (1.5 * 256 > 4 images)."""
-    from torchvision import datasets as tv_datasets, transforms
-    transform = transforms.Compose([
-        transforms.Resize(int(224 / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    data = tv_datasets.ImageFolder(str(folder / "val"), transform=transform)
-    images, target = next(iter(torch.utils.data.DataLoader(data, batch_size=len(data), shuffle=False)))
-    with torch.no_grad():
-        output = model.eval()(images)
-    loss = torch.nn.functional.cross_entropy(output, target).item()
-    top5 = output.topk(5, dim=1).indices
-    acc1 = 100 * (top5[:, 0] == target).float().mean().item()
-    acc5 = 100 * (top5 == target[:, None]).any(1).float().mean().item()
-    return acc1, acc5, loss, len(data)
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_diffrate"))
 
 
 @needs_wiring
 @pytest.mark.slow
 def test_eval_line_prints_the_shipped_schedules_numbers(imagenet_folder, tmp_path):
     torch.manual_seed(0)
-    weights = timm.create_model("deit_small_patch16_224")
-    with torch.no_grad():
-        weights.head.weight.mul_(20)  # spread the logits so accuracy and loss are not trivial
+    weights = spread_logits(timm.create_model("deit_small_patch16_224"))
     env = fake_pretrained_cache(tmp_path / "hub", weights, "timm/deit_small_patch16_224.fb_in1k")
     proc = run_main(shlex.split(EVAL_LINE_S.replace("IMAGENET", str(imagenet_folder))) + ["--device", "cpu"],
                     env_extra=env)
     assert_ok(proc)
     plain = reference_eval(weights, imagenet_folder)
-    acc1, acc5, loss, count = reference_eval(diffrate.patch(weights, target_flops=2.9), imagenet_folder)
-    assert abs(loss - plain[2]) > 1e-3  # the printed loss tells the schedule apart from plain DeiT
-    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
-    assert f"Accuracy of the network on the {count} test images: {acc1:.1f}%" in proc.stderr
+    schedule = reference_eval(diffrate.patch(weights, target_flops=2.9), imagenet_folder)
+    assert abs(schedule[2] - plain[2]) > 1e-3  # the printed loss tells the schedule apart from plain DeiT
+    assert_printed_eval(proc.stderr, *schedule)
     assert "official FLOPs 2.905 G" in proc.stderr
     assert "tokens after each block [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3]" in proc.stderr
 
@@ -183,9 +141,8 @@ def test_search_line_searches_and_its_checkpoint_evaluates_the_searched_schedule
     official layout; then `--eval --resume` of the search's checkpoint evaluates the searched schedule."""
     tiny = {"depth": 3, "embed_dim": 24, "num_heads": 2, "patch_size": 8}
     source = timm.create_model("vit_deit_small_patch16_224", img_size=32, **tiny)
-    ckpt = tmp_path / "official.pth"
-    torch.save({"model": source.state_dict(), "epoch": 2, "scaler": {},
-                "args": argparse.Namespace(model="vit_deit_small_patch16_224", target_flops=2.9)}, ckpt)
+    official_args = dict(model="vit_deit_small_patch16_224", target_flops=2.9)
+    ckpt = save_official_checkpoint(tmp_path / "official.pth", source, official_args, epoch=2, scaler={})
     out = tmp_path / "out"
     line = shlex.split(SEARCH_LINE.replace("IMAGENET", str(imagenet_folder)).replace("OUT", str(out)))
     proc = run_main(line + ["--finetune", str(ckpt), "--model-kwargs", str(tiny), "--input-size", "32",

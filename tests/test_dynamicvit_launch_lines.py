@@ -8,20 +8,18 @@ written (the resolved recipe is checked), and the DeiT-S line also trains: as wr
 appended that shrink the model and the run, in a working directory holding the official relative
 path `./pretrained/deit_small_patch16_224-cd65a155.pth` (student initialisation and teacher).
 """
-import argparse
 import os
 import shlex
 import subprocess
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import main
 import models  # noqa: F401
-from e2e_utils import PYTHON, ROOT, assert_ok, read_log
+from e2e_utils import (
+    PYTHON, ROOT, assert_ok, deit_eval_data, read_log, reference_eval, save_official_checkpoint, write_imagenet_folder)
 from models import dynamicvit, family
 
 HEAD_INFER = "--data_path {data} --model deit-s --model_path {ckpt} --base_rate 0.7"
@@ -34,26 +32,15 @@ README_B = ("--output_dir {out} --model deit-b --input_size 224 --batch_size 128
 SMALL = "{'depth': 4, 'embed_dim': 48, 'num_heads': 3, 'patch_size': 8, 'pruning_loc': (1, 2, 3)}"
 
 
-def _folder(root, splits):
-    """ImageNet layout, 2 classes x 2 images per split."""
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for cls in ("n01440764", "n01443537"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.JPEG")
-    return root
-
-
 @pytest.fixture(scope="module")
 def imagenet_folder(tmp_path_factory):
-    return _folder(tmp_path_factory.mktemp("imagenet"), ("train", "val"))
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"))
 
 
 @pytest.fixture(scope="module")
 def val_folder(tmp_path_factory):
     """Only `val/`: infer.py's semantics need no training data."""
-    return _folder(tmp_path_factory.mktemp("imagenet_val"), ("val",))
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_val"), ("val",))
 
 
 @pytest.fixture(scope="module")
@@ -71,30 +58,15 @@ def released_checkpoint(tmp_path_factory, val_folder):
         model.head.bias[0] -= (margin[-1] + margin[-2]) / 2
     path = tmp_path_factory.mktemp("ckpt") / "dynamicvit_deit-s_0.7.pth"
     ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    torch.save({"model": model.state_dict(), "model_ema": ema, "epoch": 29, "scaler": None, "best": 79.3,
-                "args": argparse.Namespace(model="deit-s", base_rate=0.7, lr=1e-3)}, path)
+    save_official_checkpoint(path, model, dict(model="deit-s", base_rate=0.7, lr=1e-3), model_ema=ema, epoch=29,
+                             scaler=None, best=79.3)
     return path, model
 
 
 def _val_batch(folder):
-    """infer.py's evaluation data written out: Resize(256, bicubic), CenterCrop(224), ImageNet mean/std."""
-    from torchvision import datasets, transforms
-    transform = transforms.Compose([
-        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224),
-        transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    data = datasets.ImageFolder(str(folder / "val"), transform=transform)
-    return torch.stack([data[i][0] for i in range(len(data))]), torch.tensor([data[i][1] for i in range(len(data))])
-
-
-def reference_eval(model, folder):
-    """Acc@1 / Acc@5 / CE of `model` in fp32 on the folder's val images (one batch)."""
-    images, target = _val_batch(folder)
-    with torch.no_grad():
-        output = model(images)
-    top5 = output.topk(5, dim=1).indices
-    acc1 = 100 * (top5[:, 0] == target).float().mean().item()
-    acc5 = 100 * (top5 == target[:, None]).any(1).float().mean().item()
-    return acc1, acc5, torch.nn.functional.cross_entropy(output, target).item(), len(target)
+    """infer.py's evaluation data (DeiT's: Resize(256, bicubic), CenterCrop(224), ImageNet mean/std), one batch."""
+    data = deit_eval_data(folder)
+    return next(iter(torch.utils.data.DataLoader(data, batch_size=len(data), shuffle=False)))
 
 
 def run_line(line, cwd=ROOT, extra=()):
@@ -160,8 +132,7 @@ def test_evaluation_lines_print_the_official_numbers(line, val_folder, released_
 @pytest.mark.slow
 def test_model_path_refuses_a_checkpoint_with_other_keys(val_folder, tmp_path):
     deit = timm.create_model("deit_small_patch16_224")
-    ckpt = tmp_path / "deit.pth"
-    torch.save({"model": deit.state_dict(), "args": argparse.Namespace(model="deit_small_patch16_224")}, ckpt)
+    ckpt = save_official_checkpoint(tmp_path / "deit.pth", deit, dict(model="deit_small_patch16_224"))
     proc = run_line(HEAD_INFER.format(data=val_folder, ckpt=ckpt))
     assert proc.returncode == 2
     error = [line for line in proc.stderr.splitlines() if " ERROR " in line]

@@ -6,40 +6,29 @@ ImageNet-style folder with official-format checkpoints (a dict with `model` and 
 epochs on 4 processes, so the short run of `distributed_train.sh` in test_distributed.py
 stands in for executing it).
 """
-import argparse
 import shlex
 
 import numpy as np
 import pytest
 import timm
-import torch
 from PIL import Image
 
 import main
 import models  # noqa: F401
-from e2e_utils import assert_ok, run_main
+from e2e_utils import (
+    assert_ok, assert_printed_eval, reference_eval, run_main, save_official_checkpoint, spread_logits,
+    write_imagenet_folder)
 
 
 @pytest.fixture(scope="module")
 def imagenet_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.JPEG")
-    return root
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"))
 
 
 def official_checkpoint(path, model_name, **kwargs):
     """(path, model): a checkpoint in the official layout (DeiT's dict with a pickled Namespace)."""
-    model = timm.create_model(model_name, **kwargs)
-    with torch.no_grad():
-        model.head.weight.mul_(20)  # spread the logits so accuracy and loss are not trivial
-    torch.save({"model": model.state_dict(), "epoch": 299, "args": argparse.Namespace(model=model_name)}, path)
-    return path, model
+    model = spread_logits(timm.create_model(model_name, **kwargs))
+    return save_official_checkpoint(path, model, dict(model=model_name), epoch=299), model
 
 
 @pytest.mark.slow
@@ -49,9 +38,8 @@ def test_evit_eval_line(imagenet_folder, tmp_path):
            f"--data-path {imagenet_folder}"
     proc = run_main(shlex.split(line))
     assert_ok(proc)
-    acc1, acc5, loss, count = _reference_eval(model, imagenet_folder, int(1.5 * 64))  # DeiT's default batch 64
-    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
-    assert f"Accuracy of the network on the {count} test images: {acc1:.1f}%" in proc.stderr
+    acc1, acc5, loss, count = reference_eval(model, imagenet_folder, int(1.5 * 64))  # DeiT's default batch 64
+    assert_printed_eval(proc.stderr, acc1, acc5, loss, count)
 
 
 @pytest.mark.slow
@@ -66,9 +54,8 @@ def test_shrink_test_sh_line(imagenet_folder, tmp_path):
     assert "0 resized, 24 dropped, 0 missing" in proc.stderr  # the 6 attention keys of 4 removed blocks
     deployed = timm.create_model("deit_small_patch16_224_shrink", done_layer=[0, 2, 4, 6])
     deployed.load_state_dict({k: v for k, v in source.state_dict().items() if k in deployed.state_dict()})
-    acc1, acc5, loss, count = _reference_eval(deployed, imagenet_folder, int(1.5 * 256))
-    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
-    assert f"Accuracy of the network on the {count} test images: {acc1:.2f}%" in proc.stderr  # lambda_vit: 2 decimals
+    acc1, acc5, loss, count = reference_eval(deployed, imagenet_folder, int(1.5 * 256))
+    assert_printed_eval(proc.stderr, acc1, acc5, loss, count, decimals=2)  # lambda_vit: 2 decimals
 
 
 def test_ltm_readme_line_parses_as_written():
@@ -108,30 +95,6 @@ def test_ltm_readme_line_through_distributed_train_sh_trains_the_ltm_recipe(tmp_
     assert deit["mixup"] == 0.8 and deit["unscale_lr"] is False and deit["input_size"] == 224
 
 
-def _reference_eval(model, folder, batch_size):
-    """The official evaluation written out independently: DeiT's eval transform, sequential
-    batches, fp32 (DeiT's CUDA autocast does nothing on CPU), DeiT's meters: the printed loss is
-    the mean of per-batch mean losses, Acc@1/Acc@5 are weighted by batch size."""
-    from torchvision import datasets as tv_datasets, transforms
-    transform = transforms.Compose([
-        transforms.Resize(int(224 / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    data = tv_datasets.ImageFolder(str(folder / "val"), transform=transform)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    model.eval()
-    losses, correct1, correct5, count = [], 0, 0, 0
-    with torch.no_grad():
-        for images, target in loader:
-            output = model(images)
-            losses.append(torch.nn.functional.cross_entropy(output, target).item())
-            top5 = output.topk(5, dim=1).indices
-            correct1 += (top5[:, 0] == target).sum().item()
-            correct5 += (top5 == target[:, None]).any(1).sum().item()
-            count += images.shape[0]
-    return 100 * correct1 / count, 100 * correct5 / count, sum(losses) / len(losses), count
-
-
 @pytest.fixture(scope="module")
 def imagenet_folder_uneven(tmp_path_factory):
     """10 validation images in 6 classes: with --batch-size 4 the eval batches are 6 and 4 (unequal)."""
@@ -147,27 +110,20 @@ def imagenet_folder_uneven(tmp_path_factory):
 
 @pytest.mark.slow
 def test_evit_eval_line_prints_the_official_numbers_on_cpu(imagenet_folder_uneven, tmp_path):
-    model = timm.create_model("deit_small_patch16_shrink_base", fuse_token=True, base_keep_rate=0.7)
-    with torch.no_grad():
-        model.head.weight.mul_(20)  # spread the logits so accuracy and loss are not trivial
-    ckpt = tmp_path / "evit.pth"
-    torch.save({"model": model.state_dict(), "epoch": 299, "args": argparse.Namespace(model="x")}, ckpt)
+    model = spread_logits(timm.create_model("deit_small_patch16_shrink_base", fuse_token=True, base_keep_rate=0.7))
+    ckpt = save_official_checkpoint(tmp_path / "evit.pth", model, dict(model="x"), epoch=299)
     line = (f"--model deit_small_patch16_shrink_base --fuse_token --base_keep_rate 0.7 --eval --resume {ckpt} "
             f"--data-path {imagenet_folder_uneven} --batch-size 4 --num_workers 0")
     proc = run_main(shlex.split(line))
     assert_ok(proc)
-    acc1, acc5, loss, count = _reference_eval(model, imagenet_folder_uneven, int(1.5 * 4))
-    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
-    assert f"Accuracy of the network on the {count} test images: {acc1:.1f}%" in proc.stderr
+    acc1, acc5, loss, count = reference_eval(model, imagenet_folder_uneven, int(1.5 * 4))
+    assert_printed_eval(proc.stderr, acc1, acc5, loss, count)
 
 
 @pytest.mark.slow
 def test_shrink_test_sh_line_prints_the_official_numbers_on_cpu(imagenet_folder_uneven, tmp_path):
-    source = timm.create_model("deit_small_patch16_224_copy_lambda", prune_layer=[0, 2, 4, 6])
-    with torch.no_grad():
-        source.head.weight.mul_(20)
-    ckpt = tmp_path / "small_0246.pth"
-    torch.save({"model": source.state_dict(), "epoch": 299, "args": argparse.Namespace(model="x")}, ckpt)
+    source = spread_logits(timm.create_model("deit_small_patch16_224_copy_lambda", prune_layer=[0, 2, 4, 6]))
+    ckpt = save_official_checkpoint(tmp_path / "small_0246.pth", source, dict(model="x"), epoch=299)
     line = (f"--data-set IMNET --data-path {imagenet_folder_uneven} --model deit_small_patch16_224_shrink "
             f"--prune_layer [] --done_layer [0,2,4,6] --seed 42 --num_workers 10 --batch-size 4 "
             f"--finetune {ckpt} --eval --no-model-ema")
@@ -176,6 +132,5 @@ def test_shrink_test_sh_line_prints_the_official_numbers_on_cpu(imagenet_folder_
     deployed = timm.create_model("deit_small_patch16_224_shrink", done_layer=[0, 2, 4, 6])
     state = {k: v for k, v in source.state_dict().items() if k in deployed.state_dict()}
     deployed.load_state_dict(state, strict=True)
-    acc1, acc5, loss, count = _reference_eval(deployed, imagenet_folder_uneven, int(1.5 * 4))
-    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
-    assert f"Accuracy of the network on the {count} test images: {acc1:.2f}%" in proc.stderr  # lambda_vit: 2 decimals
+    acc1, acc5, loss, count = reference_eval(deployed, imagenet_folder_uneven, int(1.5 * 4))
+    assert_printed_eval(proc.stderr, acc1, acc5, loss, count, decimals=2)  # lambda_vit: 2 decimals

@@ -6,18 +6,17 @@ main_ic.py always builds the model with `pretrained=True`; the evaluation line t
 runs on a fake local Hugging Face cache holding (random) weights for timm's
 `deit_small_patch16_224.fb_in1k`, which is where `--pretrained` reads them offline.
 """
-import argparse
 import shlex
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import main
 import models  # noqa: F401
-from e2e_utils import assert_ok, read_log, run_main
+from e2e_utils import (
+    assert_ok, assert_printed_eval, fake_pretrained_cache, read_log, reference_eval, run_main, save_official_checkpoint,
+    spread_logits, write_imagenet_folder)
 from models import family, pitome
 from models.errors import ModelConfigError
 
@@ -139,63 +138,20 @@ def test_bad_official_lines_exit_2(line, message, capfd):
 
 @pytest.fixture(scope="module")
 def imagenet_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet_pitome")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.JPEG")
-    return root
-
-
-def fake_pretrained_cache(root, model: torch.nn.Module, hub_id: str) -> dict:
-    """A local Hugging Face hub cache holding `model`'s weights as `hub_id`; the environment to use it offline."""
-    from safetensors.torch import save_file
-    repo = root / ("models--" + hub_id.replace("/", "--"))
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(repo / "snapshots" / commit / "model.safetensors"))
-    return {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
-
-
-def reference_eval(model, folder):
-    """DeiT's evaluation written out: resize 256/224, centre crop, one batch (1.5 * 256 > 4 images)."""
-    from torchvision import datasets as tv_datasets, transforms
-    transform = transforms.Compose([
-        transforms.Resize(int(224 / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    data = tv_datasets.ImageFolder(str(folder / "val"), transform=transform)
-    images, target = next(iter(torch.utils.data.DataLoader(data, batch_size=len(data), shuffle=False)))
-    with torch.no_grad():
-        output = model.eval()(images)
-    loss = torch.nn.functional.cross_entropy(output, target).item()
-    top5 = output.topk(5, dim=1).indices
-    acc1 = 100 * (top5[:, 0] == target).float().mean().item()
-    acc5 = 100 * (top5 == target[:, None]).any(1).float().mean().item()
-    return acc1, acc5, loss, len(data)
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_pitome"))
 
 
 @pytest.mark.slow
 def test_eval_line_prints_the_patched_models_numbers(imagenet_folder, tmp_path):
     torch.manual_seed(0)
-    weights = timm.create_model("deit_small_patch16_224")
-    with torch.no_grad():
-        weights.head.weight.mul_(20)  # spread the logits so accuracy and loss are not trivial
+    weights = spread_logits(timm.create_model("deit_small_patch16_224"))
     env = fake_pretrained_cache(tmp_path / "hub", weights, "timm/deit_small_patch16_224.fb_in1k")
     proc = run_main(shlex.split(EVAL_LINE) + ["--data-path", str(imagenet_folder), "--device", "cpu"], env_extra=env)
     assert_ok(proc)
     merged = reference_eval(pitome.patch(weights, ratio=0.925), imagenet_folder)
     plain = reference_eval(pitome.unpatch(weights), imagenet_folder)
     assert abs(merged[2] - plain[2]) > 1e-3  # the printed loss tells the two apart
-    acc1, acc5, loss, count = merged
-    assert f"* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} ({count} images)" in proc.stderr
-    assert f"Accuracy of the network on the {count} test images: {acc1:.1f}%" in proc.stderr
+    assert_printed_eval(proc.stderr, *merged)
 
 
 @pytest.mark.slow
@@ -205,9 +161,9 @@ def test_training_line_trains_from_an_official_checkpoint(imagenet_folder, tmp_p
     tiny = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
     source = timm.create_model("deit_small_patch16_224", img_size=32, **tiny)
     optimizer = torch.optim.AdamW(source.parameters(), lr=5e-5)
-    ckpt = tmp_path / "checkpoint.pth"
-    torch.save({"model": source.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": {},
-                "epoch": 29, "args": argparse.Namespace(model="DEIT-S-224", algo="pitome", ratio=0.925)}, ckpt)
+    official_args = dict(model="DEIT-S-224", algo="pitome", ratio=0.925)
+    ckpt = save_official_checkpoint(tmp_path / "checkpoint.pth", source, official_args,
+                                    optimizer=optimizer.state_dict(), lr_scheduler={}, epoch=29)
     out = tmp_path / "out"
     proc = run_main(shlex.split(TRAIN_LINE) + [
         "--data-path", str(imagenet_folder), "--output_dir", str(out), "--finetune", str(ckpt),
