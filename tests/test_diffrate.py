@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import models  # noqa: F401  (registers the models)
 from models import diffrate
 from models.errors import ModelConfigError
+from vit_utils import check_intermediates
 
 TINY = dict(embed_dim=48, num_heads=3, num_classes=10)
 
@@ -621,17 +622,8 @@ def test_arch_parameters_and_parameters():
 def test_hooks_and_intermediates_follow_the_reduction():
     model = make_model(prune_kept_num=SMALL_SCHEDULE[0], merge_kept_num=SMALL_SCHEDULE[1])
     x = torch.randn(2, 3, 64, 64)
-    outputs = []
-    for block in model.blocks:
-        block.register_forward_hook(lambda m, i, o: outputs.append(o))
-    with torch.no_grad():
-        features = model.forward_features(x)
-        outputs.clear()
-        final, intermediates = model.forward_intermediates(x, output_fmt="NLC")
-    torch.testing.assert_close(final, features)
+    intermediates = check_intermediates(model, x)
     assert [y.shape[1] for y in intermediates] == [16, 11, 8, 5]
-    for y, out in zip(intermediates, outputs):
-        torch.testing.assert_close(y, out[:, 1:])
     with pytest.raises(ValueError, match="output_fmt='NLC'"):
         model.forward_intermediates(x)
     unreduced = make_model(prune_kept_num=[17] * 4, merge_kept_num=[17] * 4)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import models  # noqa: F401  (registers the models)
 from models import dynamicvit
 from models.errors import ModelConfigError
+from vit_utils import block_lengths, run_lengths
 
 # head layouts of tiny / 256 / small / base at 8 channels per head (the predictors need C % 4 == 0)
 SIZES = {"tiny": (24, 3), "256": (32, 4), "small": (48, 6), "base": (96, 12)}
@@ -140,19 +141,10 @@ def test_nothing_pruned_equals_deit(kwargs):
 COUNTS = {0.5: (98, 49, 24), 0.6: (117, 70, 42), 0.7: (137, 96, 67), 0.8: (156, 125, 100), 0.9: (176, 158, 142)}
 
 
-def record_lengths(model):
-    lengths = []
-    for block in model.blocks:
-        block.register_forward_hook(lambda module, args, out: lengths.append(out.shape[1]))
-    return lengths
-
-
 @pytest.mark.parametrize("rate", sorted(COUNTS))
 def test_sequence_lengths_at_224(rate):
     model = make("tiny", img_size=224, depth=10, base_rate=rate).eval()
-    lengths = record_lengths(model)
-    with torch.no_grad():
-        model(torch.randn(2, 3, 224, 224))
+    _, lengths = run_lengths(model, torch.randn(2, 3, 224, 224))
     expected = tuple(k + 1 for k in COUNTS[rate])
     assert lengths[:3] == [197] * 3
     assert (lengths[3], lengths[6], lengths[9]) == expected
@@ -227,7 +219,7 @@ def test_batch_independence():
 
 def test_train_masks_nested_binary_and_lengths_constant():
     model = make("small", img_size=96).train()
-    lengths = record_lengths(model)
+    lengths, _ = block_lengths(model)
     torch.manual_seed(3)
     out = model(torch.randn(4, 3, 96, 96))
     assert set(out) == {"logits", "tokens", "decision", "masks"}

@@ -14,6 +14,7 @@ from models import tofu, tome
 from models.errors import ModelConfigError
 from models.token_ops import (
     bipartite_soft_matching, compose_groups, merge_groups, merge_source, merge_tokens, merged_index, unmerge_groups)
+from vit_utils import recorded_inputs, run_lengths, spatial_input_shapes
 
 PX = 96  # MobileViT: 6x6, 3x3, 2x2 patch grids (the last one interpolated); EfficientViT: 6x6, 3x3
 HYBRIDS = ["mobilevit_xs", "mobilevit_s", "efficientvit_b1"]
@@ -32,14 +33,7 @@ def heavy_r(model):
 
 def stage_lengths(model, x):
     """Per transformer block: tokens per sequence after it (MobileViT [B*P, N, C] / EfficientViT [B, N, C])."""
-    lengths = []
-    handles = [b.register_forward_hook(lambda m, i, o: lengths.append(o.shape[1]))
-               for b in tome.transformer_blocks(model)]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return lengths
+    return run_lengths(model, x, tome.transformer_blocks(model))[1]
 
 
 # ---------------------------------------------------------------------------
@@ -114,30 +108,12 @@ def test_convolutions_and_stage_outputs_see_the_full_grid(name, method):
     pointwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
 
     def positions():
-        seen = []
-        handles = [m.register_forward_pre_hook(lambda m, i: seen.append(i[0].shape[-2] * i[0].shape[-1]))
-                   for m in pointwise]
-        with torch.no_grad():
-            model(x)
-        for h in handles:
-            h.remove()
-        return seen
+        return recorded_inputs(model, pointwise, x, lambda tensor: tensor.shape[-2] * tensor.shape[-1])
 
-    def shapes():
-        seen = []
-        watched = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
-        watched += [m for m in model.modules() if isinstance(m, MobileVitBlock)] + list(getattr(model, "stages", []))
-        handles = [m.register_forward_pre_hook(lambda m, i: seen.append(tuple(i[0].shape))) for m in watched]
-        with torch.no_grad():
-            model(x)
-        for h in handles:
-            h.remove()
-        return seen
-
-    expected, full_positions = shapes(), positions()
+    expected, full_positions = spatial_input_shapes(model, x), positions()
     METHODS[method](model, r=heavy_r(model))
     assert stage_lengths(model, x) != stage_lengths(tome.unpatch(copy.deepcopy(model)), x)  # it does merge
-    assert shapes() == expected
+    assert spatial_input_shapes(model, x) == expected
     merged_positions = positions()
     assert len(merged_positions) == len(full_positions)
     assert all(m <= f for m, f in zip(merged_positions, full_positions))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import models  # noqa: F401
 from models import ltmp
 from models.errors import ModelConfigError
+from vit_utils import check_intermediates
 
 PARITY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "parity")
 sys.path.insert(0, PARITY)
@@ -837,16 +838,7 @@ def test_forward_intermediates_run_with_the_ltmp_state(name):
     model = tiny(name)
     model.set_thresholds(merge=0.5, prune=0.02)
     x = images(2)
-    outputs = []
-    for block in model.blocks:
-        block.register_forward_hook(lambda module, args, out: outputs.append(out))
-    with torch.no_grad():
-        features = model.forward_features(x)
-        outputs.clear()
-        final, intermediates = model.forward_intermediates(x, output_fmt="NLC")
-    torch.testing.assert_close(final, features)
-    for y, out in zip(intermediates, outputs):
-        torch.testing.assert_close(y, out[:, 1:])
+    intermediates = check_intermediates(model, x)
     if name.startswith("inference"):
         assert [y.shape[1] + 1 for y in intermediates] == [int(t.max()) for t in model.ltmp_info["tokens"]]
         assert intermediates[-1].shape[1] < intermediates[0].shape[1]

@@ -14,6 +14,7 @@ from models import ltmp
 from models import ltmp_hybrid
 from models import ltmp_layers
 from models.errors import ModelConfigError
+from vit_utils import spatial_input_shapes
 
 PX = 96  # tiny MobileViT: 12x12 -> patch grids 6x6 (4 sequences each), 3x3; tiny EfficientViT: 6x6, 3x3
 TINY = {
@@ -130,19 +131,7 @@ def test_2_convolutions_and_stages_see_the_full_grid(name):
     model, base = tiny(name)
     per_block(model, 0.3, 0.05)
     x = images(1)
-
-    def shapes(net):
-        seen = []
-        watched = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
-        watched += [m for m in net.modules() if isinstance(m, MobileVitBlock)] + list(net.stages)
-        handles = [m.register_forward_pre_hook(lambda m, i: seen.append(tuple(i[0].shape))) for m in watched]
-        with torch.no_grad():
-            net(x)
-        for h in handles:
-            h.remove()
-        return seen
-
-    assert shapes(model) == shapes(base)
+    assert spatial_input_shapes(model, x) == spatial_input_shapes(base, x)
 
 
 @pytest.mark.parametrize("kind", KINDS)

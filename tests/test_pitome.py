@@ -12,13 +12,11 @@ import models  # noqa: F401  (registers the models)
 from models import pitome
 from models.errors import ModelConfigError
 from models.token_ops import bipartite_soft_matching, merge_tokens
-
-TINY = dict(embed_dim=48, num_heads=3, num_classes=10)
-
+from vit_utils import tiny_vit
 
 def make_vit(name="deit_small_patch16_224", img_size=64, patch_size=8, depth=4, **kwargs):
     torch.manual_seed(0)
-    return timm.create_model(name, img_size=img_size, patch_size=patch_size, depth=depth, **TINY, **kwargs).eval()
+    return tiny_vit(name, img_size, patch_size=patch_size, depth=depth, **kwargs)
 
 
 def images(batch=2, size=64, seed=1):

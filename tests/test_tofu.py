@@ -11,22 +11,8 @@ from models import tofu, tome
 from models.errors import ModelConfigError
 from models.token_ops import (
     BipartiteMatch, bipartite_soft_matching, merge_tokens, mlerp_merge, parse_r, prune_tokens)
+from vit_utils import TINY_VIT, run_lengths, tiny_vit
 
-TINY = dict(embed_dim=48, num_heads=3, num_classes=10)
-
-
-def make_vit(name="deit_small_patch16_224", img_size=64, **kwargs):
-    return timm.create_model(name, img_size=img_size, **TINY, **kwargs).eval()
-
-
-def run_lengths(model, x):
-    lengths = []
-    handles = [b.register_forward_hook(lambda m, i, o: lengths.append(o.shape[1])) for b in model.blocks]
-    with torch.no_grad():
-        out = model(x)
-    for h in handles:
-        h.remove()
-    return out, lengths
 
 
 def groups_of(match: BipartiteMatch, batch: int):
@@ -167,15 +153,15 @@ def reference_tofu(model, x, r, prune_layers, mode):
 
 
 def test_clamp_rule_token_counts():
-    model = tofu.patch(make_vit(img_size=224), r=13)
+    model = tofu.patch(tiny_vit(img_size=224), r=13)
     _, lengths = run_lengths(model, torch.randn(1, 3, 224, 224))
     assert lengths[-1] == 41 and lengths[0] == 184
 
 
 def test_default_prune_layers_follow_the_paper_rule():
-    assert tofu.prune_layer_indices(tofu.patch(make_vit(), r=2)) == [0, 1, 2, 3, 4, 5]  # d = L // 2
-    assert tofu.prune_layer_indices(tofu.patch(make_vit(depth=7), r=2)) == [0, 1, 2]
-    model = tofu.patch(make_vit(), r=2, prune_layers=range(7), mlerp="opentome")  # OpenToMe / PiToMe rule
+    assert tofu.prune_layer_indices(tofu.patch(tiny_vit(), r=2)) == [0, 1, 2, 3, 4, 5]  # d = L // 2
+    assert tofu.prune_layer_indices(tofu.patch(tiny_vit(depth=7), r=2)) == [0, 1, 2]
+    model = tofu.patch(tiny_vit(), r=2, prune_layers=range(7), mlerp="opentome")  # OpenToMe / PiToMe rule
     assert tofu.prune_layer_indices(model) == list(range(7))
 
 
@@ -187,7 +173,7 @@ def test_default_prune_layers_follow_the_paper_rule():
 ])
 @pytest.mark.parametrize("mode,prune_layers", [("paper", None), ("opentome", range(7)), ("mean", [1, 4])])
 def test_matches_explicit_reference(name, kwargs, mode, prune_layers):
-    model = make_vit(name, img_size=96, **kwargs)
+    model = tiny_vit(name, img_size=96, **kwargs)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         expected = reference_tofu(model, x, 5, set(range(6)) if prune_layers is None else set(prune_layers), mode)
@@ -197,7 +183,7 @@ def test_matches_explicit_reference(name, kwargs, mode, prune_layers):
 
 
 def test_all_prune_equals_tome_matching_plus_drop():
-    model = make_vit(img_size=96)
+    model = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         expected = reference_tofu(model, x, 6, set(range(12)), "paper")
@@ -207,7 +193,7 @@ def test_all_prune_equals_tome_matching_plus_drop():
 
 def test_no_prune_mean_equals_tome_with_unweighted_average():
     """prune_layers=[] and mlerp='mean' is ToMe with plain averaging and without proportional attention."""
-    model = make_vit(img_size=96)
+    model = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
 
     def unweighted(block_index, match, tokens, size):
@@ -222,7 +208,7 @@ def test_no_prune_mean_equals_tome_with_unweighted_average():
 
 
 def test_sizes_never_tracked_so_prop_attn_has_no_effect():
-    model = make_vit(img_size=96)
+    model = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         tofu.patch(model, r=6, prop_attn=True, trace_source=True)
@@ -233,7 +219,7 @@ def test_sizes_never_tracked_so_prop_attn_has_no_effect():
 
 
 def test_source_trace_and_applied_r():
-    model = tofu.patch(make_vit(img_size=96), r=6, trace_source=True)
+    model = tofu.patch(tiny_vit(img_size=96), r=6, trace_source=True)
     with torch.no_grad():
         model(torch.randn(2, 3, 96, 96))
     source = model._tome_info["source"]
@@ -246,23 +232,11 @@ def test_source_trace_and_applied_r():
     assert model._tome_info["r_applied"] == applied and source.shape[1] == t
 
 
-def test_state_dict_unchanged_and_r_changes_between_calls():
-    model = make_vit()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    tofu.patch(model, r=2)
-    after = model.state_dict()
-    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
-    x = torch.randn(1, 3, 64, 64)
-    model.r = 0
-    _, lengths = run_lengths(model, x)
-    assert lengths == [17] * 12
-    model.r = [3, 3]
-    _, lengths = run_lengths(model, x)
-    assert lengths[:3] == [14, 11, 11]
+# state dict untouched and `model.r` changing between calls: test_tome.py, parametrized over ToMe and ToFu
 
 
 def test_unpatch_and_switching_between_tome_and_tofu():
-    model = make_vit()
+    model = tiny_vit()
     classes = [type(model)] + [type(b) for b in model.blocks]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -280,7 +254,7 @@ def test_unpatch_and_switching_between_tome_and_tofu():
 
 
 def test_training_step_and_deepcopy():
-    model = tofu.patch(make_vit(depth=4, drop_path_rate=0.1), r=3)
+    model = tofu.patch(tiny_vit(depth=4, drop_path_rate=0.1), r=3)
     clone = copy.deepcopy(model)
     clone.r = 0
     assert model.r == 3 and clone.blocks[0]._tome_cfg is clone._tome_cfg
@@ -293,7 +267,7 @@ def test_training_step_and_deepcopy():
                                     dict(prune_layers="0,1"), dict(prune_layers=[1.5]), dict(start_idx=-2)])
 def test_bad_input_raises_one_line(kwargs):
     with pytest.raises(ModelConfigError) as info:
-        tofu.patch(make_vit(), **kwargs)
+        tofu.patch(tiny_vit(), **kwargs)
     assert "\n" not in str(info.value)
 
 
@@ -303,7 +277,7 @@ def test_unsupported_family_names_the_supported_ones():
     message = str(info.value)
     assert "\n" not in message and "MobileViT" in message and "EfficientViT" in message and "VisionTransformer" in message
     with pytest.raises(ModelConfigError):
-        tofu.patch(timm.create_model("deit_small_patch16_shrink_base", img_size=32, **TINY), r=2)  # EViT
+        tofu.patch(timm.create_model("deit_small_patch16_shrink_base", img_size=32, **TINY_VIT), r=2)  # EViT
 
 
 # ---------------------------------------------------------------------------
@@ -318,7 +292,7 @@ def test_family_flags_patch_and_check():
     assert fam.is_patch()
     parser = family.add_family_args(argparse.ArgumentParser())
     args = parser.parse_args(["--tofu-r", "[4,4,3]", "--tofu-start-idx", "1", "--tofu-mlerp", "opentome"])
-    model = make_vit(depth=4)
+    model = tiny_vit(depth=4)
     assert "tofu" in family.apply_patches(model, "deit_small_patch16_224", args)
     assert tofu.is_patched(model) and model.r == [4, 4, 3] and model._tome_cfg.start_idx == 1
     assert model._tome_cfg.fusion.mlerp == "opentome" and fam.hooks(model, None).log_state(model)["tofu_r"] == pytest.approx(11 / 3)
@@ -331,7 +305,7 @@ def test_family_reduction_search_reaches_a_token_budget():
     fam = family.get_family("tofu")
 
     def build(r):
-        return tofu.patch(make_vit(img_size=96, depth=4), r=r)
+        return tofu.patch(tiny_vit(img_size=96, depth=4), r=r)
 
     def tokens(model):  # stands in for GMACs: tokens summed over the blocks' outputs
         return float(sum(run_lengths(model, torch.randn(1, 3, 96, 96))[1]))
@@ -347,9 +321,9 @@ def test_tome_and_tofu_together_is_one_line_naming_both_flags():
     from models.factory import create_model
     args = family.add_family_args(argparse.ArgumentParser()).parse_args(["--tome-r", "2", "--tofu-r", "2"])
     with pytest.raises(ModelConfigError) as info:
-        create_model("deit_tiny_patch16_224", options=args, num_classes=10, img_size=32, model_kwargs=TINY)
+        create_model("deit_tiny_patch16_224", options=args, num_classes=10, img_size=32, model_kwargs=TINY_VIT)
     message = str(info.value)
     assert "\n" not in message and "--tome-r" in message and "--tofu-r" in message
     one = family.add_family_args(argparse.ArgumentParser()).parse_args(["--tofu-r", "2"])
     assert tofu.is_patched(create_model("deit_tiny_patch16_224", options=one, num_classes=10, img_size=32,
-                                        model_kwargs=TINY))
+                                        model_kwargs=TINY_VIT))

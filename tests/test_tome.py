@@ -9,15 +9,11 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import models  # noqa: F401  (registers the models)
-from models import tome
+from models import tofu, tome
 from models.token_ops import bipartite_soft_matching, merge_wavg, parse_r
+from vit_utils import TINY_VIT, run_lengths, tiny_vit
 
 
-TINY = dict(embed_dim=48, num_heads=3, num_classes=10)
-
-
-def make_vit(name="deit_small_patch16_224", img_size=64, **kwargs):
-    return timm.create_model(name, img_size=img_size, **TINY, **kwargs).eval()
 
 
 # ---------------------------------------------------------------------------
@@ -66,22 +62,6 @@ def lambda_standin(model, lambdas):
     return model
 
 
-def block_lengths(model):
-    """Token count after each block of the next forward (forward hooks)."""
-    lengths = []
-    handles = [b.register_forward_hook(lambda m, i, o: lengths.append(o.shape[1])) for b in model.blocks]
-    return lengths, handles
-
-
-def run_lengths(model, x):
-    lengths, handles = block_lengths(model)
-    with torch.no_grad():
-        out = model(x)
-    for h in handles:
-        h.remove()
-    return out, lengths
-
-
 def reference_tome(model, x, r, start_idx=0, prop_attn=True):
     """Explicit-attention ToMe forward on an *unpatched* model (official numerics, plus shrink rules)."""
     r_list = parse_r(len(model.blocks), r)
@@ -123,7 +103,7 @@ def test_r0_and_large_start_idx_equal_unpatched(method):
     """ToMe and ToFu (which shares ToMe's patch): r = 0, or every block left unpatched, is the plain ViT."""
     from models import tofu
     patch = {"tome": tome.patch, "tofu": tofu.patch}[method]
-    model = make_vit()
+    model = tiny_vit()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
@@ -135,7 +115,7 @@ def test_r0_and_large_start_idx_equal_unpatched(method):
 
 @pytest.mark.parametrize("r,final", [(13, 41), (16, 11)])
 def test_clamp_rule_token_counts(r, final):
-    model = tome.patch(make_vit(img_size=224), r=r)
+    model = tome.patch(tiny_vit(img_size=224), r=r)
     _, lengths = run_lengths(model, torch.randn(1, 3, 224, 224))
     expected, t = [], 197
     for _ in range(12):
@@ -146,7 +126,7 @@ def test_clamp_rule_token_counts(r, final):
 
 @pytest.mark.parametrize("name,prefix", [("deit_small_patch16_224", 1), ("deit_small_distilled_patch16_224", 2)])
 def test_sizes_sources_and_protected_tokens(name, prefix):
-    model = tome.patch(make_vit(name, img_size=96), r=6, trace_source=True)
+    model = tome.patch(tiny_vit(name, img_size=96), r=6, trace_source=True)
     with torch.no_grad():
         model(torch.randn(2, 3, 96, 96))
     size, source = model._tome_info["size"], model._tome_info["source"]
@@ -161,7 +141,7 @@ def test_sizes_sources_and_protected_tokens(name, prefix):
 
 
 def test_proportional_attention_equals_duplicated_tokens():
-    attn = make_vit().blocks[0].attn
+    attn = tiny_vit().blocks[0].attn
     x = torch.randn(2, 6, 48)
     with_duplicate = torch.cat([x, x[:, 5:]], dim=1)
     size = torch.ones(2, 6, 1)
@@ -186,7 +166,7 @@ SHRINK_TABLE = [  # shrink.md section 7: removed blocks, start_idx, r, merging b
 @pytest.fixture(scope="module")
 def vit224():
     torch.manual_seed(0)
-    return make_vit(img_size=224)
+    return tiny_vit(img_size=224)
 
 
 @pytest.mark.parametrize("removed,start_idx,r,merging,final", SHRINK_TABLE)
@@ -211,7 +191,7 @@ def test_shrunk_blocks_never_pop_r(vit224):
 
 @pytest.mark.parametrize("r", [0, 13, (8, -0.5), [5] * 4])
 def test_shrink_standin_matches_reference(r):
-    base = make_vit(img_size=96)
+    base = tiny_vit(img_size=96)
     model = shrink_standin(base, (0, 2, 4))
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -225,7 +205,7 @@ def test_shrink_standin_matches_reference(r):
 
 
 def test_lambda_zero_equals_shrink_with_tome():
-    base = make_vit(img_size=96)
+    base = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
     shrink = tome.patch(shrink_standin(base, (0, 2, 4)), r=9, start_idx=1)
     lam = tome.patch(lambda_standin(base, {0: 0.0, 2: 0.0, 4: 0.0}), r=9, start_idx=1)
@@ -235,7 +215,7 @@ def test_lambda_zero_equals_shrink_with_tome():
 
 
 def test_lambda_dilution_with_tome_matches_reference():
-    base = make_vit(img_size=96)
+    base = tiny_vit(img_size=96)
     model = lambda_standin(base, {0: 0.0, 2: 0.3, 5: 0.7})
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -248,11 +228,12 @@ def test_lambda_dilution_with_tome_matches_reference():
     assert tome.merging_block_indices(model) == list(range(3, 12))
 
 
-def test_state_dict_unchanged_and_r_changes_between_calls():
-    model = make_vit()
+@pytest.mark.parametrize("patch", [tome.patch, tofu.patch], ids=["tome", "tofu"])
+def test_state_dict_unchanged_and_r_changes_between_calls(patch):
+    model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = sum(p.numel() for p in model.parameters())
-    tome.patch(model, r=2)
+    patch(model, r=2)
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert sum(p.numel() for p in model.parameters()) == params
@@ -279,7 +260,7 @@ def test_state_dict_unchanged_and_r_changes_between_calls():
 ])
 @pytest.mark.parametrize("r,prop_attn,start_idx", [(13, True, 0), ((8, -1.0), True, 2), (5, False, 0)])
 def test_sdpa_matches_explicit_reference(name, kwargs, r, prop_attn, start_idx):
-    model = make_vit(name, img_size=96, **kwargs)
+    model = tiny_vit(name, img_size=96, **kwargs)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         expected = reference_tome(model, x, r, start_idx, prop_attn)
@@ -289,7 +270,7 @@ def test_sdpa_matches_explicit_reference(name, kwargs, r, prop_attn, start_idx):
 
 
 def test_unpatch_restores_classes_and_logits():
-    model = make_vit()
+    model = tiny_vit()
     classes = [type(model)] + [type(b) for b in model.blocks] + [type(b.attn) for b in model.blocks]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -305,7 +286,7 @@ def test_unpatch_restores_classes_and_logits():
 
 
 def test_training_step_with_merging():
-    model = make_vit(img_size=64, drop_path_rate=0.1, depth=4)
+    model = tiny_vit(img_size=64, drop_path_rate=0.1, depth=4)
     tome.patch(model, r=3)
     model.train()
     loss = model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum()
@@ -314,7 +295,7 @@ def test_training_step_with_merging():
 
 
 def test_ema_deepcopy_keeps_patch_shared_state():
-    model = tome.patch(make_vit(), r=3)
+    model = tome.patch(tiny_vit(), r=3)
     clone = copy.deepcopy(model)
     clone.r = 0
     assert model.r == 3 and clone.blocks[0]._tome_cfg is clone._tome_cfg
@@ -324,7 +305,7 @@ def test_ema_deepcopy_keeps_patch_shared_state():
 
 
 def test_no_state_outlives_forward():
-    model = tome.patch(make_vit(), r=3)
+    model = tome.patch(tiny_vit(), r=3)
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
         model.forward_features(torch.randn(1, 3, 64, 64))
@@ -335,19 +316,19 @@ def test_no_state_outlives_forward():
                                     dict(start_idx=1.5), dict(r=(4, 3.0))])
 def test_bad_input_raises_one_line(kwargs):
     with pytest.raises(ValueError) as info:
-        tome.patch(make_vit(depth=2), **kwargs)
+        tome.patch(tiny_vit(depth=2), **kwargs)
     assert "\n" not in str(info.value)
 
 
 def test_bad_r_assignment_raises():
-    model = tome.patch(make_vit(depth=2), r=1)
+    model = tome.patch(tiny_vit(depth=2), r=1)
     with pytest.raises(ValueError):
         model.r = -3
     assert model.r == 1
 
 
 def test_gradient_checkpointing_rejected_in_training():
-    model = tome.patch(make_vit(depth=2), r=1)
+    model = tome.patch(tiny_vit(depth=2), r=1)
     model.set_grad_checkpointing(True)
     model.train()
     with pytest.raises(ValueError):
@@ -355,7 +336,7 @@ def test_gradient_checkpointing_rejected_in_training():
 
 
 def test_trace_source_reports_applied_r():
-    model = tome.patch(make_vit(), r=(4, -1.0), trace_source=True)
+    model = tome.patch(tiny_vit(), r=(4, -1.0), trace_source=True)
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     # schedule 8, 7, 6, 5, ... clamped by (T - 1) // 2: 17 -> 9 -> 5 -> 3 -> 2, then nothing to merge
@@ -364,7 +345,7 @@ def test_trace_source_reports_applied_r():
 
 
 def test_evit_rejected():
-    evit = timm.create_model("deit_small_patch16_shrink_base", img_size=32, **TINY)
+    evit = timm.create_model("deit_small_patch16_shrink_base", img_size=32, **TINY_VIT)
     with pytest.raises(ValueError):
         tome.patch(evit, r=2)
 
@@ -380,7 +361,7 @@ def _shrink_ready():
 @pytest.mark.skipif(not _shrink_ready(), reason="models.shrink has not registered deit_small_patch16_224_shrink yet")
 @pytest.mark.parametrize("removed,start_idx,r,merging,final", [row for row in SHRINK_TABLE if len(row[0]) < 5])
 def test_real_shrink_models(removed, start_idx, r, merging, final):
-    model = timm.create_model("deit_small_patch16_224_shrink", done_layer=list(removed), **TINY).eval()
+    model = timm.create_model("deit_small_patch16_224_shrink", done_layer=list(removed), **TINY_VIT).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         plain = model(x)
@@ -391,7 +372,7 @@ def test_real_shrink_models(removed, start_idx, r, merging, final):
     _, lengths = run_lengths(model, x)
     assert lengths[-1] == final
 
-    lam = timm.create_model("deit_small_patch16_224_copy_lambda", prune_layer=list(removed), done_layer=[], **TINY).eval()
+    lam = timm.create_model("deit_small_patch16_224_copy_lambda", prune_layer=list(removed), done_layer=[], **TINY_VIT).eval()
     lam.load_state_dict(model.state_dict(), strict=False)
     lam.set_lambda(0.0)
     tome.patch(lam, r=r, start_idx=start_idx)
@@ -439,7 +420,7 @@ def test_bad_input_is_a_model_config_error():
     from models.errors import ModelConfigError
     for kwargs in (dict(r=-1), dict(start_idx=-1), dict(r=[1] * 13)):
         with pytest.raises(ModelConfigError):
-            tome.patch(make_vit(), **kwargs)
+            tome.patch(tiny_vit(), **kwargs)
 
 
 @pytest.mark.parametrize("name", ["resnet10t", "ltm_vit_small_patch16_224"])
@@ -450,13 +431,13 @@ def test_unsupported_family_names_the_supported_ones(name):
         tome.patch(model, r=2)
     message = str(info.value)
     assert "\n" not in message and all(w in message for w in ("VisionTransformer", "MobileViT", "EfficientViT"))
-    assert tome.model_family(make_vit(depth=2)) == "vit"
+    assert tome.model_family(tiny_vit(depth=2)) == "vit"
 
 
 def test_fusion_step_is_pluggable():
     """apply_patch with a fusion that keeps the destination only equals ToMe's matching + drop."""
     from models.token_ops import prune_tokens
-    model = make_vit(img_size=96)
+    model = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
     calls = []
 
@@ -474,7 +455,7 @@ def test_fusion_step_is_pluggable():
 
 
 def test_forward_intermediates_merges_like_forward():
-    model = tome.patch(make_vit(depth=4), r=3)
+    model = tome.patch(tiny_vit(depth=4), r=3)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x, output_fmt="NLC")
