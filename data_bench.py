@@ -37,7 +37,7 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -156,6 +156,29 @@ def _check_counts(images: int, warmup: int, rounds: int) -> None:
         raise UserError(f"--images and --rounds must be >= 1 and --warmup >= 0, got {images}, {rounds}, {warmup}")
 
 
+def _cycling(visit: Callable[[int], object]) -> Callable[[int], None]:
+    """step(count): visit(position) for the next `count` positions, counting on from 0 across calls."""
+    position = 0
+
+    def step(count: int) -> None:
+        nonlocal position
+        for _ in range(count):
+            visit(position)
+            position += 1
+    return step
+
+
+def _timed_rounds(step: Callable[[int], None], images: int, warmup: int, rounds: int) -> list[float]:
+    """Seconds of each of `rounds` calls `step(images)`, after one untimed `step(warmup)`."""
+    step(warmup)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step(images)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def measure_decode(paths: Sequence[str], images: int, warmup: int = 10, rounds: int = 7) -> dict:
     """Images/s of open + full decode + RGB conversion, one process, cycling over `paths`.
 
@@ -173,20 +196,8 @@ def measure_decode(paths: Sequence[str], images: int, warmup: int = 10, rounds: 
     if not readable:
         raise UserError(f"none of the {len(unreadable)} image files tried could be decoded ({first_error}); "
                         "point --data-loading at a folder of readable images")
-    position = 0
-
-    def decode(count: int) -> None:
-        nonlocal position
-        for _ in range(count):
-            datasets.pil_rgb_loader(readable[position % len(readable)])
-            position += 1
-
-    decode(warmup)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        decode(images)
-        times.append(time.perf_counter() - start)
+    times = _timed_rounds(_cycling(lambda position: datasets.pil_rgb_loader(readable[position % len(readable)])),
+                          images, warmup, rounds)
     return {"measurement": "decode", "workers": None, "images_per_round": images, "rounds": rounds,
             "warmup_images": warmup, "unreadable": len(unreadable), "threads": torch.get_num_threads(),
             **_rates(times, images)}
@@ -199,21 +210,10 @@ def measure_transform(dataset: Dataset, images: int, warmup: int = 10, rounds: i
     seeded = PerSampleSeeded(dataset)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a DataLoader worker has
-    position = 0
-
-    def load(count: int) -> None:
-        nonlocal position
-        for _ in range(count):
-            seeded[SampleKey(position % len(dataset), mix_seed(seed, 0, position))]
-            position += 1
-
     try:
-        load(warmup)
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            load(images)
-            times.append(time.perf_counter() - start)
+        times = _timed_rounds(_cycling(lambda position: seeded[SampleKey(position % len(dataset),
+                                                                         mix_seed(seed, 0, position))]),
+                              images, warmup, rounds)
     finally:
         torch.set_num_threads(threads)
     return {"measurement": "transform", "workers": None, "images_per_round": images, "rounds": rounds,
