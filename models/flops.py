@@ -88,6 +88,15 @@ def _fvcore_sdpa_handle(inputs: list, outputs: list) -> int:
     return attention_macs(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(inputs[2]))
 
 
+def _fvcore_cdist_handle(inputs: list, outputs: list) -> int:
+    """`torch.cdist(a [..., P, D], b [..., R, D])`: one multiply-accumulate per coordinate of every
+    pair, P * R * D per batch (the clustering methods' distances; fvcore skips it otherwise)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    a, b = get_shape(inputs[0]), get_shape(inputs[1])
+    return prod(a[:-1]) * b[-2] * a[-1]
+
+
 def _example_input(model: nn.Module, img_size, batch_size: int) -> torch.Tensor:
     height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     in_chans = getattr(model, "in_chans", None)
@@ -103,6 +112,7 @@ def fvcore_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, list[str]
 
     analysis = FlopCountAnalysis(model, example)
     analysis.set_op_handle(**{op: _fvcore_sdpa_handle for op in SDPA_OPS})
+    analysis.set_op_handle(**{"aten::cdist": _fvcore_cdist_handle, "aten::_cdist_forward": _fvcore_cdist_handle})
     analysis.set_op_handle(**{op: None for op in TOKEN_REDUCTION_OPS})
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     total = analysis.total()

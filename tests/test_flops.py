@@ -196,3 +196,17 @@ def test_evit_tokens_per_block_match_spec():
     model = timm.create_model("deit_small_patch16_shrink_base", base_keep_rate=0.7, fuse_token=True)
     # evit.md section 2: 0.7 with fusion -> 140, 100, 72 tokens after blocks 3, 6, 9
     assert flops.tokens_per_block(model, 224) == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3
+
+
+class PairDistances(nn.Module):
+    """torch.cdist of 5 tokens against 3 centres in 3 dims (the clustering methods' distances)."""
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)[:, :5]  # [B, 5, 3]: 5 pixels, 3 channels
+        return torch.cdist(tokens, tokens[:, :3])
+
+
+def test_cdist_counts_one_mac_per_coordinate_pair():
+    result = flops.count_flops(PairDistances(), 4, counter="fvcore")
+    assert round(result["gmacs"] * 1e9) == 5 * 3 * 3
+    assert not any("cdist" in op for op in result["skipped_ops_fvcore"])
