@@ -23,19 +23,6 @@ README_LINE = "--cfg {cfg} DATA.PATH_TO_DATA_DIR {data} TEST.CHECKPOINT_FILE_PAT
 ISSUE3_OVERRIDES = 'VIT.ATS_BLOCKS "[3]" VIT.NUM_TOKENS "[197, 197, 197, 108, 197, 197, 197, 197, 197, 197, 197, 197]"'
 
 
-def _main_translates() -> bool:
-    """main.py (or the argument module it parses with) applies the families' translate_argv."""
-    for name in ("main.py", "arguments.py"):
-        path = os.path.join(ROOT, name)
-        if os.path.exists(path) and "translate_argv" in open(path).read():
-            return True
-    return False
-
-
-needs_wiring = pytest.mark.xfail(not _main_translates(), strict=False,
-                                 reason="main.py does not apply models.family.translate_argv to its argv yet")
-
-
 def translated(line: str):
     return family.translate_argv(shlex.split(line))
 
@@ -180,7 +167,6 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message):
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_bad_official_line_is_one_line_and_exit_2():
     proc = run_main(shlex.split(readme_line()) + ["VIT.NO_SUCH_KEY", "1"])
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -207,7 +193,6 @@ def imagenet_folder(tmp_path_factory):
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_readme_line_runs(imagenet_folder, tmp_path):
     """The released DeiT-S checkpoint layout ({'model': state dict}), evaluated with ATS at blocks 3..11."""
     ckpt = tmp_path / "deit_small_patch16_224-cd65a155.pth"

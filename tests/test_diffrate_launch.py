@@ -27,18 +27,6 @@ SEARCH_LINE = ("--arch-lr 0.01 --arch-min-lr 0.001 --epoch 3 --batch-size 256 --
 DISTRIBUTED_PREFIX = "-m torch.distributed.launch --nproc_per_node=4 --use_env --master_port 29513 main.py"
 
 
-def _main_translates() -> bool:
-    """Whether main.py's parsing applies models.family.translate_argv (an official --arch-lr becomes --lr)."""
-    try:
-        return main.parse_args(["--model", "vit_deit_small_patch16_224", "--arch-lr", "0.02"]).lr == 0.02
-    except Exception:  # noqa: BLE001  (any parsing trouble means: not wired)
-        return False
-
-
-needs_wiring = pytest.mark.xfail(not _main_translates(), strict=False,
-                                 reason="main.py does not apply models.family.translate_argv to its argv yet")
-
-
 def translated(line: str, **paths):
     for name, value in paths.items():
         line = line.replace(name, str(value))
@@ -117,7 +105,6 @@ def imagenet_folder(tmp_path_factory):
     return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_diffrate"))
 
 
-@needs_wiring
 @pytest.mark.slow
 def test_eval_line_prints_the_shipped_schedules_numbers(imagenet_folder, tmp_path):
     torch.manual_seed(0)
@@ -134,7 +121,6 @@ def test_eval_line_prints_the_shipped_schedules_numbers(imagenet_folder, tmp_pat
     assert "tokens after each block [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3]" in proc.stderr
 
 
-@needs_wiring
 @pytest.mark.slow
 def test_search_line_searches_and_its_checkpoint_evaluates_the_searched_schedule(imagenet_folder, tmp_path):
     """The search line made tiny by appended flags (the line's own 3 epochs), from a checkpoint in the
