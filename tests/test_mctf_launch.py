@@ -107,6 +107,25 @@ def test_other_official_spellings(line, present, absent):
     main.parse_args(argv)  # and main.py takes it
 
 
+def test_unused_official_options_warn_when_they_would_act(caplog):
+    """Quirk 19: --accumulation-steps is parsed and unused officially: dropped, with a warning unless 1."""
+    with caplog.at_level("WARNING"):
+        family.translate_argv(shlex.split("--model deit_small --use_mctf True --accumulation-steps 1"))
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        argv = family.translate_argv(shlex.split("--model deit_small --use_mctf True --accumulation-steps 4"))
+    assert "--accumulation-steps" not in argv
+    assert any("--accumulation-steps 4 is ignored" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("spelling", [["--pretrained"], ["--pretrained", "True"], ["--pretrained=true"]])
+def test_pretrained_takes_an_optional_boolean(spelling):
+    argv = family.translate_argv(["--model", "deit_small", "--use_mctf", "True"] + spelling)
+    at = argv.index("--pretrained")
+    assert argv.count("--pretrained") == 1 and argv[at + 1:at + 2] != ["True"]  # this project's switch
+    assert main.parse_args(argv).pretrained
+
+
 def test_other_lines_are_left_alone():
     line = ["--model", "deit_small_patch16_224", "--mctf-r", "16", "--pretrained", "--epochs", "3"]
     assert family.translate_argv(line) == line
