@@ -399,3 +399,14 @@ def test_target_gmacs_solves_r():
     assert isinstance(r, int) and 0 < r < 18
     neighbours = [gmacs_of(build(v)) for v in (r - 1, r + 1)]
     assert all(abs(gmacs - target) <= abs(g - target) for g in neighbours)
+
+
+def test_benchmark_solves_mctf_r_for_a_gmacs_target():
+    """`benchmark.py --mctf-r auto --target-gmacs G` (the equal-FLOPs list's line, on a tiny ViT)."""
+    kwargs = {"depth": 4, "embed_dim": 64, "num_heads": 2}
+    proc = run_main(["--model", "deit_tiny_patch16_224", "--model-kwargs", str(kwargs), "--img-size", "96",
+                     "--mctf-r", "auto", "--activate_layer", "[1,2,3]", "--target-gmacs", "0.008", "--flops-only"],
+                    script="benchmark.py")
+    assert_ok(proc)
+    output = proc.stdout + proc.stderr
+    assert "--target-gmacs 0.008 -> --mctf-r 6" in output and "37,31,25,19" in output
