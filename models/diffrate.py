@@ -55,7 +55,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 from .errors import ModelConfigError
 from .diffrate_ops import (DiffRateProxy, class_attention_scores, gather_tokens, kept_numbers, masked_softmax,
                            match_to_destinations, merge_into, rank_tokens, score_dtype, ste_min)
-from .token_ops import StateSlot, attention_with_keys, selection_precision
+from .token_ops import StateSlot, attention_with_keys, patched_class, restore_classes, selection_precision
 
 __all__ = [
     "patch", "unpatch", "is_patched", "DiffRateProxy", "DiffRateState", "load_schedules", "shipped_schedule",
@@ -455,11 +455,6 @@ def _training_flops(model: nn.Module, prune_kept: Sequence[torch.Tensor], merge_
 # Patching
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _patched_class(mixin: type, base: type) -> type:
-    return type(f"DiffRate{base.__name__}", (mixin, base), {"_diffrate_base_class": base})
-
-
 def is_patched(model: nn.Module) -> bool:
     return isinstance(model, DiffRateModelMixin)
 
@@ -559,11 +554,11 @@ def patch(model: nn.Module, target_flops=None, prune_kept_num: Optional[Sequence
             block.prune_ddp = DiffRateProxy(num_patches, step).to(ref.device)
             block.merge_ddp = DiffRateProxy(num_patches, step).to(ref.device)
         if type(block).__dict__.get("_diffrate_base_class") is None:
-            block.__class__ = _patched_class(DiffRateBlockMixin, type(block))
+            block.__class__ = patched_class(DiffRateBlockMixin, type(block), "DiffRate")
         block._diffrate_cfg = cfg
         block._diffrate_index = index
     if not is_patched(model):
-        model.__class__ = _patched_class(DiffRateModelMixin, type(model))
+        model.__class__ = patched_class(DiffRateModelMixin, type(model), "DiffRate")
     model._diffrate_cfg = cfg
     model._diffrate_info = {"size": None, "source": None, "tokens": []}
     return model
@@ -571,16 +566,8 @@ def patch(model: nn.Module, target_flops=None, prune_kept_num: Optional[Sequence
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch`: original classes back, proxies and patch attributes removed. No-op if not patched."""
-    for module in model.modules():
-        base = type(module).__dict__.get("_diffrate_base_class")
-        if base is not None:
-            module.__class__ = base
-            for name in ("prune_ddp", "merge_ddp"):
-                if name in module._modules:
-                    del module._modules[name]
-            for name in ("_diffrate_cfg", "_diffrate_index", "_diffrate_info", "_diffrate_last_kept"):
-                module.__dict__.pop(name, None)
-    return model
+    return restore_classes(model, "DiffRate", submodules=("prune_ddp", "merge_ddp"),
+                           attributes=("_diffrate_cfg", "_diffrate_index", "_diffrate_info", "_diffrate_last_kept"))
 
 
 # ---------------------------------------------------------------------------

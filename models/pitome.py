@@ -48,7 +48,6 @@ and LTMP models, hybrids and other non-ViT backbones, attention pooling heads.
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -62,7 +61,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from . import tome
 from .errors import ModelConfigError
-from .token_ops import StateSlot, attention_with_keys, selection_precision
+from .token_ops import (
+    StateSlot, attention_residual, attention_with_keys, has_attention_now, patched_class, restore_classes,
+    selection_precision)
 
 __all__ = [
     "patch", "unpatch", "is_patched", "PiToMeConfig", "PiToMeState", "PiToMeMatch",
@@ -281,14 +282,6 @@ class PiToMeState:
     tokens: List[int] = field(default_factory=list)
 
 
-def _has_attention_now(block: nn.Module) -> bool:
-    """Whether a block uses attention at call time (the shrink / lambda contract of models/shrink.py)."""
-    if not getattr(block, "has_attention", True) or getattr(block, "attn", None) is None:
-        return False
-    weight = getattr(block, "attention_weight", None)
-    return weight is None or float(weight()) != 0.0
-
-
 class PiToMeBlockMixin:
     """Placed before the block's own class; see the module docstring for what changes."""
 
@@ -298,7 +291,7 @@ class PiToMeBlockMixin:
         state: Optional[PiToMeState] = cfg.slot.state
         if attn_mask is not None or is_causal or state is None:  # masks do not survive merging
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if not _has_attention_now(self):
+        if not has_attention_now(self):
             x = super().forward(x)
             state.tokens.append(x.shape[1])
             return x
@@ -311,13 +304,7 @@ class PiToMeBlockMixin:
             return x
 
         out = attention_with_keys(self.attn, self.norm1(x), size)
-        attn_out = self.drop_path1(self.ls1(out.out))
-        weight = getattr(self, "attention_weight", None)
-        if weight is None:
-            x = x + attn_out
-        else:
-            lam = float(weight())
-            x = (2 - lam) * x + lam * attn_out
+        x = attention_residual(self, x, self.drop_path1(self.ls1(out.out)))
         if r > 0:
             metric = out.k.mean(dim=1, dtype=torch.promote_types(out.k.dtype, torch.float32))
             match = pitome_match(metric[:, cfg.num_prefix:], r, cfg.margins[index], cfg.alpha,
@@ -377,13 +364,8 @@ class PiToMeModelMixin:
         return (x[:, start:] * weight).sum(dim=1) / weight.sum(dim=1)
 
 
-@functools.lru_cache(maxsize=None)
-def _patched_class(mixin: type, base: type) -> type:
-    return type(f"PiToMe{base.__name__}", (mixin, base), {"_pitome_base_class": base})
-
-
 def _swap(module: nn.Module, mixin: type, cfg: PiToMeConfig) -> None:
-    module.__class__ = _patched_class(mixin, type(module))
+    module.__class__ = patched_class(mixin, type(module), "PiToMe")
     module._pitome_cfg = cfg
 
 
@@ -502,26 +484,19 @@ def patch(model: nn.Module, ratio: Ratio = 1.0, margin: Margin = DEFAULT_MARGIN,
     for index, block in enumerate(blocks):  # attention-free blocks too: they count their tokens
         _swap(block, PiToMeBlockMixin, cfg)
         block._pitome_index = index
-    model.__class__ = _patched_class(PiToMeModelMixin, type(model))
-    model._pitome_cfg = cfg
+    _swap(model, PiToMeModelMixin, cfg)
     model._pitome_info = {"source": None, "size": None, "tokens": []}
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch`: original classes back, patch attributes removed. No-op if not patched."""
-    for module in model.modules():
-        base = type(module).__dict__.get("_pitome_base_class")
-        if base is not None:
-            module.__class__ = base
-            for name in ("_pitome_cfg", "_pitome_info", "_pitome_index"):
-                module.__dict__.pop(name, None)
-    return model
+    return restore_classes(model, "PiToMe", attributes=("_pitome_cfg", "_pitome_info", "_pitome_index"))
 
 
 def merging_blocks(model: nn.Module) -> List[bool]:
     """Per block of `model.blocks`: whether it has attention now (and so may merge)."""
-    return [_has_attention_now(block) for block in model.blocks]
+    return [has_attention_now(block) for block in model.blocks]
 
 
 def expected_tokens(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> List[int]:

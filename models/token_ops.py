@@ -22,9 +22,14 @@ neighbourhood merging over a `[N, T]` candidate table (`neighbor_merge`,
 One holder of per-forward state, `StateSlot`: a model makes its method's state object
 (sizes, sources, kept indices) at the start of its forward, puts it in the slot it shares
 with its blocks, and clears it at the end, so blocks keep timm's `Tensor -> Tensor` forward.
+
+What every in-place, reversible patch (ToMe, ToFu, PiToMe, DiffRate) shares: the class swap
+(`patched_class`, `restore_classes`) and the block contract of the attention-shrink models
+(`has_attention_now`, `attention_residual`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Integral, Real
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -40,6 +45,7 @@ __all__ = [
     "merge_source", "parse_r",
     "AttentionWithKeys", "attention_with_keys",
     "neighbor_dot", "neighbor_gather_sum", "neighbor_scatter_sum", "neighbor_merge", "neighbor_unmerge",
+    "patched_class", "restore_classes", "has_attention_now", "attention_residual",
 ]
 
 
@@ -61,6 +67,54 @@ class StateSlot:
 
     def close(self, outer=None) -> None:
         self.state = outer
+
+
+# ---------------------------------------------------------------------------
+# In-place patches: the class swap and the attention-shrink block contract
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def patched_class(mixin: type, base: type, method: str) -> type:
+    """`base` with `mixin` placed before it, named `<method><base>` (e.g. `ToMeBlock`), remembering `base`
+    as `_<method, lower case>_base_class` for `restore_classes`. One class per (mixin, base, method)."""
+    return type(f"{method}{base.__name__}", (mixin, base),
+                {f"_{method.lower()}_base_class": base, "__module__": mixin.__module__})
+
+
+def restore_classes(model: torch.nn.Module, method: str, attributes: Sequence[str] = (),
+                    submodules: Sequence[str] = ()) -> torch.nn.Module:
+    """Undo the `patched_class` swaps of `method` in `model`: every swapped module gets its original class
+    back and loses the instance `attributes` and the `submodules` the patch added. No-op if not patched."""
+    marker = f"_{method.lower()}_base_class"
+    for module in model.modules():
+        base = type(module).__dict__.get(marker)
+        if base is not None:
+            module.__class__ = base
+            for name in submodules:
+                if name in module._modules:
+                    del module._modules[name]
+            for name in attributes:
+                module.__dict__.pop(name, None)
+    return model
+
+
+def has_attention_now(block: torch.nn.Module) -> bool:
+    """Whether a block uses attention at call time (the block contract of models/shrink.py: a deployed
+    `ShrinkBlock` has `has_attention = False`, a lambda block whose `attention_weight()` is 0 skips it)."""
+    if not getattr(block, "has_attention", True) or getattr(block, "attn", None) is None:
+        return False
+    weight = getattr(block, "attention_weight", None)
+    return weight is None or float(weight()) != 0.0
+
+
+def attention_residual(block: torch.nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The attention residual of `block`: `x + attn_out`, or a lambda block's diluted
+    `(2 - lam) x + lam attn_out` (lam = `block.attention_weight()`)."""
+    weight = getattr(block, "attention_weight", None)
+    if weight is None:
+        return x + attn_out
+    lam = float(weight())
+    return (2 - lam) * x + lam * attn_out
 
 
 # ---------------------------------------------------------------------------

@@ -52,7 +52,6 @@ turns a block's r into 0 before any merge, sizes stay None instead of becoming o
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Callable, List, Optional, Tuple
@@ -65,8 +64,9 @@ from timm.models.mobilevit import MobileVitBlock
 
 from .errors import ModelConfigError
 from .token_ops import (
-    BipartiteMatch, RSchedule, StateSlot, attention_with_keys, bipartite_soft_matching, compose_groups, merge_groups,
-    merge_source, merge_wavg, merged_index, parse_r, unmerge_groups)
+    BipartiteMatch, RSchedule, StateSlot, attention_residual, attention_with_keys, bipartite_soft_matching,
+    compose_groups, has_attention_now, merge_groups, merge_source, merge_wavg, merged_index, parse_r, patched_class,
+    restore_classes, unmerge_groups)
 
 __all__ = ["patch", "unpatch", "is_patched", "merging_block_indices", "transformer_blocks", "model_family",
            "SUPPORTED_FAMILIES", "ToMeState", "ToMeConfig"]
@@ -143,14 +143,6 @@ def _reduce(cfg: ToMeConfig, state: ToMeState, block_index: int, match: Optional
     return x
 
 
-def _has_attention_now(block: nn.Module) -> bool:
-    """Whether a block uses attention at call time (shrink/lambda contract, no import of models.shrink)."""
-    if not getattr(block, "has_attention", True) or getattr(block, "attn", None) is None:
-        return False
-    weight = getattr(block, "attention_weight", None)
-    return weight is None or float(weight()) != 0.0
-
-
 def _attention_with_metric(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]):
     """timm `Attention` with proportional attention; x `[B, N, C]`, size `[B, N, 1]` or None.
 
@@ -169,7 +161,7 @@ class ToMeBlockMixin:
         state = cfg.slot.state
         if attn_mask is not None or is_causal:  # masks do not survive merging: run the block unchanged
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if state is None or not _has_attention_now(self):
+        if state is None or not has_attention_now(self):
             return super().forward(x)
         ordinal = state.attention_blocks_seen
         state.attention_blocks_seen += 1
@@ -177,13 +169,7 @@ class ToMeBlockMixin:
             return super().forward(x)
 
         attn_out, metric = _attention_with_metric(self.attn, self.norm1(x), state.size if cfg.prop_attn else None)
-        attn_out = self.drop_path1(self.ls1(attn_out))
-        weight = getattr(self, "attention_weight", None)
-        if weight is None:
-            x = x + attn_out
-        else:
-            lam = float(weight())
-            x = (2 - lam) * x + lam * attn_out
+        x = attention_residual(self, x, self.drop_path1(self.ls1(attn_out)))
 
         r = state.r_list.pop(0)
         if r > 0:
@@ -356,13 +342,8 @@ class ToMeEfficientVitStageMixin:
 # Patching
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _patched_class(mixin: type, base: type) -> type:
-    return type(f"ToMe{base.__name__}", (mixin, base), {"_tome_base_class": base})
-
-
 def _swap(module: nn.Module, mixin: type, cfg: ToMeConfig) -> None:
-    module.__class__ = _patched_class(mixin, type(module))
+    module.__class__ = patched_class(mixin, type(module), "ToMe")
     module._tome_cfg = cfg
 
 
@@ -467,21 +448,14 @@ def apply_patch(model: nn.Module, r: RSchedule, prop_attn: bool, start_idx: int,
         for index, block in enumerate(blocks):
             _swap(block, ToMeEfficientVitBlockMixin, cfg)
             block._tome_index = index
-    model.__class__ = _patched_class(ToMeModelMixin, type(model))
-    model._tome_cfg = cfg
+    _swap(model, ToMeModelMixin, cfg)
     model._tome_info = {"source": None, "size": None}
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch` (ToMe's or ToFu's): original classes back, patch attributes removed. No-op if not patched."""
-    for module in model.modules():
-        base = type(module).__dict__.get("_tome_base_class")
-        if base is not None:
-            module.__class__ = base
-            for name in ("_tome_cfg", "_tome_info", "_tome_index"):
-                module.__dict__.pop(name, None)
-    return model
+    return restore_classes(model, "ToMe", attributes=("_tome_cfg", "_tome_info", "_tome_index"))
 
 
 def merging_block_indices(model: nn.Module) -> List[int]:
@@ -490,7 +464,7 @@ def merging_block_indices(model: nn.Module) -> List[int]:
     blocks = transformer_blocks(model)
     if cfg.family != "vit":
         return list(range(cfg.start_idx, len(blocks)))
-    attention_blocks = [i for i, block in enumerate(blocks) if _has_attention_now(block)]
+    attention_blocks = [i for i, block in enumerate(blocks) if has_attention_now(block)]
     return attention_blocks[cfg.start_idx:]
 
 
