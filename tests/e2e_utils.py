@@ -106,6 +106,15 @@ def fake_pretrained_cache(root, model: torch.nn.Module, hub_id: str) -> dict:
     return {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
 
 
+def pretrained_deit_small(hub_root):
+    """(weights, env): random DeiT-S weights (seed 0, logits spread) that `--pretrained` reads offline, with
+    `env`, as timm's `deit_small_patch16_224.fb_in1k`; for official launch lines that always start from it."""
+    import timm
+    torch.manual_seed(0)
+    weights = spread_logits(timm.create_model("deit_small_patch16_224"))
+    return weights, fake_pretrained_cache(hub_root, weights, "timm/deit_small_patch16_224.fb_in1k")
+
+
 def deit_eval_data(folder):
     """The `val/` images of an ImageNet-layout folder through DeiT's evaluation transform
     (resize 256 bicubic, centre crop 224, ImageNet mean / std)."""

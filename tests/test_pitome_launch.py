@@ -15,8 +15,8 @@ import torch
 import main
 import models  # noqa: F401
 from e2e_utils import (
-    assert_ok, assert_printed_eval, fake_pretrained_cache, read_log, reference_eval, run_main, save_official_checkpoint,
-    spread_logits, write_imagenet_folder)
+    assert_ok, assert_printed_eval, pretrained_deit_small, read_log, reference_eval, run_main, save_official_checkpoint,
+    write_imagenet_folder)
 from models import family, pitome
 from models.errors import ModelConfigError
 
@@ -143,9 +143,7 @@ def imagenet_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_eval_line_prints_the_patched_models_numbers(imagenet_folder, tmp_path):
-    torch.manual_seed(0)
-    weights = spread_logits(timm.create_model("deit_small_patch16_224"))
-    env = fake_pretrained_cache(tmp_path / "hub", weights, "timm/deit_small_patch16_224.fb_in1k")
+    weights, env = pretrained_deit_small(tmp_path / "hub")
     proc = run_main(shlex.split(EVAL_LINE) + ["--data-path", str(imagenet_folder), "--device", "cpu"], env_extra=env)
     assert_ok(proc)
     merged = reference_eval(pitome.patch(weights, ratio=0.925), imagenet_folder)
