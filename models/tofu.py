@@ -121,11 +121,7 @@ FAMILY = _family.register_family(_family.MethodFamily(
     name="tofu",
     title="ToFu: token fusion, prune early and MLERP-merge late (a patch applied to supported models)",
     flags=(
-        _family.Flag("--tofu-r", type=_family.r_schedule, metavar="R",
-                     help="patch the model with ToFu, reducing R tokens per block (an int, a per-block list "
-                          "\"[8,8,6]\", or 'auto' with --target-gmacs); default: no ToFu"),
-        _family.Flag("--tofu-start-idx", type=int, default=0,
-                     help="attention blocks left unpatched at the start"),
+        *tome.schedule_flags("tofu", "ToFu", "reducing"),
         _family.Flag("--tofu-mlerp", choices=MLERP_MODES, default="paper",
                      help="merge rule of the merging blocks: the paper's MLERP, OpenToMe's variant, or plain mean"),
     ),

@@ -522,15 +522,23 @@ def _search_r(build, target, gmacs_of):
 _HYBRID_MAX_R = 1024  # half of MobileViT's largest stage grid at 512 px (32 x 32 patches)
 
 
+def schedule_flags(prefix: str, method: str, verb: str) -> tuple:
+    """`--<prefix>-r` and `--<prefix>-start-idx`: the schedule flags of a patch family built on `apply_patch`
+    (ToMe, ToFu)."""
+    return (
+        _family.Flag(f"--{prefix}-r", type=_family.r_schedule, metavar="R",
+                     help=f"patch the model with {method}, {verb} R tokens per block (an int, a per-block list "
+                          f"\"[8,8,6]\", or 'auto' with --target-gmacs); default: no {method}"),
+        _family.Flag(f"--{prefix}-start-idx", type=int, default=0,
+                     help="attention blocks left unpatched at the start"),
+    )
+
+
 FAMILY = _family.register_family(_family.MethodFamily(
     name="tome",
     title="ToMe: token merging (a patch applied to supported models)",
     flags=(
-        _family.Flag("--tome-r", type=_family.r_schedule, metavar="R",
-                     help="patch the model with ToMe, merging R tokens per block (an int, a per-block list "
-                          "\"[8,8,6]\", or 'auto' with --target-gmacs); default: no ToMe"),
-        _family.Flag("--tome-start-idx", type=int, default=0,
-                     help="attention blocks left unpatched at the start"),
+        *schedule_flags("tome", "ToMe", "merging"),
         _family.Flag("--no-tome-prop-attn", action="store_true", default=False,
                      help="ToMe without proportional attention"),
     ),
