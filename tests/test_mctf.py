@@ -341,7 +341,6 @@ def test_duplicate_tokens_one_step_ahead_equals_precise(pooling):
     on the fused tokens: modes 1 and 2 give the same block output."""
     torch.manual_seed(3)
     model = make_vit(depth=2)
-    block = model.blocks[1]
     pairs = torch.randn(1, 8, 48)
     # [cls, p0, p0, p1, p1, ...]: B token 2i-1 and A token 2i are identical
     x = torch.cat([torch.randn(1, 1, 48), pairs.repeat_interleave(2, dim=1)], dim=1)
