@@ -36,20 +36,6 @@ FAST_EVAL_LINE = ("--eval --data_path /path/to/imagenet --dataset IMNET --resume
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 
 
-def _main_translates() -> bool:
-    """Whether main.py applies translate_argv itself (a bare official `--use_mctf` then parses)."""
-    try:
-        args = main.parse_args(["--model", "deit_tiny_patch16_224", "--use_mctf", "--pretrained", "False"])
-    except Exception:  # noqa: BLE001  (argparse's one-line error: not translated)
-        return False
-    return args.use_mctf is True
-
-
-MAIN_TRANSLATES = _main_translates()  # once, at import: parsing may log, and later through a test's handlers
-needs_wiring = pytest.mark.xfail(not MAIN_TRANSLATES, strict=False,
-                                 reason="main.py does not apply models.family.translate_argv to its argv yet")
-
-
 def with_paths(line: str, **paths) -> list:
     argv = shlex.split(line)
     for option, value in paths.items():
@@ -58,8 +44,8 @@ def with_paths(line: str, **paths) -> list:
 
 
 def as_main_runs_it(argv: list) -> list:
-    """The argv main.py acts on: translated here until main.py translates it itself."""
-    return argv if MAIN_TRANSLATES else family.translate_argv(argv)
+    """The argv main.py acts on: main.py translates an official line itself."""
+    return argv
 
 
 
@@ -327,7 +313,6 @@ def test_readme_finetuning_line_trains_the_consistency_step(imagenet_folder, tmp
     assert set(saved["model"]) == set(source.state_dict())
 
 
-@needs_wiring
 def test_eval_line_raw_line(imagenet_folder, tmp_path, capfd):
     """The eval line exactly as typed (main.py translates it): a directory --resume is one error line."""
     argv = with_paths(EVAL_LINE, **{"--data_path": imagenet_folder, "--resume": tmp_path}) + [
