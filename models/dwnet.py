@@ -16,7 +16,7 @@ Variants: `ddwnet_*` swap the static depth-wise conv for per-image kernels gener
 the globally pooled input (DynamicDWConv); `iddwnet_*` for per-position kernels shared by
 groups of channels (IDynamicDWConv, a cupy kernel in the original, unfold + einsum here).
 The official "iclr2022" commit silently builds the static conv for `dynamic=True`
-(an if/if/else bug, dwnet.md section 3); this module builds the intended dynamic model.
+(an if/if/else bug, docs/methods/dwnet.md); this module builds the intended dynamic model.
 """
 from typing import Optional, Sequence, Tuple
 

@@ -142,7 +142,7 @@ class MaskState:
 
 
 class LTMMaskModule(nn.Module):
-    """Produces the merging mask G from post-attention tokens (ltm.md section 4).
+    """Produces the merging mask G from post-attention tokens (docs/methods/ltm.md).
 
     logits[i, t] = s * cos(z_i, A_c(i,t)) + prev_weight * log(P[i, t] + 1e-6), softmax over the
     valid slots; A = adaptive average pool of Z to (h', w'), s = min(exp(logit_scale), 100),

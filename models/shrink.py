@@ -152,7 +152,7 @@ def _freeze_stages(model: VisionTransformer, frozen_stages: int) -> None:
 
 
 class LambdaBlock(Block):
-    """timm `Block` whose attention residual is diluted by lambda (shrink.md section 2).
+    """timm `Block` whose attention residual is diluted by lambda (docs/methods/shrink.md).
 
     Modifications relative to timm's Block:
     * `role` ("plain", "prune", "done") decides the lambda: 1, the scheduled value set

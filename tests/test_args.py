@@ -9,7 +9,7 @@ import yaml
 import main
 from utils.errors import UserError
 
-# deit_recipe.md section 1; data-path / data-set deliberately differ (no site path: SYNTHETIC).
+# docs/training.md; data-path / data-set deliberately differ (no site path: SYNTHETIC).
 DEIT_DEFAULTS = dict(
     batch_size=64, epochs=300, model="deit_base_patch16_224", input_size=224, bce_loss=False, unscale_lr=False,
     drop=0.0, drop_path=0.1, model_ema=True, model_ema_decay=0.99996, model_ema_force_cpu=False,

@@ -21,7 +21,7 @@ from models.errors import ModelConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUFFIX = "_patch4_window7_224"
-# name: (parameters, state-dict entries) from dwnet.md sections 1 and 8
+# name: (parameters, state-dict entries) from docs/methods/dwnet.md
 PUBLISHED = {
     "dwnet_tiny": (24_172_744, 353),
     "dwnet_base": (74_347_112, 689),
@@ -172,7 +172,7 @@ def test_position_dynamic_conv_matches_the_official_kernel_definition():
     torch.testing.assert_close(position_dynamic_depthwise_conv(x, kernels, k), ref, atol=1e-5, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------- dwnet.md section 10
+# ----------------------------------------------------------------------------- docs/methods/dwnet.md
 
 @pytest.mark.slow
 def test_full_tiny_outputs_at_224_and_256():

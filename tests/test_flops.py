@@ -170,8 +170,8 @@ def test_unknown_counter_rejected():
 PUBLISHED = [
     ("deit_small_patch16_224", {}, 4.6),
     ("deit_small_patch16_shrink_base", {"base_keep_rate": 0.7, "fuse_token": True}, 3.0),
-    ("dwnet_tiny_patch4_window7_224", {}, 3.743),  # dwnet.md section 1, fvcore
-    ("raftmlp_s", {}, 2.101),  # raftmlp.md section 1, fvcore (paper 2.1 G)
+    ("dwnet_tiny_patch4_window7_224", {}, 3.743),  # docs/methods/dwnet.md, fvcore
+    ("raftmlp_s", {}, 2.101),  # docs/methods/raftmlp.md, fvcore (paper 2.1 G)
 ]
 
 
@@ -194,7 +194,7 @@ def test_evit_tokens_per_block_match_spec():
     if not timm.is_model("deit_small_patch16_shrink_base"):
         pytest.skip("EViT is not registered yet")
     model = timm.create_model("deit_small_patch16_shrink_base", base_keep_rate=0.7, fuse_token=True)
-    # evit.md section 2: 0.7 with fusion -> 140, 100, 72 tokens after blocks 3, 6, 9
+    # docs/methods/evit.md: 0.7 with fusion -> 140, 100, 72 tokens after blocks 3, 6, 9
     assert flops.tokens_per_block(model, 224) == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3
 
 

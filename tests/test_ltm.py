@@ -45,7 +45,7 @@ TINY = {
 FAMILIES = ["vit", "swin", "mobilevit", "efficientvit"]
 NUM_CLASSES = 10
 
-# ltm.md section 5: LTM blocks per model and the parameter counts measured with the spec's prototype.
+# docs/methods/ltm.md: LTM blocks per model and the parameter counts measured with the spec's prototype.
 FULL = {
     "ltm_vit_small_patch16_224": ("vit_small_patch16_224", 12, 22_050_688, 224),
     "ltm_vit_base_patch16_224": ("vit_base_patch16_224", 12, 86_567_680, 224),
@@ -481,7 +481,7 @@ def test_fvcore_gmacs_decrease_with_ratio_on_vit():
     assert gmacs[1] < gmacs[0]
 
 
-# ltm.md section 5 table (prototype of the spec, fvcore GMACs at r = 0.8)
+# docs/methods/ltm.md table (prototype of the spec, fvcore GMACs at r = 0.8)
 # (one per family that is cheap to trace; all seven were measured for the README table)
 PUBLISHED_SPEC_GMACS = {
     ("ltm_vit_small_patch16_224", 224): 3.684,

@@ -19,7 +19,7 @@ from models.errors import ModelConfigError
 from models.raftmlp import CrossScaleEmbedding, RaftBlock, RaftLayerNorm, RaftMLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name: (parameters, state-dict entries, fvcore GMACs at 224) from raftmlp.md section 1
+# name: (parameters, state-dict entries, fvcore GMACs at 224) from docs/methods/raftmlp.md
 PUBLISHED = {
     "raftmlp_s": (9_868_768, 228, 2.101),
     "raftmlp_m": (21_413_632, 228, 4.289),
@@ -37,7 +37,7 @@ def single_level(depth, dim, raft=None, kernels=None):
     return [layer]
 
 
-# The ablation settings of raftmlp.md section 1: kwargs, parameters, state-dict entries.
+# The ablation settings of docs/methods/raftmlp.md: kwargs, parameters, state-dict entries.
 ABLATIONS = {
     "r-1": (dict(layers=single_level(12, 768, raft=1)), 58_105_432, 222),
     "r-2": (dict(layers=single_level(12, 768, raft=2)), 58_162_888, 222),
@@ -206,7 +206,7 @@ def test_raft_layernorm_with_r1_is_a_plain_layernorm():
 
 
 def reference_raft_block(block, x, r):
-    """raftmlp.md section 2 written with explicit index arithmetic; x (B, G, G, C) at the pretrained grid."""
+    """docs/methods/raftmlp.md written with explicit index arithmetic; x (B, G, G, C) at the pretrained grid."""
     batch, grid, _, dim = x.shape
     c_ = dim // r
     k_idx, j_idx = torch.meshgrid(torch.arange(c_), torch.arange(r), indexing="ij")

@@ -1,4 +1,4 @@
-"""tools/shrink_convert.py and tools/attention_entropy.py (shrink.md sections 5 and 8, check 5 and 12)."""
+"""tools/shrink_convert.py and tools/attention_entropy.py (docs/methods/shrink.md, check 5 and 12)."""
 import argparse
 import math
 

@@ -152,7 +152,7 @@ def test_proportional_attention_equals_duplicated_tokens():
     torch.testing.assert_close(merged, full[:, :6], rtol=1e-5, atol=1e-5)
 
 
-SHRINK_TABLE = [  # shrink.md section 7: removed blocks, start_idx, r, merging blocks, final tokens
+SHRINK_TABLE = [  # docs/methods/shrink.md: removed blocks, start_idx, r, merging blocks, final tokens
     ((0, 1, 3, 4, 6), 1, 24, [5, 7, 8, 9, 10, 11], 53),
     ((0, 1, 3, 4, 6), 1, 28, [5, 7, 8, 9, 10, 11], 29),
     ((0, 1, 3, 4, 6, 9), 0, 14, [2, 5, 7, 8, 10, 11], 113),

@@ -10,7 +10,7 @@ Both are called from `main.py` (`--test_speed` / `--only_test_speed`,
 The model name and its options (--base_keep_rate, --drop_loc, --fuse_token, --model-kwargs)
 default to those a main.py checkpoint's saved args hold.
 
-Speed test (evit.md section 6): three runs of `passes` forward passes on a random
+Speed test (docs/methods/evit.md): three runs of `passes` forward passes on a random
 batch in eval mode (without `no_grad`, like the official code); the first run is a
 warm-up; throughput of the last is kept; MACs with torchprofile on one image.
 Visualisation: unlike the official script, patches fused into the extra token are

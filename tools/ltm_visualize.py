@@ -1,5 +1,5 @@
 """Heat maps of LTM merging weights (Wang & Yang, "Efficient Visual Transformer by Learnable
-Token Merging", TPAMI 2025; cf. the paper's token figure, ltm.md section 2 fact 2).
+Token Merging", TPAMI 2025; cf. the paper's token figure, docs/methods/ltm.md fact 2).
 
 For one LTM block and a few images, draws the input image next to, for each of a few target
 (merged) tokens j, the weights G[i, t] with which every source token i on the block's (h, w)

@@ -1,4 +1,4 @@
-"""Visualise ToMe's merged token groups (ToMe, arXiv 2210.09461, section 6 of tome.md).
+"""Visualise ToMe's merged token groups (ToMe, arXiv 2210.09461, section 6 of docs/methods/tome.md).
 
 Runs a ToMe-patched model with `trace_source=True` on images and paints every final
 group: its interior with the group's mean image colour, its border (pixels removed
