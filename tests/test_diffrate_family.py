@@ -49,6 +49,7 @@ def test_search_hooks_schedule_warmup_and_logs(caplog):
     state = hooks.log_state(model)
     assert state["diffrate_gflops"] == pytest.approx(float(out["gflops"]))
     assert state["diffrate_tokens"] == pytest.approx((17 + 11 + 11) / 3)  # g = 4: candidates 16 12 8 4 -> 11
+    caplog.clear()  # on_epoch_start's record too is captured when an earlier test left the root logger at INFO
     with caplog.at_level(logging.INFO, logger="models.diffrate"):
         hooks.on_step_start(model, 1, 0, 10)
         hooks.on_step_start(model, 1, 7, 10)
