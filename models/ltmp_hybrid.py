@@ -141,10 +141,9 @@ def ltmp_lite_mla(mla: nn.Module, x: torch.Tensor, st: LTMPStageState):
     without the T x T matrix; the protected token (most important) gets +inf. Metric: the keys
     before the ReLU kernel averaged over heads. Returns (output `[S, T, C_out]`, metric, importance).
     """
-    from .tome import _pointwise  # the hybrid ToMe's per-pixel helper
 
     seqs, count, _ = x.shape
-    qkv = _pointwise(mla.qkv, x)
+    qkv = token_ops.pointwise(mla.qkv, x)
     multi = torch.cat([qkv] + [_on_grid(op, qkv, st) for op in mla.aggreg], dim=-1)
     multi = multi.reshape(seqs, count, -1, 3 * mla.dim).transpose(1, 2)  # timm's channel order
     q, k, v = multi.chunk(3, dim=-1)
@@ -173,7 +172,7 @@ def ltmp_lite_mla(mla: nn.Module, x: torch.Tensor, st: LTMPStageState):
         importance = importance.masked_fill(~st.valid, -math.inf)
     importance = protect_importance(importance, class_token=False)
     out = out.to(v.dtype).transpose(1, 2).reshape(seqs, count, -1)
-    return _pointwise(mla.proj, out), metric, importance
+    return token_ops.pointwise(mla.proj, out), metric, importance
 
 
 def _hybrid_step(block: nn.Module, st: LTMPStageState, records: Optional[_HybridRecords], x: torch.Tensor,
@@ -276,17 +275,16 @@ class LTMPEfficientVitBlock(EfficientVitBlock):
         st = ctx.stage
         if st is None or x.dim() != 3:
             return super().forward(x)
-        from .tome import _pointwise
 
         if ctx.state is not None:
             ctx.state.costs.append(self._ltmp_cost(st))
         context, local = self.context_module, self.local_module
-        attn_out, metric, importance = ltmp_lite_mla(context.main, _pointwise(context.pre_norm, x), st)
+        attn_out, metric, importance = ltmp_lite_mla(context.main, token_ops.pointwise(context.pre_norm, x), st)
 
         def feedforward(tokens: torch.Tensor) -> torch.Tensor:
             mbconv = local.main
-            hidden = _pointwise(mbconv.inverted_conv, _pointwise(local.pre_norm, tokens))
-            return _pointwise(mbconv.point_conv, _on_grid(mbconv.depth_conv, hidden, st))
+            hidden = token_ops.pointwise(mbconv.inverted_conv, token_ops.pointwise(local.pre_norm, tokens))
+            return token_ops.pointwise(mbconv.point_conv, _on_grid(mbconv.depth_conv, hidden, st))
 
         return _hybrid_step(self, st, ctx.state, x, attn_out, metric, importance, feedforward)
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "StateSlot",
+    "StateSlot", "pointwise",
     "selection_precision", "keep_count", "class_attention", "keep_topk_tokens", "complement_indices", "fuse_tokens",
     "track_token_positions",
     "BipartiteMatch", "bipartite_soft_matching", "merge_tokens", "unmerge_tokens", "merge_wavg",
@@ -47,6 +47,12 @@ __all__ = [
     "neighbor_dot", "neighbor_gather_sum", "neighbor_scatter_sum", "neighbor_merge", "neighbor_unmerge",
     "patched_class", "restore_classes", "has_attention_now", "attention_residual",
 ]
+
+
+def pointwise(module, tokens: torch.Tensor) -> torch.Tensor:
+    """A per-pixel module (1x1 conv, BN, activation) of a hybrid backbone on tokens `[B, N, C]` ->
+    `[B, N, C']` (tokens as an `N x 1` image)."""
+    return module(tokens.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
 
 
 class StateSlot:

@@ -66,6 +66,7 @@ from .errors import ModelConfigError
 from .token_ops import (
     BipartiteMatch, RSchedule, StateSlot, attention_residual, attention_with_keys, bipartite_soft_matching,
     compose_groups, has_attention_now, merge_groups, merge_source, merge_wavg, merged_index, parse_r, patched_class,
+    pointwise,
     restore_classes, unmerge_groups)
 
 __all__ = ["patch", "unpatch", "is_patched", "merging_block_indices", "transformer_blocks", "model_family",
@@ -240,11 +241,6 @@ class ToMeSequenceStageMixin:
         return x
 
 
-def _pointwise(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """A per-pixel module (1x1 conv, BN, activation) on tokens `[B, N, C]` -> `[B, N, C']`."""
-    return module(tokens.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-
-
 def _on_grid(module: nn.Module, tokens: torch.Tensor, state: ToMeState) -> torch.Tensor:
     """A spatial module on merged tokens `[B, G, C]`: unmerge to the stage grid, run, re-merge by group mean."""
     full = unmerge_groups(tokens, state.group)
@@ -261,7 +257,7 @@ def _lite_mla_tokens(mla: nn.Module, x: torch.Tensor, state: ToMeState, size: Op
     of all scales).
     """
     batch, groups, _ = x.shape
-    qkv = _pointwise(mla.qkv, x)
+    qkv = pointwise(mla.qkv, x)
     multi_scale = torch.cat([qkv] + [_on_grid(op, qkv, state) for op in mla.aggreg], dim=-1)
     # channel order as timm's reshape(B, -1, 3 * dim, H * W): head-major, then q | k | v
     multi_scale = multi_scale.reshape(batch, groups, -1, 3 * mla.dim).transpose(1, 2)
@@ -274,7 +270,7 @@ def _lite_mla_tokens(mla: nn.Module, x: torch.Tensor, state: ToMeState, size: Op
     with torch.autocast(device_type=v.device.type, enabled=False):
         out = mla._attn(q, k, v)
     out = out.transpose(1, 2).reshape(batch, groups, -1)
-    return _pointwise(mla.proj, out), metric
+    return pointwise(mla.proj, out), metric
 
 
 class ToMeEfficientVitBlockMixin:
@@ -293,7 +289,7 @@ class ToMeEfficientVitBlockMixin:
         ordinal = state.attention_blocks_seen
         state.attention_blocks_seen += 1
         context, local = self.context_module, self.local_module
-        attn_out, metric = _lite_mla_tokens(context.main, _pointwise(context.pre_norm, x), state,
+        attn_out, metric = _lite_mla_tokens(context.main, pointwise(context.pre_norm, x), state,
                                             state.size if cfg.prop_attn else None)
         x = x + attn_out
         if ordinal >= cfg.start_idx:
@@ -301,8 +297,8 @@ class ToMeEfficientVitBlockMixin:
             if r > 0:
                 x = _reduce(cfg, state, self._tome_index, bipartite_soft_matching(metric, r), x)
         mbconv = local.main
-        h = _pointwise(mbconv.inverted_conv, _pointwise(local.pre_norm, x))
-        h = _pointwise(mbconv.point_conv, _on_grid(mbconv.depth_conv, h, state))
+        h = pointwise(mbconv.inverted_conv, pointwise(local.pre_norm, x))
+        h = pointwise(mbconv.point_conv, _on_grid(mbconv.depth_conv, h, state))
         return x + h
 
 
