@@ -879,7 +879,7 @@ FAMILY = family.register_family(family.MethodFamily(
                 color_jitter=0.4, repeated_aug=False, model_ema=True, model_ema_decay=0.9999, auto_resume=True),
     translate_argv=translate_official_argv,
     checkpoint_filter_fn=_checkpoint_filter,
-    # no DeiT teacher file in the tests (--distillw 0); tests/test_dynamicvit.py trains with one
+    # no DeiT teacher file in the tests (--distillw 0); tests/unit/test_dynamicvit.py trains with one
     examples=(
         family.Example("dynamicvit", model="dynamicvit_deit_tiny_patch16_224", kwargs=dict(_TINY),
                        flags=("--base_rate", "0.7", "--distillw", "0"), invalid={"base_rate": 1.5}),

@@ -169,10 +169,10 @@ class Example:
     `model`: a registered name (for a patch family, the model it patches); `kwargs`:
     constructor kwargs that make it tiny; `flags`: main.py flags of the family's options
     (e.g. `("--tome-r", "2")`); `train`: one synthetic epoch through main.py
-    (`tests/test_train_every_model.py`); `compile`: the modes in which `torch.compile` must
-    trace it without graph breaks and match eager (`tests/test_compile.py`); `invalid`: option
+    (`tests/e2e/test_train_every_model.py`); `compile`: the modes in which `torch.compile` must
+    trace it without graph breaks and match eager (`tests/unit/test_compile.py`); `invalid`: option
     values (by flag dest) or constructor kwargs that must raise ModelConfigError
-    (`tests/test_model_contract.py`, which also checks forward hooks and forward_intermediates).
+    (`tests/unit/test_model_contract.py`, which also checks forward hooks and forward_intermediates).
     """
     name: str
     model: str

@@ -21,7 +21,7 @@
 # benchmark.jsonl, benchmark.md, the runs' output folders and logs/<step>.log.
 #
 # --dry-run: the same steps on CPU with a tiny model and 32 px images, in about a minute on
-# 2 cores (CI runs it through tests/test_gpu_check.py): --amp means bf16 autocast there, so
+# 2 cores (CI runs it through tests/e2e/test_gpu_check.py): --amp means bf16 autocast there, so
 # there is no GradScaler and scaler_restored is SKIP; torchrun uses gloo; the sweep runs fp32
 # at batch 2; torch.compile traces with dynamo + AOT autograd (aot_eager backend, through
 # TORCH_COMPILE_OVERRIDE_BACKENDS) instead of generating inductor C++ code.

@@ -4,9 +4,13 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+# the project (import main, models, ...) and the shared test helpers (e2e_utils, vit_utils,
+# toy_family) for the tests in unit/, e2e/ and reliability/
+for path in (ROOT, TESTS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 

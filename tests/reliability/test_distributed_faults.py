@@ -92,3 +92,42 @@ def test_exact_eval_shards_cover_each_sample_once(size, world):
         shards = [list(ExactDistributedEvalSampler(size, world, r, contiguous=contiguous)) for r in range(world)]
         assert sorted(i for shard in shards for i in shard) == list(range(size))
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.slow
+def test_a_killed_peer_is_one_line_naming_the_lost_rank(spawn, tmp_path):
+    """Issue 18, item 9: rank 0 printed gloo's raw traceback ("Connection closed by peer
+    [127.0.0.1]:40101 ... GLHF!") before torchrun's own summary."""
+    out = tmp_path / "out"
+    proc = spawn(TINY_FLAGS + ["--no-repeated-aug", "--output_dir", out], tmp_path / "console.txt",
+                 launcher=_torchrun(max_restarts=0))
+    wait_for_step(proc, out / "log_rank1.txt", 5)
+    victim = _worker_pid(proc.pid, rank=1)
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=150) != 0
+    console = read_text(tmp_path / "console.txt")
+    assert "[rank0]: Traceback" not in console and "GLHF" not in console, console[-4000:]
+    log = read_text(out / "log_rank0.txt")
+    errors = [line.split(" ERROR ", 1)[1] for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"rank 1 (PID {victim} on " in errors[0] and "--auto-resume" in errors[0], errors
+
+
+def test_lost_peer_message_names_the_rank_whose_process_is_gone(monkeypatch):
+    import socket
+    import subprocess
+
+    from utils import distributed as dist_utils
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    monkeypatch.setattr(dist_utils, "_RANK_PROCESSES", [(host, os.getpid()), (host, gone.pid), (host, os.getppid())])
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:40101. This is typically caused by a remote worker crashing.")
+    message = dist_utils.lost_peer_message(gloo)
+    assert f"rank 1 (PID {gone.pid} on {host}) has exited" in message and "rank 2" not in message
+    assert "3-process run" in message and "\n" not in message
+    assert dist_utils.lost_peer_message(RuntimeError("Broken pipe")) is None  # not from the process group
+    assert dist_utils.lost_peer_message(RuntimeError("CUDA out of memory")) is None
+    monkeypatch.setattr(dist_utils, "_RANK_PROCESSES", [])
+    assert dist_utils.lost_peer_message(gloo) is None  # not a distributed run

@@ -166,3 +166,24 @@ def test_interrupt_outside_training_is_one_line_and_status_130(monkeypatch, capl
     assert main.cli(["--device", "cpu"]) == 130
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "Ctrl-C" in errors[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_pressed_again_after_the_checkpoint_keeps_the_announced_status_0(spawn, tmp_path):
+    """Issue 18, item 9: a second Ctrl-C after "checkpoint written ... exiting with status 0" made the
+    process die of SIGINT (status 130) or print a KeyboardInterrupt traceback while shutting down."""
+    out = tmp_path / "run"
+    console = tmp_path / "console.txt"
+    proc = spawn(RESUMABLE_FLAGS + ["--output_dir", out, "--num_workers", "2"], console)
+    wait_for_step(proc, out / "log_rank0.txt", 6)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 120
+    while "exiting with status 0" not in read_text(console) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    while proc.poll() is None and time.monotonic() < deadline:  # keep pressing Ctrl-C until it has exited
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    assert proc.wait(timeout=30) == 0, read_text(console)[-3000:]
+    text = read_text(console)
+    assert "exiting with status 0" in text and "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert not load_ckpt(out / "checkpoint.pth")["epoch_complete"]

@@ -21,7 +21,7 @@ from models import ltmp
 from models.errors import ModelConfigError
 from vit_utils import check_intermediates
 
-PARITY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "parity")
+PARITY = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "parity")
 sys.path.insert(0, PARITY)
 from fill import fill_state_dict, layout, make_input  # noqa: E402
 
@@ -188,7 +188,7 @@ CONFIGS = {
 def test_official_names_are_registered_in_this_module():
     registered = set(timm.list_models(module="ltmp"))
     hybrids = {f"{p}ltmp_{b}" for p in ("", "inference_") for b in ("mobilevit_xs", "mobilevit_s", "efficientvit_b1")}
-    assert registered == set(TRAIN_NAMES) | set(INFERENCE_NAMES) | hybrids  # hybrids: tests/test_ltmp_hybrid.py
+    assert registered == set(TRAIN_NAMES) | set(INFERENCE_NAMES) | hybrids  # hybrids: tests/unit/test_ltmp_hybrid.py
     assert len(TRAIN_NAMES) == 7 and len(INFERENCE_NAMES) == 8
 
 
@@ -801,7 +801,7 @@ def test_threshold_search_positions_span_zero_to_one():
 
 
 def _benchmark(*argv):
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     return subprocess.run([sys.executable, "benchmark.py", *argv], cwd=root, capture_output=True, text=True,
                           timeout=1200, env=dict(os.environ, OMP_NUM_THREADS="1"))
 

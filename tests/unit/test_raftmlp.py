@@ -18,7 +18,7 @@ import models  # noqa: F401  (registers the models)
 from models.errors import ModelConfigError
 from models.raftmlp import CrossScaleEmbedding, RaftBlock, RaftLayerNorm, RaftMLP
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # name: (parameters, state-dict entries, fvcore GMACs at 224) from docs/methods/raftmlp.md
 PUBLISHED = {
     "raftmlp_s": (9_868_768, 228, 2.101),

@@ -11,7 +11,7 @@ included: a lazy import is still a dependency):
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGES = ("models", "utils", "tools", "scripts")
 
 

@@ -50,7 +50,7 @@ THROWAWAY = textwrap.dedent('''
 
 
     FAMILY = family.register_family(family.MethodFamily(
-        name="throwaway", title="throwaway family (tests/test_new_family_plugs_in.py)",
+        name="throwaway", title="throwaway family (tests/e2e/test_new_family_plugs_in.py)",
         owns=family.models_of(__name__),
         flags=(family.Flag("--throwaway-scale", type=float, kwarg="logit_scale", help="logit scale"),),
         hooks=ScaleHooks,
@@ -88,8 +88,8 @@ def test_a_new_family_file_is_picked_up_everywhere(tmp_path):
         "--output", str(flops))
     assert json.loads(flops.read_text())["gmacs"] > 0
 
-    proc = run("-m", "pytest", "-q", "-p", "no:xdist", "-k", "throwaway", "tests/test_model_contract.py",
-               "tests/test_compile.py", "tests/test_train_every_model.py")
+    proc = run("-m", "pytest", "-q", "-p", "no:xdist", "-k", "throwaway", "tests/unit/test_model_contract.py",
+               "tests/unit/test_compile.py", "tests/e2e/test_train_every_model.py")
     summary = proc.stdout.strip().splitlines()[-1]
     # hooks, intermediates, invalid value; compile in eval and in training; one epoch through main.py
     assert summary.startswith("6 passed"), proc.stdout[-2000:]

@@ -25,7 +25,7 @@ import main
 import models  # noqa: F401  (registers the families)
 from models.factory import create_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TABLE = os.path.join(ROOT, "benchmarks", "ltm_table.txt")
 
 # The LTM table's GMACs for the ToMe / ToFu rows and the LTMP rows, (backbone, px) -> GMACs.

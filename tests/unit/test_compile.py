@@ -21,7 +21,7 @@ from models import family
 from models.compiling import compile_model, dynamo_settings
 from models.factory import build_example
 from engine import cast_for_inference
-from tests.e2e_utils import TINY_RUN, assert_ok, read_log, run_main
+from e2e_utils import TINY_RUN, assert_ok, read_log, run_main
 
 
 LTMP_INFERENCE, LTMP_MASKED = "inference_ltmp_deit_tiny_patch16_224", "ltmp_deit_tiny_patch16_224"

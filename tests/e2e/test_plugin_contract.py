@@ -14,7 +14,7 @@ import toy_family
 from models import family
 from models.factory import create_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY_RUN = ["--model", "toy_vit", "--input-size", "32", "--data-set", "SYNTHETIC", "--synthetic-train-size", "64",
            "--synthetic-val-size", "32", "--device", "cpu", "--batch-size", "16", "--num_workers", "0",
            "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0", "--print-freq", "2",

@@ -19,7 +19,7 @@ from models.dwnet import (DWNet, DynamicDWConv, SpatialBlock, checkpoint_filter_
                           position_dynamic_depthwise_conv)
 from models.errors import ModelConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUFFIX = "_patch4_window7_224"
 # name: (parameters, state-dict entries) from docs/methods/dwnet.md
 PUBLISHED = {

@@ -535,7 +535,7 @@ def ltm_configs():
     import glob
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return sorted(glob.glob(os.path.join(root, "configs", "ltm_*.yaml")))
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 STEPS = ("amp_epoch", "amp_resume", "scaler_restored", "bf16_train", "compile_epoch", "torchrun",
          "benchmark_sweep", "benchmark_table")
