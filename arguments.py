@@ -181,6 +181,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="resume from (or with --eval: evaluate) a checkpoint; every key must fit")
     g.add_argument("--auto-resume", dest="auto_resume", action="store_true",
                    help="resume from output_dir/checkpoint.pth when it exists (also mid-epoch)")
+    g.add_argument("--resume-other-model", dest="resume_other_model", action="store_true",
+                   help="resume although the checkpoint was saved for another --model or other method options "
+                        "(stopped by default; --finetune is the way to start from other weights)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (when not resuming)")
 
     g = parser.add_argument_group("data")
@@ -267,7 +270,13 @@ def option_dests(parser: argparse.ArgumentParser) -> dict:
 
 
 def _typed_yaml_value(action: argparse.Action, key, value, path: str):
-    """A YAML value converted by the option's own type; a wrong type is a UserError naming key and file."""
+    """A YAML value converted by the option's own type; a wrong type is a UserError naming key and file.
+    A switch takes a YAML boolean only (`model_ema: "false"`, a string, would be true)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(value, bool) or value is None and action.default is None:
+            return value
+        raise UserError(f"{path}: key {key!r} is a switch and takes true or false (YAML booleans, unquoted), "
+                        f"got {value!r}")
     if action.type is None or value is None:
         return value
     try:
@@ -415,6 +424,79 @@ def _stray_value_hint(args) -> str:
     return ""
 
 
+INF = float("inf")
+# Every numeric option of the trainer (method flags are checked by their family's check_options):
+# dest -> (low, high, brackets); "[)" means low <= value < high. A list option checks each value.
+# Checked in one place, before anything is built or written, against the value the user typed.
+RANGES = {
+    "batch_size": (1, INF, "[)"), "epochs": (1, INF, "[)"), "accum_iter": (1, INF, "[)"),
+    "eval_every": (1, INF, "[)"), "input_size": (1, INF, "[)"),
+    "drop": (0, 1, "[)"), "drop_path": (0, 1, "[)"), "target_gmacs": (0, INF, "()"),
+    "model_ema_decay": (0, 1, "[]"), "opt_eps": (0, INF, "[)"), "opt_betas": (0, 1, "[)"),
+    "clip_grad": (0, INF, "()"), "momentum": (0, INF, "[)"), "weight_decay": (0, INF, "[)"),
+    "lr": (0, INF, "[)"), "lr_noise": (0, INF, "[)"), "lr_noise_pct": (0, INF, "[)"), "lr_noise_std": (0, INF, "[)"),
+    "warmup_lr": (0, INF, "[)"), "min_lr": (0, INF, "[)"), "decay_epochs": (0, INF, "()"),
+    "warmup_epochs": (0, INF, "[)"), "cooldown_epochs": (0, INF, "[)"), "patience_epochs": (0, INF, "[)"),
+    "decay_rate": (0, INF, "()"), "color_jitter": (0, INF, "[)"), "smoothing": (0, 1, "[)"),
+    "reprob": (0, 1, "[]"), "recount": (1, INF, "[)"), "mixup": (0, INF, "[)"), "cutmix": (0, INF, "[)"),
+    "cutmix_minmax": (0, 1, "[]"), "mixup_prob": (0, 1, "[]"), "mixup_switch_prob": (0, 1, "[]"),
+    "distillation_alpha": (0, 1, "[]"), "distillation_tau": (0, INF, "()"), "start_epoch": (0, INF, "[)"),
+    "synthetic_train_size": (1, INF, "[)"), "synthetic_val_size": (1, INF, "[)"), "synthetic_classes": (2, 12, "[]"),
+    "eval_crop_ratio": (0, 1, "(]"), "num_workers": (0, INF, "[)"), "seed": (0, INF, "[)"),
+    "print_freq": (0, INF, "[)"), "checkpoint_hist": (0, INF, "[)"), "save_every_iters": (0, INF, "[)"),
+    "skip_nonfinite": (0, INF, "[)"), "preempt_at_step": (0, INF, "[)"),
+}
+# Numbers set from the environment by the launcher, not by the user.
+NOT_RANGE_CHECKED = ("world_size", "local_rank")
+COUNTS = {"lr": (1, 3), "opt_betas": (2, 3), "cutmix_minmax": (2, 2), "lr_noise": (1, 2)}
+
+
+def _range_text(low, high, brackets: str) -> str:
+    if high == INF:
+        return f"{'>=' if brackets[0] == '[' else '>'} {low:g}"
+    return f"in {brackets[0]}{low:g}, {high:g}{brackets[1]}"
+
+
+def check_ranges(args) -> None:
+    """UserError naming the first option outside its range in `RANGES`, in the user's own terms."""
+    for dest, (low, high, brackets) in RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        flag = "--" + dest.replace("_", "-")
+        if dest in COUNTS and not COUNTS[dest][0] <= len(values) <= COUNTS[dest][1]:
+            lo, hi = COUNTS[dest]
+            raise UserError(f"{flag} takes {lo if lo == hi else f'{lo} to {hi}'} values, got {len(values)}")
+        for v in values:
+            above = v > low if brackets[0] == "(" else v >= low
+            below = v < high if brackets[1] == ")" else v <= high
+            if not (above and below):
+                shown = " ".join(f"{x:g}" for x in values)
+                raise UserError(f"{flag} must be {_range_text(low, high, brackets)}, got {shown}")
+    if args.cutmix_minmax is not None and args.cutmix_minmax[0] >= args.cutmix_minmax[1]:
+        raise UserError(f"--cutmix-minmax takes MIN MAX with MIN < MAX, got {args.cutmix_minmax[0]:g} "
+                        f"{args.cutmix_minmax[1]:g}")
+
+
+def check_device(device: str) -> None:
+    """`--device` names a device torch knows and this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} but CUDA is not available; pass --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None) or getattr(torch.backends, parsed.type, None)
+        if backend is None or not backend.is_available():
+            raise UserError(f"--device {device} but {parsed.type} is not available here; pass --device cpu")
+
+
 def finalize_args(args: argparse.Namespace) -> None:
     """Resolve aliases and defaults that depend on other flags; reject unsupported combinations."""
     if args.data_dir:
@@ -433,13 +515,10 @@ def finalize_args(args: argparse.Namespace) -> None:
         raise UserError("distillation together with --finetune is not supported (as in DeiT); drop one of them")
     if args.finetune and args.resume and not args.eval:
         _logger.info("--finetune and --resume given: the --resume checkpoint wins (as DeiT)")
-    for name in ("batch_size", "epochs", "accum_iter", "eval_every", "input_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_ranges(args)
     if mixing.mixup_active(args) and args.batch_size % 2 and not args.eval:
         raise UserError(f"mixup/cutmix needs an even --batch-size, got {args.batch_size}; change it or pass --mixup 0 --cutmix 0")
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but CUDA is not available; pass --device cpu")
+    check_device(args.device)
     if args.bf16_weights and not args.eval:
         raise UserError("--bf16-weights is for evaluation (--eval); train with --amp")
     if args.bf16_weights and args.amp:
@@ -450,8 +529,6 @@ def finalize_args(args: argparse.Namespace) -> None:
     if args.amp is None:  # DeiT's torch.cuda.amp.autocast() is a no-op without CUDA: fp32 on CPU
         args.amp = str(args.device).startswith("cuda")
     args.lr_values = [float(v) for v in (args.lr if isinstance(args.lr, (list, tuple)) else [args.lr])]
-    if not 1 <= len(args.lr_values) <= 3:
-        raise UserError(f"--lr takes 1 to 3 values, got {len(args.lr_values)}")
     args.lr = args.lr_values[0]
     _check_reduction_flags(args)
     try:
@@ -466,8 +543,6 @@ def _check_reduction_flags(args) -> None:
     if auto and args.target_gmacs is None:
         raise UserError(f"--{auto[0].reduction.dest.replace('_', '-')} auto needs --target-gmacs G")
     if args.target_gmacs is not None:
-        if args.target_gmacs <= 0:
-            raise UserError(f"--target-gmacs must be > 0, got {args.target_gmacs}")
         if not auto:
             reducible = [f"--{f.reduction.dest.replace('_', '-')}" for f in families.families() if f.reduction]
             raise UserError(f"--target-gmacs needs one reduction flag set to auto ({', '.join(reducible)} auto) "
@@ -479,8 +554,8 @@ def _check_reduction_flags(args) -> None:
 TRAINING_GROUPS = ("model EMA", "optimizer", "learning-rate schedule", "augmentation", "mixup / cutmix",
                    "distillation", "reliability")
 TRAINING_DESTS = ("epochs", "accum_iter", "bce_loss", "unscale_lr", "finetune_partial", "attn_only", "auto_resume",
-                  "start_epoch", "synthetic_train_size", "save_every_iters", "checkpoint_hist", "tensorboard",
-                  "eval_every", "target_gmacs")
+                  "resume_other_model", "start_epoch", "synthetic_train_size", "save_every_iters", "checkpoint_hist",
+                  "tensorboard", "eval_every", "target_gmacs")
 
 
 def training_only_dests() -> set:

@@ -40,6 +40,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils.errors import UserError
+from utils.run_dir import path_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def _require_data_dir(path: str, expected: str) -> None:
     if not path:
         raise UserError(f"--data-path is empty; pass the folder holding {expected}")
     if not os.path.isdir(path):
-        raise UserError(f"data path {path} does not exist; expected {expected}")
+        raise UserError(f"data path {path} {path_problem(path)}; expected {expected}")
     if not os.listdir(path):
         raise UserError(f"data path {path} is empty; expected {expected}")
 
@@ -491,6 +492,18 @@ def _image_folder_splits(args, name: str, is_train: bool, transform):
     dataset = TolerantImageFolder(split_dir, classes=classes, transform=transform,
                                   strict=bool(args.strict_data))
     return dataset, len(classes)
+
+
+def check_class_count(num_classes: int, args, training: bool) -> None:
+    """Training needs at least two classes (one class gives a 1-output head, loss 0 and 100%
+    accuracy, which learns nothing); evaluating a 1-class set proceeds with a warning."""
+    if num_classes >= 2:
+        return
+    where = f"--data-path {args.data_path}" if args.data_path else f"--data-set {args.data_set}"
+    if training:
+        raise UserError(f"{where}: the training set has {num_classes} class(es); training a classifier needs "
+                        f"at least 2 (add class folders, or evaluate with --eval)")
+    _logger.warning(f"{where}: the evaluation set has {num_classes} class(es): accuracy is trivially 100%")
 
 
 def build_dataset(is_train: bool, args):

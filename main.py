@@ -48,11 +48,14 @@ from models.errors import ModelConfigError
 from models.hooks import MethodHooks
 from samplers import ExactDistributedEvalSampler, PerSampleSeeded, RASampler, ShardedShuffleSampler, mix_seed
 from utils import distributed as dist_utils
-from utils.checkpoint import extract_state_dict, keep_epoch_copy, load_checkpoint_file, preserved_rng, restore_rng_state
+from utils.checkpoint import (describe_finetune, extract_state_dict, keep_epoch_copy, load_checkpoint_file, preserved_rng,
+                              restore_rng_state)
 from utils.errors import UserError
-from utils.logger import append_json_line, attach_log_file, make_tensorboard_writer, setup_logging
-from utils.resume import RunState, TrainingParts, checkpoint_error, resume_if_possible, save_training_checkpoint
-from utils.run_dir import check_output_dir, make_output_dir
+from utils.input_size import dropped_pixels, nearest_sizes
+from utils.logger import append_json_line, attach_log_file, make_tensorboard_writer, quiet_cpu_compile, setup_logging
+from utils.resume import (RunState, TrainingParts, checkpoint_error, finished_run_summary, resume_if_possible,
+                          save_training_checkpoint)
+from utils.run_dir import OutputDirLock, check_output_dir, make_output_dir
 
 # Importable from main as before the parser and checkpoint code moved out (DeiT's `main.get_args_parser`
 # is what scripts/submitit_train.py, benchmark.py and the tests use).
@@ -60,6 +63,7 @@ from arguments import add_method_args, build_parser, get_args_parser, load_cfg_d
 from utils.resume import write_checkpoint  # noqa: E402,F401,I001
 
 _logger = logging.getLogger("main")
+
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
@@ -135,7 +139,10 @@ def build_model(args, num_classes: int):
         if args.pretrained:
             model = _pretrained(args, num_classes)
         elif args.finetune and not args.resume:
-            checkpoint = load_checkpoint_file(args.finetune)
+            try:
+                checkpoint = load_checkpoint_file(args.finetune)
+            except UserError as err:
+                raise UserError(f"--finetune: {err}") from None
             load = "partial" if args.finetune_partial else "finetune"
             try:
                 model = create(args, num_classes, checkpoint=checkpoint, load=load,
@@ -144,14 +151,11 @@ def build_model(args, num_classes: int):
                 if hasattr(err, "summary"):
                     raise checkpoint_error(err, extract_state_dict(checkpoint), args.model) from None
                 raise
-            summary = model.load_summary
-            _logger.info(f"finetune from {args.finetune}: {summary.line()}")
-            if summary.dropped:
-                _logger.info(f"finetune: dropped {', '.join(summary.dropped[:12])}"
-                             f"{' ...' if len(summary.dropped) > 12 else ''}")
-            if summary.missing:
-                _logger.info(f"finetune: left at initialisation {', '.join(summary.missing[:12])}"
-                             f"{' ...' if len(summary.missing) > 12 else ''}")
+            summary, *details = describe_finetune(model.load_summary, extract_state_dict(checkpoint),
+                                                  model.state_dict())
+            _logger.info(f"finetune from {args.finetune}: {summary}")
+            for line in details:
+                _logger.info(f"finetune: {line}")
         else:
             model = create(args, num_classes)
     except ModelConfigError as err:
@@ -176,21 +180,24 @@ def _pretrained(args, num_classes: int):
     return model
 
 
-def check_runs_at_input_size(model, args, device) -> None:
+def check_runs_at_input_size(model, args) -> None:
     """One image through the model before any data is read, so a size the architecture cannot take
-    fails at start-up, not after 'start training'."""
+    (or would take only by dropping pixels: a patch size or stride that does not divide it) fails
+    at start-up, not after 'start training'."""
     size = args.input_size
-    was_training = model.training
-    model.eval()
+    param = next(model.parameters(), None)
     try:
-        with torch.no_grad(), preserved_rng():
-            model(torch.zeros(1, 3, size, size, device=device))
+        with preserved_rng():
+            found = dropped_pixels(model, size, param.device if param is not None else "cpu")
     except (RuntimeError, ValueError, AssertionError) as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--model {args.model} cannot run on {size}x{size} images ({text}); "
                         f"pick another --input-size (the model's default is its pretrained size)") from None
-    finally:
-        model.train(was_training)
+    if found:
+        sizes = nearest_sizes(size, found)
+        raise UserError(f"--input-size {size} does not fit --model {args.model}: {found[0].describe()}; "
+                        + (f"use --input-size {' or '.join(map(str, sizes))}" if sizes
+                           else "use a size its patches and strides divide"))
 
 
 def apply_attn_only(model) -> None:
@@ -316,6 +323,12 @@ def run_record(args, device, weights: str) -> dict:
 def main(args) -> int:
     check_output_dir(args.output_dir)
     dist_utils.init_distributed_mode(args)
+    # Rank 0 holds the output folder for the whole run: a second run into it stops with exit 2.
+    with OutputDirLock(args.output_dir if dist_utils.is_main_process() else "") as lock:
+        return _main(args, lock)
+
+
+def _main(args, lock: OutputDirLock) -> int:
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     setup_logging(None, rank)
     cap_workers(args)
@@ -331,11 +344,17 @@ def main(args) -> int:
         _logger.warning("no --output_dir: this run saves no checkpoint, log.txt or args.yaml; "
                         "pass --output_dir DIR to keep them")
     seed_everything(args.seed + rank, args.deterministic)
+    if args.output_dir and os.path.isdir(args.output_dir):
+        lock.acquire()  # before reading its checkpoints; a new folder is locked once created
 
     run = build_run(args, device, world_size, rank)
+    if not args.eval and run.state.resumed_from and run.state.start_epoch >= args.epochs:
+        _logger.info(finished_run_summary(args, run.state))
+        return 0
 
     if args.output_dir and dist_utils.is_main_process():
         make_output_dir(args.output_dir)
+        lock.acquire()
         with open(os.path.join(args.output_dir, "args.yaml"), "w") as f:
             yaml.safe_dump(resolved_options(args), f, sort_keys=True)
     dist_utils.barrier()
@@ -430,10 +449,11 @@ def build_run(args, device, world_size: int, rank: int) -> Run:
         dataset_train, nb_classes = datasets.build_dataset(True, args)
     dataset_val, nb_val_classes = datasets.build_dataset(False, args)
     nb_classes = nb_val_classes if dataset_train is None else nb_classes
+    datasets.check_class_count(nb_classes, args, training=dataset_train is not None)
     resolve_target_gmacs(args, nb_classes)
     _logger.info(f"creating model {args.model}")
     model = build_model(args, nb_classes)
-    check_runs_at_input_size(model, args, device)
+    check_runs_at_input_size(model, args)
     train_loader, sampler_train, val_loader = build_loaders(args, dataset_train, dataset_val, world_size, rank)
     mixup_fn = mixing.build_mixup(args, nb_classes) if dataset_train is not None else None
 
@@ -460,6 +480,7 @@ def build_run(args, device, world_size: int, rank: int) -> Run:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
     if args.compile:
+        quiet_cpu_compile()
         model = compile_model(model)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     _logger.info(f"number of params: {n_parameters}")
@@ -561,6 +582,7 @@ def train(args, run: Run, device, stop_request) -> int:
                 start_step=start_step, stop_request=stop_request, save_mid_epoch=save_mid_epoch,
                 set_training_mode=run.set_training_mode)
         except TrainingInterrupted as stop:
+            stop_request.finish()
             _mark_preempted(output_dir, str(stop))
             _logger.warning(f"{stop}; checkpoint written to {ckpt_path or '(no --output_dir: nothing saved)'}; "
                             f"exiting with status 0 (resume with --auto-resume)")
@@ -625,6 +647,7 @@ def train(args, run: Run, device, stop_request) -> int:
                      + (f"; {_format_state(method_state)}" if method_state else ""))
         if dist_utils.any_rank(stop_request.is_set(), device) and epoch + 1 < args.epochs:
             reason = stop_request.signal_name or "a stop request on another rank"
+            stop_request.finish()
             _mark_preempted(output_dir, f"stopped by {reason} after epoch {epoch}")
             _logger.warning(f"stopped by {reason}: epoch {epoch} checkpoint written; exiting with status 0 "
                             f"(resume with --auto-resume)")
@@ -686,6 +709,12 @@ def cli(argv=None, accuracy_decimals: int = 1) -> int:
         return 2
     except NonFiniteLossError as err:
         _logger.error(one_line(err))
+        return 1
+    except RuntimeError as err:  # a collective whose peer died: one line naming the lost rank
+        line = dist_utils.lost_peer_message(err)
+        if line is None:
+            raise
+        _logger.error(line)
         return 1
     except KeyboardInterrupt:
         _logger.error("interrupted by Ctrl-C before a checkpoint could be written; checkpoints already on disk "

@@ -22,6 +22,7 @@ import torch
 
 from utils.cli import OneLineParser, close_matches, spellings
 from utils.errors import UserError
+from utils.run_dir import check_output_dir, path_problem
 
 _logger = logging.getLogger("tools")
 
@@ -87,7 +88,8 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is a directory; give a file name such as {os.path.join(path, 'out.png')}")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise UserError(f"{flag} {path}: the directory {directory} does not exist; create it or choose another path")
+        raise UserError(f"{flag} {path}: the directory {directory} {path_problem(directory)}; create it or choose "
+                        f"another path")
     if not os.access(directory, os.W_OK):
         raise UserError(f"{flag} {path}: the directory {directory} is not writable; choose another path")
 
@@ -198,7 +200,10 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
     """Parse and run; bad input is one logged line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        if getattr(args, "output_dir", None):  # every tool's output folder, checked before any work
+            check_output_dir(args.output_dir)
+        return run(args)
     except UserError as err:
         text = str(err).strip().splitlines()
         logging.getLogger(parser.prog).error("%s", text[0] if text else type(err).__name__)

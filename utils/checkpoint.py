@@ -132,7 +132,7 @@ def load_checkpoint_file(path: str):
                         f"({_unpickler_reason(err)}); pass a .pth file written by torch.save") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise UserError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a checkpoint "
-                        f"({_first_line(err)})") from None
+                        f"({_first_sentence(err)}); use an intact copy (e.g. an epoch checkpoint-EEEE.pth)") from None
     except Exception as err:  # noqa: BLE001 - the legacy unpickler fails on garbage with any error type
         raise UserError(f"cannot read checkpoint {path}: the file is corrupt or not a checkpoint "
                         f"({type(err).__name__} while unpickling); pass a .pth file written by torch.save") from None
@@ -175,9 +175,20 @@ def _unpickler_reason(err: BaseException) -> str:
     return "unsupported content" if "weights_only" in line else line
 
 
-def _first_line(err: BaseException) -> str:
+def _first_sentence(err: BaseException, limit: int = 200) -> str:
+    """The first sentence of the error (torch's truncated-file error goes on with advice that, cut at
+    a fixed length, ended mid-sentence); a longer one is cut at a word with '...'."""
+    text = _first_line(err, limit=10_000)
+    end = re.search(r"[.!?](\s|$)", text)
+    text = text[:end.start()] if end else text
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
     text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    return text[0][:limit] if text else type(err).__name__
 
 
 def extract_state_dict(checkpoint) -> dict:
@@ -203,6 +214,30 @@ def describe_key_mismatch(model_state: dict, state_dict: dict, shown: int = 4) -
         desc = [f"{k} {list(state_dict[k].shape)} vs model {list(model_state[k].shape)}" for k in mismatched[:shown]]
         parts.append(f"{len(mismatched)} with other shapes ({', '.join(desc)}{', ...' if len(mismatched) > shown else ''})")
     return missing, unexpected, mismatched, "; ".join(parts)
+
+
+def _listed(keys: list, shown: int = 12) -> str:
+    return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
+
+
+def describe_finetune(summary, state_dict: dict, model_state: dict) -> list:
+    """Log lines for a `--finetune` load (`models.factory.LoadSummary`): the counts, then each key
+    left at its initialisation with the reason (its shape differs, e.g. a classifier for another
+    class count; or the checkpoint lacks it) and the checkpoint keys dropped."""
+    reshaped = [k for k in summary.missing if k in state_dict and tuple(state_dict[k].shape) != tuple(model_state[k].shape)]
+    absent = [k for k in summary.missing if k not in reshaped]
+    dropped = [k for k in summary.dropped if k not in reshaped]
+    lines = [f"{len(summary.loaded)} loaded, {len(summary.resized)} resized, {len(dropped)} dropped, "
+             f"{len(absent)} missing" + (f", {len(reshaped)} with another shape (re-initialised)" if reshaped else "")]
+    if reshaped:
+        first = reshaped[0]
+        lines.append(f"shape differs, re-initialised: {_listed(reshaped)} ({first}: checkpoint "
+                     f"{list(state_dict[first].shape)}, model {list(model_state[first].shape)})")
+    if dropped:
+        lines.append(f"dropped {_listed(dropped)}")
+    if absent:
+        lines.append(f"not in the checkpoint, left at initialisation: {_listed(absent)}")
+    return lines
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, strict: bool = True, model_name: str | None = None):

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import threading
 from datetime import timedelta
 
@@ -92,6 +93,54 @@ def init_distributed_mode(args) -> None:
         dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
                                 world_size=args.world_size, rank=args.rank, timeout=timeout)
     dist.barrier()
+    _record_rank_processes()
+
+
+# (host, pid) of every rank of this process group, rank order: which rank a lost connection was to.
+_RANK_PROCESSES: list = []
+# Errors of a collective whose peer process is gone (gloo, NCCL, the TCP store).
+_LOST_PEER_TEXTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                    "NCCL communicator was aborted", "remote process exited", "Socket Timeout")
+
+
+def _record_rank_processes() -> None:
+    processes = [None] * get_world_size()
+    dist.all_gather_object(processes, (socket.gethostname(), os.getpid()))
+    _RANK_PROCESSES[:] = processes
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # exited, not yet reaped
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def lost_peer_message(err: BaseException) -> str | None:
+    """One line for a collective that failed because another rank's process died, naming that
+    rank when it ran on this host; None for any other error."""
+    text = str(err)
+    from_backend = isinstance(err, getattr(dist, "DistError", ())) or any(
+        name in text for name in ("gloo", "NCCL", "c10d", "Store"))
+    if not _RANK_PROCESSES or not from_backend or not any(marker in text for marker in _LOST_PEER_TEXTS):
+        return None
+    host, me = socket.gethostname(), os.getpid()
+    world = len(_RANK_PROCESSES)
+    lost = [f"rank {rank} (PID {pid} on {peer_host})" for rank, (peer_host, pid) in enumerate(_RANK_PROCESSES)
+            if peer_host == host and pid != me and _process_gone(pid)]
+    address = re.search(r"\[([^\]]+)\]:(\d+)", text)
+    who = (", ".join(lost) + (" has" if len(lost) == 1 else " have") + " exited" if lost else
+           "another rank stopped answering" + (f" ({address.group(1)}:{address.group(2)})" if address else ""))
+    return (f"lost a peer of this {world}-process run: {who}; stopping this rank too (the last checkpoint is "
+            f"intact: rerun with --auto-resume, or let torchrun --max-restarts restart the group)")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -164,12 +213,26 @@ class StopRequest:
 
     The handler only records the request: the training loop finishes the current
     step, writes a mid-epoch checkpoint and exits 0 so that the job can be requeued.
-    A second SIGINT (Ctrl-C pressed again) aborts at once with KeyboardInterrupt.
+    A second SIGINT (Ctrl-C pressed again) aborts at once with KeyboardInterrupt, unless
+    the checkpoint is already written (`finish`): then the run is exiting with status 0
+    as it said, and further signals change nothing.
     """
 
     def __init__(self):
         self._event = threading.Event()
         self.signal_name = None
+        self.finished = False
+        self._installed: list = []
+
+    def finish(self) -> None:
+        """The stop is complete (checkpoint written, exit status 0 announced): the signals are
+        ignored from now on. Ignored, not merely handled: while the interpreter shuts down it puts
+        back the default handlers of Python-level ones, and a late Ctrl-C then killed the process
+        (status 130) after it had announced status 0."""
+        self.finished = True
+        if threading.current_thread() is threading.main_thread():
+            for signum in self._installed:
+                signal.signal(signum, signal.SIG_IGN)
 
     def request(self, signal_name: str = "request") -> None:
         self.signal_name = signal_name
@@ -185,8 +248,11 @@ class StopRequest:
             signum = getattr(signal, name, None)
             if signum is not None:
                 signal.signal(signum, lambda num, frame, n=name: self._on_signal(n))
+                self._installed.append(signum)
 
     def _on_signal(self, name: str) -> None:
+        if self.finished:
+            return
         if name == "SIGINT" and self.signal_name == "SIGINT":
             raise KeyboardInterrupt
         self.request(name)

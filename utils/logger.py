@@ -69,6 +69,26 @@ def attach_log_file(output_dir: str, rank: int) -> str:
     return path
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *texts: str):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.texts)
+
+
+def quiet_cpu_compile() -> None:
+    """On a machine without CUDA, torch.compile's C++ backend imports torch.utils.cpp_extension,
+    which warns "No CUDA runtime is found, using CUDA_HOME=..." whenever a CUDA toolkit is
+    installed: irrelevant to a CPU run, and it reads like a failure. That one warning is dropped."""
+    if torch.cuda.is_available():
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(_DropMessages("No CUDA runtime is found"))
+
+
 def append_json_line(path: str, record: dict) -> None:
     """One line of DeiT's log.txt (default json separators, key order as given)."""
     with open(path, "a") as f:

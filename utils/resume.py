@@ -11,22 +11,28 @@ Two objects describe a run to a checkpoint:
 
 `save_training_checkpoint` is collective (every rank's RNG state is gathered, rank 0
 writes); a checkpoint with NaN/Inf weights is never written. `resume_if_possible` loads
-`--resume` or, with `--auto-resume`, the newest readable checkpoint of the output folder.
+`--resume` or, with `--auto-resume`, the newest readable checkpoint of the output folder;
+a checkpoint saved for another model or other method options is refused unless
+`--resume-other-model` says that is intended (`--finetune` starts from other weights).
 """
 from __future__ import annotations
 
+import ast
 import glob
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+from models import family as families
 from models.errors import ModelConfigError
 from models.factory import load_weights
 from utils import distributed as dist_utils
-from utils.checkpoint import capture_rng_state, extract_state_dict, load_checkpoint_file, save_checkpoint
+from utils.checkpoint import (capture_rng_state, extract_state_dict, load_checkpoint_file, save_checkpoint,
+                              saved_args)
 from utils.errors import UserError
 
 _logger = logging.getLogger("main")
@@ -45,6 +51,7 @@ class RunState:
     max_accuracy: float = 0.0
     rng_state: dict | None = field(default=None, repr=False)
     resumed_from: str = ""       # the checkpoint file resumed from ("" for a fresh start)
+    finished_epochs: int = 0     # --epochs of the run that wrote that checkpoint
 
     COUNTERS = ("optimizer_steps", "nonfinite_skipped")  # the checkpoint's `run_state` entry
 
@@ -182,19 +189,79 @@ def checkpoint_error(err: ModelConfigError, state_dict: dict, model_name: str) -
     return UserError(f"{err}{'; the weights fit --model ' + hint if hint else ''}")
 
 
+def _comparable(value):
+    if isinstance(value, str) and value.strip()[:1] in ("(", "["):  # official runs saved lists as text
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            return value
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in sorted(value.items())}
+    return value
+
+
+def model_differences(saved: dict, args) -> list:
+    """What a checkpoint's saved `args` say about its model that differs from this run:
+    ["--model A (checkpoint) vs B", "--base_keep_rate 0.7 vs 0.5", ...]; [] when they agree or
+    the checkpoint names no model."""
+    saved_model = saved.get("model")
+    if not isinstance(saved_model, str) or not saved_model:
+        return []
+    differences = [] if saved_model == args.model else [f"--model {saved_model} vs {args.model}"]
+    dests = ["model_kwargs"]
+    for name in dict.fromkeys([args.model, saved_model]):
+        for family in families.families():
+            if family.is_patch() or family is families.family_of_model(name):
+                dests += [flag.dest for flag in family.flags if flag.kwarg or family.is_patch()]
+    for dest in dict.fromkeys(dests):
+        if dest not in saved:
+            continue
+        ours, theirs = getattr(args, dest, None), saved[dest]
+        if _comparable(ours) != _comparable(theirs) and not (dest == "model_kwargs" and not ours and not theirs):
+            differences.append(f"--{dest.replace('_', '-')} {theirs} vs {ours}")
+    return differences
+
+
+def check_same_model(checkpoint, path: str, args, flag: str = "--resume") -> None:
+    """A training run resumes only the model (and method options) its checkpoint was saved for;
+    an evaluation of another model's weights is only logged."""
+    differences = model_differences(saved_args(checkpoint), args)
+    if not differences:
+        return
+    text = "; ".join(differences)
+    if args.eval:
+        _logger.warning(f"evaluating {path}, saved for another model or options (checkpoint vs this run: {text})")
+    elif getattr(args, "resume_other_model", False):
+        _logger.warning(f"--resume-other-model: resuming {path} although it was saved for another model or "
+                        f"options (checkpoint vs this run: {text})")
+    else:
+        raise UserError(f"{flag} {path} was saved for another model or other method options (checkpoint vs this "
+                        f"run: {text}); to start from these weights use --finetune {path}, to resume anyway pass "
+                        f"--resume-other-model")
+
+
 def resume_if_possible(args, parts: TrainingParts) -> RunState:
     """--resume / --auto-resume: restore the model (strict), and unless --eval the full training
     state; returns `parts.run_state` with the point to start from."""
     point = parts.run_state
     point.start_epoch = args.start_epoch
-    checkpoint, path = None, args.resume
+    checkpoint, path, flag = None, args.resume, "--resume"
     if args.auto_resume and args.output_dir:
-        checkpoint, auto_path = load_latest_checkpoint(args.output_dir)
-        path = auto_path or path
+        try:
+            checkpoint, auto_path = load_latest_checkpoint(args.output_dir)
+        except UserError as err:
+            raise UserError(f"--auto-resume: {err}") from None
+        path, flag = (auto_path, "--auto-resume") if auto_path else (path, flag)
     if not path:
         return point
     if checkpoint is None:
-        checkpoint = load_checkpoint_file(path)
+        try:
+            checkpoint = load_checkpoint_file(path)
+        except UserError as err:
+            raise UserError(f"{flag}: {err}") from None
+    check_same_model(checkpoint, path, args, flag)
     use_ema = bool(getattr(args, "use_ema", False))
     if use_ema and not isinstance(checkpoint, dict) or use_ema and checkpoint.get("model_ema") is None:
         raise UserError(f"--use-ema: {path} holds no EMA weights (no 'model_ema' entry); drop --use-ema")
@@ -225,6 +292,7 @@ def resume_if_possible(args, parts: TrainingParts) -> RunState:
     else:
         point.start_epoch, point.start_step = epoch, int(checkpoint.get("epoch_step", 0))
     point.max_accuracy = float(checkpoint.get("max_accuracy", 0.0) or 0.0)
+    point.finished_epochs = int(saved_args(checkpoint).get("epochs") or 0)
     rng = checkpoint.get("rng")
     rank = dist_utils.get_rank()
     if isinstance(rng, list) and len(rng) == dist_utils.get_world_size():
@@ -233,10 +301,39 @@ def resume_if_possible(args, parts: TrainingParts) -> RunState:
         _logger.warning("checkpoint RNG states are for another world size: random streams are re-seeded")
     if args.resume_lr_quirk and parts.lr_scheduler is not None:
         parts.lr_scheduler.step(point.start_epoch)
-    _logger.info(f"resuming at epoch {point.start_epoch}" + (f", step {point.start_step}" if point.start_step else ""))
+    if point.start_epoch < args.epochs:
+        if point.start_step == 0 and point.finished_epochs and point.start_epoch >= point.finished_epochs:
+            _logger.warning(f"extending the run of {path}, finished at epoch {point.start_epoch} of "
+                            f"{point.finished_epochs}, to --epochs {args.epochs}")
+        _logger.info(f"resuming at epoch {point.start_epoch}"
+                     + (f", step {point.start_step}" if point.start_step else ""))
     return point
+
+
+def finished_run_summary(args, point: RunState) -> str:
+    """The line for --auto-resume / --resume into a run that has already done --epochs epochs:
+    where it finished and its final metrics (the last evaluation in log.txt beside the checkpoint,
+    else the checkpoint's best accuracy)."""
+    last = {}
+    log_path = os.path.join(os.path.dirname(os.path.abspath(point.resumed_from)), "log.txt")
+    try:
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and "test_acc1" in record and not record.get("eval"):
+                    last = record
+    except OSError:
+        pass
+    metrics = (f"final accuracy {last['test_acc1']:.2f}% top-1, {last.get('test_acc5', float('nan')):.2f}% top-5 "
+               f"(best {point.max_accuracy:.2f}%, {log_path})" if last
+               else f"best accuracy {point.max_accuracy:.2f}%")
+    return (f"{point.resumed_from}: the run already finished at epoch {point.start_epoch} of {args.epochs}; "
+            f"{metrics}; nothing to do (pass a larger --epochs to train on)")
 
 
 __all__ = ["RunState", "TrainingParts", "gather_rng_states", "checkpoint_state", "write_checkpoint",
            "save_training_checkpoint", "first_nonfinite_key", "load_latest_checkpoint", "checkpoint_error",
-           "resume_if_possible"]
+           "model_differences", "check_same_model", "resume_if_possible", "finished_run_summary"]
