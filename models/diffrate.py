@@ -48,10 +48,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
+from .deit_cfgs import deit_cfg
 from .errors import ModelConfigError
 from .diffrate_ops import (DiffRateProxy, class_attention_scores, gather_tokens, kept_numbers, masked_softmax,
                            match_to_destinations, merge_into, rank_tokens, score_dtype, ste_min)
@@ -574,20 +574,11 @@ def unpatch(model: nn.Module) -> nn.Module:
 # Registered models: the official names, timm DeiT + the patch
 # ---------------------------------------------------------------------------
 
-def _cfg(hub_model: str, **kwargs) -> dict:
-    # the official main.py builds timm's pretrained DeiT and patches it: same weights
-    return {
-        "hf_hub_id": f"timm/{hub_model}", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
-    }
-
-
+# the official main.py builds timm's pretrained DeiT and patches it: same weights
 default_cfgs = generate_default_cfgs({
-    "vit_deit_tiny_patch16_224.fb_in1k": _cfg("deit_tiny_patch16_224.fb_in1k"),
-    "vit_deit_small_patch16_224.fb_in1k": _cfg("deit_small_patch16_224.fb_in1k"),
-    "vit_deit_base_patch16_224.fb_in1k": _cfg("deit_base_patch16_224.fb_in1k"),
+    "vit_deit_tiny_patch16_224.fb_in1k": deit_cfg("deit_tiny_patch16_224.fb_in1k"),
+    "vit_deit_small_patch16_224.fb_in1k": deit_cfg("deit_small_patch16_224.fb_in1k"),
+    "vit_deit_base_patch16_224.fb_in1k": deit_cfg("deit_base_patch16_224.fb_in1k"),
 })
 
 

@@ -43,13 +43,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from . import family
+from .deit_cfgs import deit_cfg
 from .errors import ModelConfigError
 from .hooks import MethodHooks
 from .token_ops import StateSlot, keep_topk_tokens, selection_precision
@@ -534,21 +534,12 @@ def kept_token_mse(tokens: torch.Tensor, teacher_tokens: torch.Tensor, decision:
 # Registration
 # ---------------------------------------------------------------------------
 
-def _cfg(**kwargs) -> dict:
-    # no hub weights: the released checkpoints are loaded from files (--model_path / --resume)
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
-    }
-
-
+# no hub weights: the released checkpoints are loaded from files (--model_path / --resume)
 default_cfgs = generate_default_cfgs({
-    "dynamicvit_deit_tiny_patch16_224": _cfg(),
-    "dynamicvit_deit_256_patch16_224": _cfg(),
-    "dynamicvit_deit_small_patch16_224": _cfg(),
-    "dynamicvit_deit_base_patch16_224": _cfg(),
+    "dynamicvit_deit_tiny_patch16_224": deit_cfg(),
+    "dynamicvit_deit_256_patch16_224": deit_cfg(),
+    "dynamicvit_deit_small_patch16_224": deit_cfg(),
+    "dynamicvit_deit_base_patch16_224": deit_cfg(),
 })
 
 

@@ -33,12 +33,12 @@ from numbers import Integral, Real
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
 from . import family
+from .deit_cfgs import deit_cfg
 from .hooks import MethodHooks
 from .token_ops import StateSlot, attention_with_keys, class_attention, keep_count, keep_topk_tokens
 from .errors import ModelConfigError
@@ -353,26 +353,17 @@ class KeepRateWarmup(MethodHooks):
 # Registration
 # ---------------------------------------------------------------------------
 
-def _cfg(hub_model: str, **kwargs) -> dict:
-    # Pretrained weights are the DeiT ones EViT fine-tunes from (finetune.sh); the
-    # state dicts are identical.
-    return {
-        "hf_hub_id": f"timm/{hub_model}", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
-    }
-
-
+# Pretrained weights are the DeiT ones EViT fine-tunes from (finetune.sh); the
+# state dicts are identical.
 default_cfgs = generate_default_cfgs({
-    "deit_tiny_patch16_shrink_base.fb_in1k": _cfg("deit_tiny_patch16_224.fb_in1k"),
-    "deit_small_patch16_shrink_base.fb_in1k": _cfg("deit_small_patch16_224.fb_in1k"),
-    "deit_base_patch16_shrink_base.fb_in1k": _cfg("deit_base_patch16_224.fb_in1k"),
-    "deit_tiny_distilled_patch16_shrink_base.fb_in1k": _cfg(
+    "deit_tiny_patch16_shrink_base.fb_in1k": deit_cfg("deit_tiny_patch16_224.fb_in1k"),
+    "deit_small_patch16_shrink_base.fb_in1k": deit_cfg("deit_small_patch16_224.fb_in1k"),
+    "deit_base_patch16_shrink_base.fb_in1k": deit_cfg("deit_base_patch16_224.fb_in1k"),
+    "deit_tiny_distilled_patch16_shrink_base.fb_in1k": deit_cfg(
         "deit_tiny_distilled_patch16_224.fb_in1k", classifier=("head", "head_dist")),
-    "deit_small_distilled_patch16_shrink_base.fb_in1k": _cfg(
+    "deit_small_distilled_patch16_shrink_base.fb_in1k": deit_cfg(
         "deit_small_distilled_patch16_224.fb_in1k", classifier=("head", "head_dist")),
-    "deit_base_distilled_patch16_shrink_base.fb_in1k": _cfg(
+    "deit_base_distilled_patch16_shrink_base.fb_in1k": deit_cfg(
         "deit_base_distilled_patch16_224.fb_in1k", classifier=("head", "head_dist")),
 })
 

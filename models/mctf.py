@@ -51,11 +51,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from .deit_cfgs import deit_cfg
 from .errors import ModelConfigError
 from .mctf_ops import (  # noqa: F401  (re-exported: the kernels are part of this module's interface)
     MIN_TOKENS, MCTFMatch, RValue, block_reduction, fused_index, group_reduce, mctf_fuse, mctf_matching, mctf_merge,
@@ -610,20 +610,11 @@ class MCTFCriterion(nn.Module):
 # The official model names: timm's DeiT with the official constructor kwargs
 # ---------------------------------------------------------------------------
 
-def _cfg(hub_model: str) -> dict:
-    # The official `--pretrained` weights are DeiT's; the state dicts are identical.
-    return {
-        "hf_hub_id": f"timm/{hub_model}", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head",
-    }
-
-
+# The official `--pretrained` weights are DeiT's; the state dicts are identical.
 default_cfgs = generate_default_cfgs({
-    "deit_tiny.fb_in1k": _cfg("deit_tiny_patch16_224.fb_in1k"),
-    "deit_small.fb_in1k": _cfg("deit_small_patch16_224.fb_in1k"),
-    "deit_base.fb_in1k": _cfg("deit_base_patch16_224.fb_in1k"),
+    "deit_tiny.fb_in1k": deit_cfg("deit_tiny_patch16_224.fb_in1k"),
+    "deit_small.fb_in1k": deit_cfg("deit_small_patch16_224.fb_in1k"),
+    "deit_base.fb_in1k": deit_cfg("deit_base_patch16_224.fb_in1k"),
 })
 
 

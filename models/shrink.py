@@ -34,12 +34,12 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import family
+from .deit_cfgs import deit_cfg
 from .errors import ModelConfigError
 from .hooks import MethodHooks
 
@@ -425,14 +425,7 @@ def _create_shrink(variant: str, pretrained: bool = False, **kwargs) -> ShrinkVi
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head",
-        **kwargs,
-    }
+    return deit_cfg(url=url, **kwargs)
 
 
 # The lambda models start from DeiT v1 weights (all 12 blocks keep their attention there).

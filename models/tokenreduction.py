@@ -40,12 +40,12 @@ from numbers import Integral, Real
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from . import family
+from .deit_cfgs import deit_cfg
 from .errors import ModelConfigError
 from .evit import EViT
 from .hooks import MethodHooks
@@ -466,19 +466,10 @@ _CLASSES = {"topk": TopKViT, "kmedoids": KMedoidsViT, "dpcknn": DPCKNNViT, "sink
             "patchmerger": PatchMergerViT}
 
 
-def _cfg(hub_model: str) -> dict:
-    # The official runs fine-tune from these DeiT weights (models_act.py); the new
-    # cluster_layers keep their initialisation (see _filter_fn).
-    return {
-        "hf_hub_id": f"timm/{hub_model}", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head",
-    }
-
-
+# The official runs fine-tune from these DeiT weights (models_act.py); the new
+# cluster_layers keep their initialisation (see _filter_fn).
 default_cfgs = generate_default_cfgs({
-    f"{method}_{size}_patch16_224.fb_in1k": _cfg(f"deit_{size}_patch16_224.fb_in1k")
+    f"{method}_{size}_patch16_224.fb_in1k": deit_cfg(f"deit_{size}_patch16_224.fb_in1k")
     for method in METHODS for size in ("tiny", "small", "base")
 })
 
