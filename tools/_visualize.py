@@ -1,7 +1,8 @@
 """What the token visualisation tools share (`tools/*_visualize.py`).
 
 Pictures in: `--images` files resized and centre-cropped to the model's input size, or one
-synthetic test picture (`read_images`), turned into normalised model inputs (`model_input`).
+synthetic test picture (`read_images`), turned into normalised model inputs (`model_input`);
+normalised validation batches turned back into pictures (`to_pictures`).
 Pictures out: token groups painted as ToMe's `make_visualization` does (every group's interior
 with its mean image colour, its border with a random colour per group, `random.seed(0)`),
 panels side by side (`side_by_side`), written to `--out` or `<out stem>_<i>.png` for several
@@ -69,6 +70,17 @@ def model_input(images: Sequence[Image.Image], mean=None, std=None,
     batch = torch.stack([(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std
                          for img in images])
     return batch if device is None else batch.to(device)
+
+
+def to_pictures(batch: torch.Tensor, mean=None, std=None) -> List[Image.Image]:
+    """The RGB pictures of normalised model inputs `[B, 3, H, W]` (the inverse of `model_input`,
+    pixels clamped to [0, 1]); used to draw validation images that a data loader normalised."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    pixels = (batch.detach().float().cpu() * std + mean).clamp(0, 1)
+    return [Image.fromarray(np.uint8(image.permute(1, 2, 0).numpy() * 255)) for image in pixels]
 
 
 def unmerged_sources(x: torch.Tensor, patch_size: int, num_prefix_tokens: int) -> torch.Tensor:

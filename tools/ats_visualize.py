@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from tools._visualize import model_input, side_by_side, to_pictures
 from utils.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -77,27 +78,8 @@ def strips(model: torch.nn.Module, batch: torch.Tensor, images: Sequence[Image.I
         panels = [paint(img, whole, patch_size, f"input: {int(whole.sum()) + prefix}")]
         for block, mask in masks.items():
             panels.append(paint(img, mask[i], patch_size, f"block {block}: {int(mask[i].sum()) + prefix}"))
-        strip = Image.new("RGB", (img.width * len(panels), panels[0].height), "white")
-        for j, panel in enumerate(panels):
-            strip.paste(panel, (img.width * j, 0))
-        out.append(strip)
+        out.append(side_by_side(panels))
     return out
-
-
-def _normalise(images: Sequence[Image.Image], device, mean=None, std=None) -> torch.Tensor:
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    return torch.stack([(torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                         - mean) / std for img in images]).to(device)
-
-
-def _to_image(tensor: torch.Tensor, mean=None, std=None) -> Image.Image:
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    pixels = (tensor.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.uint8(pixels * 255))
 
 
 def visualize_command(model: torch.nn.Module, context) -> None:
@@ -108,7 +90,7 @@ def visualize_command(model: torch.nn.Module, context) -> None:
     written = 0
     for batch in context.data_loader:
         images = batch[0][: count - written].to(context.device)
-        pictures = [_to_image(image) for image in images]
+        pictures = to_pictures(images)
         for strip in strips(model, images, pictures):
             path = os.path.join(output_dir, f"img_{written}.png")
             strip.save(path)
@@ -119,39 +101,22 @@ def visualize_command(model: torch.nn.Module, context) -> None:
 
 
 def build_parser():
-    from tools import _common
-    parser = _common.ToolParser("ats_visualize", __doc__)
-    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="weights to load strictly")
-    g = parser.add_argument_group("output")
-    g.add_argument("--images", nargs="*", default=[], help="image files (default: one synthetic image)")
-    g.add_argument("--out", "--output", dest="out", default="ats_kept.png",
-                   help="output PNG; several images give <stem>_<i>.png")
-    return parser
+    from tools import _visualize
+    return _visualize.visualizer_parser("ats_visualize", __doc__, DEFAULT_MODEL, "ats_kept.png")[0]
 
 
 def run(args) -> int:
     from models import ats
-    from tools import _common
-    from tools.tome_visualize import load_image, synthetic_image
-    _common.check_output_file(args.out, "--out")
-    model = _common.build_model(args, DEFAULT_MODEL).model
+    from tools import _visualize
+    model = _visualize.build_model(args, DEFAULT_MODEL).model
     if not ats.is_patched(model):
         try:
             ats.patch(model)
         except ValueError as err:
             raise UserError(str(err)) from None
-    size = int(model.patch_embed.img_size[0])
-    try:
-        images = [load_image(p, size) for p in args.images] or [synthetic_image(size)]
-    except OSError as err:
-        raise UserError(f"cannot read --images file: {err}") from None
-    results = strips(model, _normalise(images, next(model.parameters()).device), images)
-    stem, ext = os.path.splitext(args.out)
-    paths = [args.out] if len(results) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(results))]
-    for strip, path in zip(results, paths):
-        strip.save(path)
-        _logger.info("wrote %s", path)
-    return 0
+    device = next(model.parameters()).device
+    return _visualize.draw_and_write(args, model, lambda images: strips(model, model_input(images, device=device),
+                                                                        images))
 
 
 def main(argv: Optional[list] = None) -> int:

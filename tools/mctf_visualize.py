@@ -21,12 +21,10 @@ import logging
 import os
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
-from tools.tome_visualize import load_image, make_visualization, synthetic_image
-from utils.errors import UserError
+from tools._visualize import make_visualization, model_input, side_by_side, to_pictures, unmerged_sources
 
 _logger = logging.getLogger(__name__)
 
@@ -49,50 +47,29 @@ def group_sources(model: torch.nn.Module, x: torch.Tensor) -> List[torch.Tensor]
         model.train(was_training)
     source = model._mctf_info["source"]
     if source is None:  # nothing fused: every token is its own group
-        patch = int(model.patch_embed.patch_size[0])
-        tokens = cfg.protected + (x.shape[-2] // patch) * (x.shape[-1] // patch)
-        source = torch.eye(tokens)[None].expand(x.shape[0], -1, -1)
+        source = unmerged_sources(x, int(model.patch_embed.patch_size[0]), cfg.protected)
     return list(source)
-
-
-def _side_by_side(img: Image.Image, vis: Image.Image) -> Image.Image:
-    pair = Image.new("RGB", (img.width * 2, img.height))
-    pair.paste(img, (0, 0))
-    pair.paste(vis, (img.width, 0))
-    return pair
 
 
 def visualize(model: torch.nn.Module, images: Sequence[Image.Image], mean=None, std=None) -> List[Image.Image]:
     """One side-by-side picture (input, groups) per image; patches with MCTF's defaults if needed."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     from models import mctf
     if not mctf.is_patched(model):
         mctf.patch(model)
-    device = next(model.parameters()).device
-    mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1)
     patch = int(model.patch_embed.patch_size[0])
-    batch = torch.stack([(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std
-                         for img in images])
-    sources = group_sources(model, batch.to(device))
+    sources = group_sources(model, model_input(images, mean, std, next(model.parameters()).device))
     prefix = model._mctf_cfg.protected
-    return [_side_by_side(img, make_visualization(img, source, patch, num_prefix_tokens=prefix))
+    return [side_by_side([img, make_visualization(img, source, patch, num_prefix_tokens=prefix)])
             for img, source in zip(images, sources)]
 
 
 def run_command(model: torch.nn.Module, context) -> List[str]:
     """main.py `--mctf_visualize N`: the groups of the first N validation images, written to
     `<output_dir>/mctf_groups/mctf_groups_<i>.png` (the current directory without --output_dir)."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     wanted = int(context.mctf_visualize)
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     images: List[Image.Image] = []
     for batch in context.data_loader:
-        pixels = (batch[0].float().cpu() * std + mean).clamp(0, 1)
-        for image in pixels:
-            images.append(Image.fromarray(np.uint8(image.permute(1, 2, 0).numpy() * 255)))
+        images.extend(to_pictures(batch[0]))
         if len(images) >= wanted:
             break
     images = images[:wanted]
@@ -108,33 +85,14 @@ def run_command(model: torch.nn.Module, context) -> List[str]:
 
 
 def build_parser():
-    from tools import _common
-    parser = _common.ToolParser("mctf_visualize", __doc__)
-    _common.add_model_args(parser, DEFAULT_MODEL, checkpoint_help="weights to load strictly")
-    g = parser.add_argument_group("output")
-    g.add_argument("--images", nargs="*", default=[], help="image files (default: one synthetic image)")
-    g.add_argument("--out", "--output", dest="out", default="mctf_groups.png",
-                   help="output PNG; several images give <stem>_<i>.png")
-    return parser
+    from tools import _visualize
+    return _visualize.visualizer_parser("mctf_visualize", __doc__, DEFAULT_MODEL, "mctf_groups.png")[0]
 
 
 def run(args) -> int:
-    from tools import _common
-    _common.check_output_file(args.out, "--out")
-    model = _common.build_model(args, DEFAULT_MODEL).model.eval()
-    size = int(model.patch_embed.img_size[0])
-    try:
-        images = [load_image(p, size) for p in args.images] or [synthetic_image(size)]
-    except OSError as err:
-        raise UserError(f"cannot read --images file: {err}") from None
-    pictures = visualize(model, images)
-    stem, ext = os.path.splitext(args.out)
-    paths = [args.out] if len(pictures) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(pictures))]
-    for picture, path in zip(pictures, paths):
-        picture.save(path)
-        _logger.info("wrote %s", path)
-    print("\n".join(paths))
-    return 0
+    from tools import _visualize
+    model = _visualize.build_model(args, DEFAULT_MODEL).model.eval()
+    return _visualize.draw_and_write(args, model, lambda images: visualize(model, images))
 
 
 def main(argv: Optional[list] = None) -> int:
