@@ -67,15 +67,17 @@ def state_dicts_equal(a, b, exact=True, atol=0.0):
 IMAGENET_CLASSES = ("n01440764", "n01443537")
 
 
-def write_imagenet_folder(root, splits=("train", "val")):
+def write_imagenet_folder(root, splits=("train", "val"), unique_names=False):
     """ImageNet layout under `root` (a pathlib.Path): `<split>/<wnid>/<i>.JPEG`, 2 classes x 2 random
-    96x72 pictures per split (seed 0); returns root."""
+    96x72 pictures per split (seed 0); returns root. `unique_names`: `<wnid>_<i>.JPEG`, unique across
+    classes as ImageNet's are (for outputs keyed by file name)."""
     rng = np.random.default_rng(0)
     for split in splits:
         for cls in IMAGENET_CLASSES:
             (root / split / cls).mkdir(parents=True)
             for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.JPEG")
+                name = f"{cls}_{i}.JPEG" if unique_names else f"{i}.JPEG"
+                Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / split / cls / name)
     return root
 
 

@@ -6,15 +6,13 @@ import json
 import os
 import shlex
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import main
 import models  # noqa: F401
-from e2e_utils import ROOT, assert_ok, run_main
+from e2e_utils import ROOT, assert_ok, run_main, write_imagenet_folder
 from models import ats, ats_config, family
 from models.errors import ModelConfigError
 
@@ -181,15 +179,7 @@ def test_bad_official_line_is_one_line_and_exit_2():
 
 @pytest.fixture(scope="module")
 def imagenet_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.JPEG")
-    return root
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"))
 
 
 @pytest.mark.slow

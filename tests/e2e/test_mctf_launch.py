@@ -19,7 +19,7 @@ from PIL import Image
 
 import main
 import models  # noqa: F401
-from e2e_utils import assert_ok, read_log, run_main
+from e2e_utils import assert_ok, read_log, run_main, write_imagenet_folder
 from models import family, mctf
 from models.errors import ModelConfigError
 
@@ -193,14 +193,7 @@ def test_distillation_is_refused_by_the_criterion_wrapper():
 
 @pytest.fixture(scope="module")
 def imagenet_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet_mctf")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.JPEG")
-    return root
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_mctf"))
 
 
 def official_checkpoint(path, model, epoch=39):

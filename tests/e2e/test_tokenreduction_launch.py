@@ -21,7 +21,7 @@ from PIL import Image
 
 import main
 import models  # noqa: F401
-from e2e_utils import PYTHON, ROOT, TINY_MODEL, TINY_RUN, assert_ok, read_log, run_main
+from e2e_utils import PYTHON, ROOT, TINY_MODEL, TINY_RUN, assert_ok, read_log, run_main, write_imagenet_folder
 from models import family
 from models import tokenreduction as tr
 from models.errors import ModelConfigError
@@ -44,15 +44,8 @@ def translated(line: str, **paths):
 
 @pytest.fixture(scope="module")
 def imagenet_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 255, (72, 96, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{cls}_{i}.JPEG")  # ImageNet names are unique
-    return root
+    # unique file names: the --viz_mode JSON is keyed by them
+    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"), unique_names=True)
 
 
 # ---------------------------------------------------------------------------
@@ -139,16 +132,22 @@ def _official_run(folder, name, **kwargs):
     return model, run / "best_checkpoint.pth"
 
 
+def _viz_eval(tmp_path, name, data_flags):
+    """(proc, output dir): `--eval --viz_mode` of an official run's best checkpoint (reduction_loc 1 3,
+    keep_rate 0.5), the data named by `data_flags`; main.py must succeed."""
+    _, ckpt = _official_run(tmp_path, name, reduction_loc=(1, 3), keep_rate=(0.5,))
+    out = tmp_path / "eval"
+    line = (f"{data_flags} --eval --resume {ckpt} --model {name} --reduction_loc 1 3 --keep_rate 0.5 "
+            f"--input-size 32 --model-kwargs \"{TINY}\" --num_workers 0 --viz_mode --output_dir {out}")
+    proc = run_main(shlex.split(line))
+    assert_ok(proc)
+    return proc, out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["kmedoids_small_patch16_224", "sinkhorn_small_patch16_224"])
 def test_eval_with_viz_mode_writes_validate_py_json(imagenet_folder, tmp_path, name):
-    model, ckpt = _official_run(tmp_path, name, reduction_loc=(1, 3), keep_rate=(0.5,))
-    out = tmp_path / "eval"
-    line = (f"--eval --resume {ckpt} --data-path {imagenet_folder} --model {name} --reduction_loc 1 3 "
-            f"--keep_rate 0.5 --input-size 32 --model-kwargs \"{TINY}\" --batch-size 4 --num_workers 0 "
-            f"--viz_mode --output_dir {out}")
-    proc = run_main(shlex.split(line))
-    assert_ok(proc)
+    proc, out = _viz_eval(tmp_path, name, f"--data-path {imagenet_folder} --batch-size 4")
     with open(out / "topk_run_42_viz_results.json") as f:
         record = json.load(f)
     assert (record["Model"], record["Ratio"], record["Location"]) == (name, [0.5], [1, 3])
@@ -167,13 +166,7 @@ def test_eval_with_viz_mode_writes_validate_py_json(imagenet_folder, tmp_path, n
 @pytest.mark.slow
 def test_validate_py_spellings_run_as_eval(imagenet_folder, tmp_path):
     """validate_dirs.py's flags on one run: --dataset imagenet --data P --use_amp (bf16 on CPU)."""
-    _, ckpt = _official_run(tmp_path, "kmedoids_small_patch16_224", reduction_loc=(1, 3), keep_rate=(0.5,))
-    out = tmp_path / "eval"
-    line = (f"--dataset imagenet --data {imagenet_folder} --output_dir {out} --viz_mode --use_amp --eval "
-            f"--resume {ckpt} --model kmedoids_small_patch16_224 --reduction_loc 1 3 --keep_rate 0.5 "
-            f"--input-size 32 --model-kwargs \"{TINY}\" --num_workers 0")
-    proc = run_main(shlex.split(line))
-    assert_ok(proc)
+    _, out = _viz_eval(tmp_path, "kmedoids_small_patch16_224", f"--dataset imagenet --data {imagenet_folder} --use_amp")
     assert (out / "topk_run_42_viz_results.json").exists()
 
 
