@@ -52,6 +52,7 @@ from . import family
 from .deit_cfgs import deit_cfg
 from .errors import ModelConfigError
 from .hooks import MethodHooks
+from .launch_lines import split_items
 from .token_ops import StateSlot, keep_topk_tokens, selection_precision
 
 __all__ = [
@@ -732,29 +733,6 @@ _RENAMED = {"--model_path": "--resume", "--model-path": "--resume", "--crop_pct"
             "--teacher_path": "--dynamicvit-teacher", "--update_freq": "--accum-iter"}
 
 
-def _split(argv: Sequence[str]) -> List[List[str]]:
-    """argv as [option, value...] / [positional] items (`--a=b` becomes ['--a', 'b'])."""
-    items: List[List[str]] = []
-    for token in argv:
-        if token.startswith("--") and "=" in token:
-            items.append(token.split("=", 1))
-        elif token.startswith("-") and not _is_number(token):
-            items.append([token])
-        elif items and items[-1][0].startswith("-"):
-            items[-1].append(token)
-        else:
-            items.append([token])
-    return items
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-        return True
-    except ValueError:
-        return False
-
-
 def _model_of(items: List[List[str]]) -> Optional[str]:
     name = None
     for item in items:
@@ -774,7 +752,7 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
     from the DeiT weights at the official relative path (`--finetune ./pretrained/deit_*.pth`),
     which also feed the teacher unless `--teacher-path` is given.
     """
-    items = _split(argv)
+    items = split_items(argv)
     name = _model_of(items)
     official = name in OFFICIAL_NAMES and (name.startswith("deit-") or any(i[0] == "--arch" for i in items))
     if not (official or (name or "").startswith("dynamicvit_")):

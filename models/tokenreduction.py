@@ -49,6 +49,7 @@ from .deit_cfgs import deit_cfg
 from .errors import ModelConfigError
 from .evit import EViT
 from .hooks import MethodHooks
+from .launch_lines import is_number, split_items
 from .token_ops import StateSlot, selection_precision
 from .tokenreduction_clustering import DPCKNN, ClusterResult, KMedoids, selection_float
 from .tokenreduction_patchmerger import PatchMerger
@@ -710,28 +711,6 @@ _TRAIN_PY_ONLY = ("--dataset", "--data", "--lr_batch_normalizer", "--sched_in_st
                   "--grad_accum_steps")
 
 
-def _split(argv: Sequence[str]) -> List[List[str]]:
-    """argv as [option, values...] items (`--a=b` split; leading positionals as their own item)."""
-    items: List[List[str]] = []
-    for token in argv:
-        if token.startswith("--") and "=" in token:
-            option, value = token.split("=", 1)
-            items.append([option, value])
-        elif token.startswith("-") and not _is_number(token) or not items:
-            items.append([token])
-        else:
-            items[-1].append(token)
-    return items
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-        return True
-    except ValueError:
-        return False
-
-
 def _model_of(items: List[List[str]]) -> str:
     for item in items:
         if item[0] == "--model" and len(item) > 1:
@@ -751,7 +730,7 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
     from the DeiT weights models_act.py downloads (`--finetune ./deit_weights/deit_<size>_...pth`).
     `--distillation-type soft|hard` is refused (these models have no distillation token).
     """
-    items = _split(argv)
+    items = split_items(argv)
     model = _model_of(items)
     if not (model.split("_", 1)[0] in METHODS and model.endswith("_patch16_224")):
         return list(argv)
@@ -770,7 +749,7 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
                                        f"the TokenReduction models train on ImageNet (--dataset imagenet)")
             out.append(["--data-set", "IMNET"] + values[1:])
         elif option == "--lr_batch_normalizer":
-            if not values or not _is_number(values[0]) or float(values[0]) <= 0:
+            if not values or not is_number(values[0]) or float(values[0]) <= 0:
                 raise ModelConfigError(f"--lr_batch_normalizer needs a positive number, got {values[:1]}")
             normalizer = float(values[0])
             if values[1:]:
@@ -782,7 +761,7 @@ def translate_official_argv(argv: Sequence[str]) -> List[str]:
         else:
             out.append(item)
     if normalizer is not None and "__unscale_lr" not in options:
-        lr_items = [item for item in out if item[0] == "--lr" and len(item) > 1 and _is_number(item[1])]
+        lr_items = [item for item in out if item[0] == "--lr" and len(item) > 1 and is_number(item[1])]
         if lr_items:
             for item in lr_items:
                 item[1] = repr(float(item[1]) * 512 / normalizer)
