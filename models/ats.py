@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelConfigError
+from .gmacs_search import rng_state, set_rng_state
 from .token_ops import StateSlot, selection_precision
 
 __all__ = [
@@ -851,16 +852,6 @@ def report_command(model: nn.Module, context) -> None:
             json.dump(stats, f, indent=1)
 
 
-def _rng_state():
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def _set_rng_state(state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
 def search_num_tokens(build, target: float, gmacs_of):
     """`--ats-num-tokens auto --target-gmacs G`: one token budget K for every ATS block (8 .. N0).
 
@@ -868,17 +859,17 @@ def search_num_tokens(build, target: float, gmacs_of):
     search starts from (rewound after each), so all of them see the same weights and input image
     as the caller's own next build and count of the chosen K.
     """
-    start = _rng_state()
+    start = rng_state()
 
     def build_at(k):
-        _set_rng_state(start)
+        set_rng_state(start)
         return build(k)
 
     def count(model) -> float:
         try:
             return gmacs_of(model)
         finally:
-            _set_rng_state(start)
+            set_rng_state(start)
 
     probe = build_at(MIN_TOKENS)
     if not is_patched(probe):
@@ -887,7 +878,7 @@ def search_num_tokens(build, target: float, gmacs_of):
     try:
         return _family.search_sequence(candidates, build_at, target, count)
     finally:
-        _set_rng_state(start)
+        set_rng_state(start)
 
 
 def _translate_argv(argv: List[str]) -> List[str]:

@@ -8,11 +8,28 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from .errors import ModelConfigError
 
-__all__ = ["search_continuous", "search_sequence", "search_merge_schedule"]
+__all__ = ["search_continuous", "search_sequence", "search_merge_schedule", "rng_state", "set_rng_state"]
+
+
+def rng_state():
+    """The torch RNG state (CPU, and every CUDA device when there is one), for `set_rng_state`.
+
+    A method whose GMACs depend on the input (ATS, LTMP) builds and counts every candidate from
+    the state its search started from, so all candidates see the same weights and input image.
+    """
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state) -> None:
+    """Rewind the torch RNG to a state `rng_state()` returned."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def search_continuous(low: float, high: float, build: Callable[[float], nn.Module], target: float,

@@ -51,6 +51,7 @@ from torch import nn
 
 from . import family as _family
 from .errors import ModelConfigError
+from .gmacs_search import rng_state, set_rng_state
 from .hooks import MethodHooks
 from .ltmp_hybrid import (_INFERENCE_CLASSES, InferenceLTMPByobNet, InferenceLTMPEfficientVit, LTMPByobNet,
                           LTMPEfficientVit, _LTMPHybridMixin)
@@ -565,16 +566,6 @@ def threshold_of(u: float) -> float:
     return round((10 ** (_SEARCH_DECADES * (1.0 - u)) - 1.0) / (10 ** _SEARCH_DECADES - 1.0), 9)
 
 
-def _rng_state():
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def _set_rng_state(state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
 def search_threshold(build, target: float, gmacs_of) -> Tuple[float, float]:
     """`--ltmp-threshold auto --target-gmacs G` for inference_ltmp_* models.
 
@@ -591,7 +582,7 @@ def search_threshold(build, target: float, gmacs_of) -> Tuple[float, float]:
     evaluated: List[Tuple[float, float]] = []
 
     def build_at(u: float):
-        saved.append(_rng_state())
+        saved.append(rng_state())
         evaluated.append((u, math.nan))
         return build(threshold_of(u))
 
@@ -599,7 +590,7 @@ def search_threshold(build, target: float, gmacs_of) -> Tuple[float, float]:
         try:
             gmacs = gmacs_of(model)
         finally:
-            _set_rng_state(saved.pop())
+            set_rng_state(saved.pop())
         evaluated[-1] = (evaluated[-1][0], gmacs)
         if len(evaluated) > 2 and abs(gmacs - target) <= _SEARCH_STOP * target:
             raise _CloseEnough()
