@@ -297,6 +297,13 @@ def _zero_rows(x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
     return x.masked_fill_(padding[..., None], 0.0)
 
 
+def _block_state(block: nn.Module, attn_mask: Optional[torch.Tensor], is_causal: bool) -> Optional[ATSState]:
+    """The ATS state of the forward in progress, or None where the block runs as timm's own
+    (outside a patched model's forward, or given a mask of the caller's)."""
+    state = block._ats_cfg.slot.state
+    return None if attn_mask is not None or is_causal else state
+
+
 class ATSBlockMixin:
     """An ATS block (see the module docstring); placed before timm's `Block` class."""
 
@@ -305,11 +312,10 @@ class ATSBlockMixin:
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        cfg: ATSConfig = self._ats_cfg
-        state = cfg.slot.state
-        if state is None or attn_mask is not None or is_causal:
+        state = _block_state(self, attn_mask, is_causal)
+        if state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        x = self._ats_forward(x, state, cfg)
+        x = self._ats_forward(x, state, self._ats_cfg)
         state.record(x)
         return x
 
@@ -387,9 +393,8 @@ class ATSPlainBlockMixin:
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        cfg: ATSConfig = self._ats_cfg
-        state = cfg.slot.state
-        if state is None or attn_mask is not None or is_causal:
+        state = _block_state(self, attn_mask, is_causal)
+        if state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         valid = state.valid
         if valid is None:
