@@ -227,6 +227,21 @@ def _literal(kind: type, flag: str):
 DEFAULT_MODEL = "deit_small_patch16_224"
 
 
+# main.py's data options this tool takes (the evaluation side of datasets.build_dataset)
+DATA_OPTIONS = (
+    ("--data-set", dict(default="SYNTHETIC", help="main.py's --data-set")),
+    ("--data-path", dict(default="", help="dataset root (main.py's --data-path)")),
+    ("--num-images", dict(type=int, default=0, help="use only the first N images (default: 0, all)")),
+    ("--random-data", dict(type=int, default=0, help="use N Gaussian-noise images instead (default: 0, off)")),
+    ("--eval-crop-ratio", dict(type=float, default=0.875, help="centre-crop ratio of the evaluation transform")),
+    ("--eval-interpolation", dict(default="bicubic", help="resize interpolation of the evaluation transform")),
+    ("--synthetic-val-size", dict(type=int, default=256, help="images of the SYNTHETIC validation set")),
+    ("--synthetic-train-size", dict(type=int, default=256, help="images of the SYNTHETIC training set")),
+    ("--synthetic-classes", dict(type=int, default=10, help="classes of the SYNTHETIC data set")),
+    ("--inat-category", dict(default="name", help="iNaturalist label level (main.py's --inat-category)")),
+)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     from tools import _common
     flag = _common.spellings
@@ -250,24 +265,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="data loader workers")
     g.add_argument("--seed", type=int, default=0, help="seed of --random-data and of torch")
     data = parser.add_argument_group("data (datasets.build_dataset, evaluation transforms)")
-    data.add_argument(*flag("--data-set"), dest="data_set", default="SYNTHETIC", help="main.py's --data-set")
-    data.add_argument(*flag("--data-path"), dest="data_path", default="", help="dataset root (main.py's --data-path)")
-    data.add_argument(*flag("--num-images"), dest="num_images", type=int, default=0,
-                      help="use only the first N images (default: 0, all)")
-    data.add_argument(*flag("--random-data"), dest="random_data", type=int, default=0,
-                      help="use N Gaussian-noise images instead (default: 0, off)")
-    data.add_argument(*flag("--eval-crop-ratio"), dest="eval_crop_ratio", type=float, default=0.875,
-                      help="centre-crop ratio of the evaluation transform")
-    data.add_argument(*flag("--eval-interpolation"), dest="eval_interpolation", default="bicubic",
-                      help="resize interpolation of the evaluation transform")
-    data.add_argument(*flag("--synthetic-val-size"), dest="synthetic_val_size", type=int, default=256,
-                      help="images of the SYNTHETIC validation set")
-    data.add_argument(*flag("--synthetic-train-size"), dest="synthetic_train_size", type=int, default=256,
-                      help="images of the SYNTHETIC training set")
-    data.add_argument(*flag("--synthetic-classes"), dest="synthetic_classes", type=int, default=10,
-                      help="classes of the SYNTHETIC data set")
-    data.add_argument(*flag("--inat-category"), dest="inat_category", default="name",
-                      help="iNaturalist label level (main.py's --inat-category)")
+    for name, settings in DATA_OPTIONS:
+        data.add_argument(*flag(name), dest=name[2:].replace("-", "_"), **settings)
     data.add_argument("--download", action="store_true", help="let torchvision data sets download themselves")
     data.add_argument(*flag("--strict-data"), dest="strict_data", action="store_true",
                       help="fail on unreadable images instead of replacing them")
