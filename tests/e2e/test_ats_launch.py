@@ -12,7 +12,7 @@ import torch
 
 import main
 import models  # noqa: F401
-from e2e_utils import ROOT, assert_ok, run_main, write_imagenet_folder
+from e2e_utils import ROOT, assert_ok, run_main
 from models import ats, ats_config, family
 from models.errors import ModelConfigError
 
@@ -176,11 +176,6 @@ def test_bad_official_line_is_one_line_and_exit_2():
 # ---------------------------------------------------------------------------
 # The line runs
 # ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def imagenet_folder(tmp_path_factory):
-    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"))
-
 
 @pytest.mark.slow
 def test_readme_line_runs(imagenet_folder, tmp_path):

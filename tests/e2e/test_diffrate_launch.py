@@ -15,8 +15,7 @@ import torch
 import main
 import models  # noqa: F401
 from e2e_utils import (
-    assert_ok, assert_printed_eval, pretrained_deit_small, read_log, reference_eval, run_main, save_official_checkpoint,
-    write_imagenet_folder)
+    assert_ok, assert_printed_eval, pretrained_deit_small, read_log, reference_eval, run_main, save_official_checkpoint)
 from models import diffrate, family
 from models.errors import ModelConfigError
 
@@ -99,11 +98,6 @@ def test_per_epoch_learning_rates_are_the_official_ones():
 # ---------------------------------------------------------------------------
 # the lines, run
 # ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def imagenet_folder(tmp_path_factory):
-    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_diffrate"))
-
 
 @pytest.mark.slow
 def test_eval_line_prints_the_shipped_schedules_numbers(imagenet_folder, tmp_path):

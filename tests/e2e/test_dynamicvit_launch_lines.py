@@ -33,11 +33,6 @@ SMALL = "{'depth': 4, 'embed_dim': 48, 'num_heads': 3, 'patch_size': 8, 'pruning
 
 
 @pytest.fixture(scope="module")
-def imagenet_folder(tmp_path_factory):
-    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"))
-
-
-@pytest.fixture(scope="module")
 def val_folder(tmp_path_factory):
     """Only `val/`: infer.py's semantics need no training data."""
     return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_val"), ("val",))

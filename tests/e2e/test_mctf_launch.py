@@ -19,7 +19,7 @@ from PIL import Image
 
 import main
 import models  # noqa: F401
-from e2e_utils import assert_ok, read_log, run_main, write_imagenet_folder
+from e2e_utils import assert_ok, read_log, run_main
 from models import family, mctf
 from models.errors import ModelConfigError
 
@@ -190,11 +190,6 @@ def test_distillation_is_refused_by_the_criterion_wrapper():
 # ---------------------------------------------------------------------------
 # The lines run
 # ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def imagenet_folder(tmp_path_factory):
-    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_mctf"))
-
 
 def official_checkpoint(path, model, epoch=39):
     """The official main.py's checkpoint layout: args pickled as a Namespace, the EMA as a 1-tuple."""

@@ -16,13 +16,7 @@ from PIL import Image
 import main
 import models  # noqa: F401
 from e2e_utils import (
-    assert_ok, assert_printed_eval, reference_eval, run_main, save_official_checkpoint, spread_logits,
-    write_imagenet_folder)
-
-
-@pytest.fixture(scope="module")
-def imagenet_folder(tmp_path_factory):
-    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet"))
+    assert_ok, assert_printed_eval, reference_eval, run_main, save_official_checkpoint, spread_logits)
 
 
 def official_checkpoint(path, model_name, **kwargs):

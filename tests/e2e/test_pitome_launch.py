@@ -15,8 +15,7 @@ import torch
 import main
 import models  # noqa: F401
 from e2e_utils import (
-    assert_ok, assert_printed_eval, pretrained_deit_small, read_log, reference_eval, run_main, save_official_checkpoint,
-    write_imagenet_folder)
+    assert_ok, assert_printed_eval, pretrained_deit_small, read_log, reference_eval, run_main, save_official_checkpoint)
 from models import family, pitome
 from models.errors import ModelConfigError
 
@@ -135,11 +134,6 @@ def test_bad_official_lines_exit_2(line, message, capfd):
 # ---------------------------------------------------------------------------
 # The lines run
 # ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def imagenet_folder(tmp_path_factory):
-    return write_imagenet_folder(tmp_path_factory.mktemp("imagenet_pitome"))
-
 
 @pytest.mark.slow
 def test_eval_line_prints_the_patched_models_numbers(imagenet_folder, tmp_path):
