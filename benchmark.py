@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import fnmatch
 import logging
 import shlex
@@ -58,7 +57,7 @@ import timm
 import torch
 from torch import nn
 
-import main as trainer_cli
+from arguments import add_method_args as trainer_method_args
 from engine import cast_for_inference
 import models  # noqa: F401  (registers the project's model families)
 from models import family as families
@@ -67,6 +66,7 @@ from models.compiling import compile_model
 from models.errors import ModelConfigError
 from utils.bench_records import (append_csv, append_jsonl, check_plot_path, format_compare, format_table, make_record,
                                  plot_throughput_vs_gmacs)
+from utils.cli import OneLineParser, close_matches
 from utils.errors import UserError
 from utils.host_memory import keep_freed_memory
 from utils.measure import (PRECISIONS, _release_memory, autocast_dtype, compute_dtype, dtype_name, environment_info,
@@ -83,7 +83,7 @@ MODES = ("infer", "train", "both")
 def add_method_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The families' flags that shape a model (constructor kwargs and patches), defaults unset
     (None) so a spec's given flags are known."""
-    return trainer_cli.add_method_args(parser, unset_defaults=True, kwargs_only=True)
+    return trainer_method_args(parser, unset_defaults=True, kwargs_only=True)
 
 
 def method_dests() -> tuple:
@@ -96,15 +96,8 @@ def patch_dests() -> tuple:
     return tuple(flag.dest for family in families.patch_families() for flag in family.flags)
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a one-line UserError (exit status 2 from main)."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
+    parser = OneLineParser(
         description="Throughput, latency, peak memory and GMACs of registered models.")
     which = parser.add_argument_group("models")
     which.add_argument("--model", "-m", nargs="+", default=[], metavar="NAME",
@@ -299,7 +292,7 @@ def expand_model_names(patterns: Sequence[str], available: Sequence[str] | None 
         elif pattern in known:
             matches = [pattern]
         else:
-            close = difflib.get_close_matches(pattern, available, n=3, cutoff=0.6)
+            close = close_matches(pattern, available, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}?" if close else "list names with timm.list_models('*part*')"
             raise UserError(f"unknown model {pattern!r}; {hint}")
         names.extend(m for m in matches if m not in names)

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.measure import environment_info, summarize
 import datasets
-import main as trainer_cli
+from arguments import parse_args as parse_trainer_args
 from samplers import PerSampleSeeded, SampleKey, mix_seed
 from utils import distributed as dist_utils
 from utils.errors import UserError
@@ -96,7 +96,7 @@ def parse_recipe(recipe: str | Sequence[str]) -> tuple[argparse.Namespace, list[
     """main.py's arguments for a recipe ("--cfg x.yaml --input-size 224", or a token list)."""
     tokens = shlex.split(recipe) if isinstance(recipe, str) else [str(t) for t in recipe]
     try:
-        args = trainer_cli.parse_args(tokens)
+        args = parse_trainer_args(tokens)
     except SystemExit:  # --help inside the recipe
         raise UserError("--recipe takes main.py training flags, not --help; see python main.py --help") from None
     if args.data_path:

@@ -15,6 +15,7 @@ import argparse
 import ast
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -195,16 +196,37 @@ def classifier_outputs(checkpoint: dict) -> Optional[int]:
     return None
 
 
-def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
-            argv: Optional[Sequence[str]] = None) -> int:
-    """Parse and run; bad input is one logged line and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def import_plugins(argv: Optional[Sequence[str]]) -> None:
+    """`--plugin MODULE` (repeatable), as main.py's: a researcher's family module, imported before
+    the parser is built so its models and flags exist."""
+    from models import family
+    from models.errors import ModelConfigError
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        family.import_plugins(known.plugin)
+    except ModelConfigError as err:
+        raise UserError(str(err)) from None
+
+
+def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],
+            argv: Optional[Sequence[str]] = None) -> int:
+    """`--plugin` imports, then parse (`build_parser()`) and run; bad input is one logged line and
+    exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = None
+    try:
+        import_plugins(argv)
+        parser = build_parser()
+        parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                            help="import a module that registers a method family first, as main.py's")
         args = parser.parse_args(argv)
         if getattr(args, "output_dir", None):  # every tool's output folder, checked before any work
             check_output_dir(args.output_dir)
         return run(args)
     except UserError as err:
         text = str(err).strip().splitlines()
-        logging.getLogger(parser.prog).error("%s", text[0] if text else type(err).__name__)
+        logging.getLogger(parser.prog if parser is not None else "tools").error("%s", text[0] if text else type(err).__name__)
         return 2

@@ -177,7 +177,20 @@ def build_model(args, default_model: str, **kwargs):
     """`tools._common.build_model`, with `--out` checked first (before any work is done)."""
     from tools import _common
     _common.check_output_file(args.out, "--out")
+    check_picture_path(args.out)
     return _common.build_model(args, default_model, **kwargs)
+
+
+def check_picture_path(out: str) -> None:
+    """UserError unless PIL can write `out` (its extension names an image format, e.g. .png)."""
+    from PIL import Image
+    from utils.errors import UserError
+
+    Image.init()
+    extension = os.path.splitext(out)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise UserError(f"--out {out}: {extension or 'no extension'} is not an image format; "
+                        "end the name with .png (or .jpg)")
 
 
 def draw_and_write(args, model: torch.nn.Module,

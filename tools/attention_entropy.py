@@ -331,7 +331,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     from tools import _common
-    return _common.run_cli(get_args_parser(), run, argv)
+    return _common.run_cli(get_args_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def run(args) -> str:
 
 def main(argv=None) -> int:
     from tools import _common
-    return _common.run_cli(build_parser(), lambda args: run(args) and 0, argv)
+    return _common.run_cli(build_parser, lambda args: run(args) and 0, argv)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def run(args) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     from tools import _common
-    return _common.run_cli(build_parser(), run, argv)
+    return _common.run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

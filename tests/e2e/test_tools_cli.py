@@ -179,3 +179,22 @@ def test_unknown_model_from_the_shell_is_one_line_without_traceback():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "deit_tiny_patch16_224" in errors[0]
+
+
+def test_tools_take_plugin_and_check_the_picture_name_first(tmp_path):
+    """`--plugin` as main.py's (the toy family's model is built by a tool in a fresh process); an
+    --out the image writer cannot write is one line before any work, not a traceback at the end."""
+    import os
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), OMP_NUM_THREADS="1")
+
+    def tool(*argv):
+        return subprocess.run([sys.executable, "-m", "tools.tome_visualize", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "groups.png"
+    proc = tool("--plugin", "toy_family", "--model", "toy_vit", "--out", str(out))
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-2000:]
+    for argv, wanted in ((["--plugin", "no_such_module"], "--plugin no_such_module: no such module"),
+                         (["--out", str(tmp_path / "groups")], "is not an image format")):
+        bad = tool(*argv)
+        assert bad.returncode == 2 and wanted in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
