@@ -477,6 +477,11 @@ def check_ranges(args) -> None:
     if args.cutmix_minmax is not None and args.cutmix_minmax[0] >= args.cutmix_minmax[1]:
         raise UserError(f"--cutmix-minmax takes MIN MAX with MIN < MAX, got {args.cutmix_minmax[0]:g} "
                         f"{args.cutmix_minmax[1]:g}")
+    if getattr(args, "warmup_prefix", False) and not getattr(args, "eval", False) \
+            and args.epochs <= args.warmup_epochs:
+        # timm's scheduler would assert t_initial > 0 mid-setup (DynamicViT's recipe sets both)
+        raise UserError(f"--warmup-prefix runs the schedule after the {args.warmup_epochs} warm-up epochs, so "
+                        f"--epochs must be larger (got {args.epochs}); raise --epochs or lower --warmup-epochs")
 
 
 def check_device(device: str) -> None:

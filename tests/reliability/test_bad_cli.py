@@ -26,6 +26,8 @@ CASES = {
     "negative lr": (["--lr", "-1"], ["--lr must be >= 0, got -1"]),
     "drop path 1.5": (["--drop-path", "1.5"], ["--drop-path must be in [0, 1), got 1.5"]),
     "device 3": (["--device", "3"], ["--device 3 is not a device"]),
+    "warm-up prefix longer than the run": (["--warmup-prefix", "--warmup-epochs", "5", "--epochs", "3"],
+                                           ["--epochs must be larger (got 3)"]),
     "batch size 0": (["--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
     "smoothing 1": (["--smoothing", "1"], ["--smoothing must be in [0, 1), got 1"]),
     "EMA decay 2": (["--model-ema-decay", "2"], ["--model-ema-decay must be in [0, 1], got 2"]),
