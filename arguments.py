@@ -21,7 +21,7 @@ import yaml
 import mixing
 from models import family as families
 from models.errors import ModelConfigError
-from utils.cli import OneLineParser, add_spelling_aliases, close_matches_text
+from utils.cli import OneLineParser, add_spelling_aliases, close_matches_text, import_plugins
 from utils.errors import UserError
 
 _logger = logging.getLogger("main")
@@ -351,7 +351,7 @@ def translate_official_argv(argv: list) -> list:
     so a plugin's translator applies too); the rewrite is logged when it changes anything."""
     import models  # noqa: F401  (registers the built-in families and their translators)
 
-    _import_plugins(argv)
+    import_plugins(argv)
     try:
         translated = families.translate_argv(argv)
     except ModelConfigError as err:
@@ -359,16 +359,6 @@ def translate_official_argv(argv: list) -> list:
     if translated != argv:
         _logger.info("official launch line translated: %s", " ".join(translated))
     return translated
-
-
-def _import_plugins(argv) -> None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--plugin", action="append", default=[])
-    known, _ = pre.parse_known_args(argv)
-    try:
-        families.import_plugins(known.plugin)
-    except ModelConfigError as err:
-        raise UserError(str(err)) from None
 
 
 def build_parser(argv=None) -> argparse.ArgumentParser:
@@ -380,7 +370,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     pre.add_argument("--plugin", action="append", default=[])
     pre.add_argument("--model", default=None)
     known, _ = pre.parse_known_args(argv)
-    _import_plugins(argv)
+    import_plugins(argv)
     import models  # noqa: F401  (registers the built-in families before the parser is built)
 
     parser = OneLineParser("main.py", parents=[get_args_parser()], usage=USAGE, help_hint=_help_hint(),

@@ -66,7 +66,7 @@ from models.compiling import compile_model
 from models.errors import ModelConfigError
 from utils.bench_records import (append_csv, append_jsonl, check_plot_path, format_compare, format_table, make_record,
                                  plot_throughput_vs_gmacs)
-from utils.cli import OneLineParser, close_matches
+from utils.cli import OneLineParser, close_matches, import_plugins
 from utils.errors import UserError
 from utils.host_memory import keep_freed_memory
 from utils.measure import (PRECISIONS, _release_memory, autocast_dtype, compute_dtype, dtype_name, environment_info,
@@ -722,18 +722,6 @@ def run_data_loading(args: argparse.Namespace) -> list[dict]:
         _emit(record, args, records)
     print(data_bench.format_table(records), flush=True)
     return records
-
-
-def import_plugins(argv: Sequence[str] | None) -> None:
-    """`--plugin MODULE` (repeatable): a researcher's own family module, imported before the parser
-    is built so its flags exist (as main.py's)."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--plugin", action="append", default=[])
-    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        families.import_plugins(known.plugin)
-    except ModelConfigError as error:
-        raise UserError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,13 +15,12 @@ import argparse
 import ast
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from utils.cli import OneLineParser, close_matches, spellings
+from utils.cli import OneLineParser, close_matches, import_plugins, spellings
 from utils.errors import UserError
 from utils.run_dir import check_output_dir, path_problem
 
@@ -194,21 +193,6 @@ def classifier_outputs(checkpoint: dict) -> Optional[int]:
         if isinstance(value, torch.Tensor) and value.dim() == 2:
             return int(value.shape[0])
     return None
-
-
-def import_plugins(argv: Optional[Sequence[str]]) -> None:
-    """`--plugin MODULE` (repeatable), as main.py's: a researcher's family module, imported before
-    the parser is built so its models and flags exist."""
-    from models import family
-    from models.errors import ModelConfigError
-
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--plugin", action="append", default=[])
-    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        family.import_plugins(known.plugin)
-    except ModelConfigError as err:
-        raise UserError(str(err)) from None
 
 
 def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],

@@ -13,7 +13,8 @@ from typing import Iterable
 
 from utils.errors import UserError
 
-__all__ = ["OneLineParser", "spellings", "add_spelling_aliases", "close_matches", "close_matches_text"]
+__all__ = ["OneLineParser", "spellings", "add_spelling_aliases", "close_matches", "close_matches_text",
+           "import_plugins"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -57,6 +58,23 @@ def add_spelling_aliases(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                     action.option_strings.append(variant)
                     parser._option_string_actions[variant] = action
     return parser
+
+
+def import_plugins(argv) -> None:
+    """`--plugin MODULE` (repeatable): researchers' own method-family modules, imported before a
+    parser is built so their models and flags exist (main.py, benchmark.py, the tools)."""
+    import sys
+
+    from models import family
+    from models.errors import ModelConfigError
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        family.import_plugins(known.plugin)
+    except ModelConfigError as err:
+        raise UserError(str(err)) from None
 
 
 def close_matches(word: str, options: Iterable[str], n: int = 5, cutoff: float = 0.5) -> list:
