@@ -1,7 +1,8 @@
 """Fixtures shared by the fault-injection tests."""
 import pytest
 
-from .helpers import TINY_FLAGS, assert_ok, kill_process_group, load_ckpt, run_main, start_main, start_process
+from .helpers import (TINY_FLAGS, assert_ok, kill_process_group, load_ckpt, run_main, start_main, start_process,
+                      wait_for_step)
 
 # Checkpoint every 4 optimizer steps: a kill loses at most 4 steps.
 SAVE_EVERY = 4
@@ -33,6 +34,12 @@ def spawn():
         def __call__(self, args, log_path, env=None, launcher=None):
             started.append(start_main(args, log_path, env=env, launcher=launcher))
             return started[-1]
+
+        def resumable_run(self, out, console_path, until_step: int):
+            """The resumable tiny run into `out`, returned once `until_step` steps are logged."""
+            proc = self(RESUMABLE_FLAGS + ["--output_dir", out], console_path)
+            wait_for_step(proc, out / "log_rank0.txt", until_step)
+            return proc
 
         def process(self, cmd, log_path, env=None):
             started.append(start_process(cmd, log_path, env))

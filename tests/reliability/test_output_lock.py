@@ -53,8 +53,7 @@ def test_a_second_run_into_a_busy_folder_exits_2_and_changes_nothing(spawn, tmp_
 def test_a_killed_runs_lock_is_taken_over_and_auto_resume_finishes_the_run(spawn, tmp_path, reference_run):
     out = tmp_path / "out"
     flags = RESUMABLE_FLAGS + ["--output_dir", out]
-    first = spawn(flags, tmp_path / "first.txt")
-    wait_for_step(first, out / "log_rank0.txt", 10)
+    first = spawn.resumable_run(out, tmp_path / "first.txt", until_step=10)
     assert kill_and_reap(first, signal.SIGKILL) == -signal.SIGKILL
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == first.pid  # left behind by the killed run
 

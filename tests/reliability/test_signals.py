@@ -19,9 +19,7 @@ JOB_ID = "4242"
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(spawn, tmp_path, reference_run):
     out = tmp_path / "run"
-    flags = RESUMABLE_FLAGS + ["--output_dir", out]
-    proc = spawn(flags, tmp_path / "console.txt")
-    wait_for_step(proc, out / "log_rank0.txt", 6)
+    proc = spawn.resumable_run(out, tmp_path / "console.txt", until_step=6)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, read_text(tmp_path / "console.txt")[-3000:]
 
@@ -34,7 +32,7 @@ def test_sigterm_saves_exits_zero_and_resume_is_bitwise_identical(spawn, tmp_pat
     assert saved["run_state"]["optimizer_steps"] - global_steps_logged(log) in (0, 1)
     assert not saved["epoch_complete"] and saved["epoch_step"] == saved["run_state"]["optimizer_steps"]
 
-    resumed = run_main(flags + ["--auto-resume"])
+    resumed = run_main(RESUMABLE_FLAGS + ["--output_dir", out, "--auto-resume"])
     assert_ok(resumed)
     assert f"resuming at epoch 0, step {saved['epoch_step']}" in resumed.stderr
     assert not (out / ".preempted").exists()  # a finished run must not be requeued
@@ -127,9 +125,7 @@ def test_ctrl_c_saves_like_sigterm_and_the_run_resumes(spawn, tmp_path, referenc
     """SIGINT (Ctrl-C) during training: finish the step, write the mid-epoch checkpoint, print
     the resume line, exit 0; no KeyboardInterrupt traceback, nothing lost."""
     out = tmp_path / "run"
-    flags = RESUMABLE_FLAGS + ["--output_dir", out]
-    proc = spawn(flags, tmp_path / "console.txt")
-    wait_for_step(proc, out / "log_rank0.txt", 6)
+    proc = spawn.resumable_run(out, tmp_path / "console.txt", until_step=6)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0, read_text(tmp_path / "console.txt")[-3000:]
     console = read_text(tmp_path / "console.txt")
@@ -138,7 +134,7 @@ def test_ctrl_c_saves_like_sigterm_and_the_run_resumes(spawn, tmp_path, referenc
     assert "stopped by SIGINT" in log and "resume with --auto-resume" in log
     saved = load_ckpt(out / "checkpoint.pth")
     assert not saved["epoch_complete"] and saved["run_state"]["optimizer_steps"] - global_steps_logged(log) in (0, 1)
-    resumed = run_main(flags + ["--auto-resume"])
+    resumed = run_main(RESUMABLE_FLAGS + ["--output_dir", out, "--auto-resume"])
     assert_ok(resumed)
     assert_same_tensors(load_ckpt(out / "checkpoint.pth")["model"], reference_run["model"])
 
