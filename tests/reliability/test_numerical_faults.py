@@ -73,25 +73,21 @@ def test_loss_first_stops_at_that_step_before_any_bad_checkpoint():
     assert all_finite(model.state_dict())
 
 
-def test_weights_first_stops_before_the_checkpoint_due():
+@pytest.mark.parametrize("train_kwargs,message,checkpoints", [
+    # a checkpoint is due after the bad step: training stops before writing it
+    ({}, r"^weights became non-finite \(weight\) at epoch 0, step 2 while the loss was finite: training stopped",
+     [(1, True), (2, True)]),
+    # between checkpoints the next loss is NaN; skipping cannot help, so the skip budget is not spent
+    (dict(save_every_iters=10, skip_nonfinite=5),
+     r"^loss is nan at epoch 0, step 3 because the weights are already non-finite \(weight\)", []),
+], ids=["checkpoint-due", "between-checkpoints-with-skips-left"])
+def test_nan_weights_stop_training_without_saving_them(train_kwargs, message, checkpoints):
     model, loader, optimizer = _tiny_training()
     _nan_weights_after_update(optimizer, 3)
     saved = []
-    with pytest.raises(NonFiniteLossError, match=r"^weights became non-finite \(weight\) at epoch 0, step 2 "
-                                                 r"while the loss was finite: training stopped"):
-        _train(model, loader, optimizer, _nan_loss_at(set()), saved)
-    assert saved == [(1, True), (2, True)]  # the checkpoint after step 2 is never asked for
-
-
-def test_weights_first_between_checkpoints_stops_at_the_next_loss_even_with_skips_left():
-    """NaN weights make the next loss NaN; skipping cannot help, so the budget is not spent."""
-    model, loader, optimizer = _tiny_training()
-    _nan_weights_after_update(optimizer, 3)
-    saved = []
-    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at epoch 0, step 3 because the weights are "
-                                                 r"already non-finite \(weight\)"):
-        _train(model, loader, optimizer, _nan_loss_at(set()), saved, save_every_iters=10, skip_nonfinite=5)
-    assert saved == []
+    with pytest.raises(NonFiniteLossError, match=message):
+        _train(model, loader, optimizer, _nan_loss_at(set()), saved, **train_kwargs)
+    assert saved == checkpoints
 
 
 def test_weights_first_at_the_last_step_stops_before_the_epoch_checkpoint():
