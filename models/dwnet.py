@@ -468,14 +468,11 @@ FAMILY = _family.register_family(_family.MethodFamily(
     name="dwnet",
     title="DWNet",
     owns=_family.models_of(__name__),
-    examples=tuple(
-        _family.Example(name, model=name, input_size=64,
-                        kwargs=dict(depths=(1, 1, 1, 1), embed_dim=16, **(
-                            {"inhomo_heads": (4, 4, 4, 4)} if name.startswith("iddwnet") else {})),
-                        compile=("eval", "train") if name == "dwnet_tiny_patch4_window7_224" else (),
-                        invalid=dict(global_pool="max"))
-        for name in ("dwnet_tiny_patch4_window7_224", "dwnet_base_patch4_window7_224", "ddwnet_tiny_patch4_window7_224",
-                     "ddwnet_base_patch4_window7_224", "iddwnet_tiny_patch4_window7_224", "iddwnet_base_patch4_window7_224",
-                     "dynamic_dwnet_tiny_patch4_window7_224", "dynamic_dwnet_base_patch4_window7_224")
-    ),
+    examples=_family.examples_per_model(
+        ("dwnet_tiny_patch4_window7_224", "dwnet_base_patch4_window7_224", "ddwnet_tiny_patch4_window7_224",
+         "ddwnet_base_patch4_window7_224", "iddwnet_tiny_patch4_window7_224", "iddwnet_base_patch4_window7_224",
+         "dynamic_dwnet_tiny_patch4_window7_224", "dynamic_dwnet_base_patch4_window7_224"),
+        kwargs=lambda name: dict(depths=(1, 1, 1, 1), embed_dim=16,
+                                 **({"inhomo_heads": (4, 4, 4, 4)} if name.startswith("iddwnet") else {})),
+        input_size=64, invalid=dict(global_pool="max")),
 ))

@@ -47,6 +47,7 @@ __all__ = [
     "Options", "RUN_FIELDS", "register_family", "families", "get_family", "family_of_model", "patch_families",
     "active_families", "check_all_options", "import_plugins", "translate_argv", "models_of", "add_family_args",
     "options_for", "model_kwargs", "apply_patches", "training_hooks", "example_options", "resolve_command",
+    "examples_per_model",
     "search_continuous", "search_sequence", "search_merge_schedule",
 ]
 
@@ -408,6 +409,15 @@ def resolve_command(command: Command) -> Callable[[nn.Module, SimpleNamespace], 
         return command.run
     module_name, _, function = str(command.run).partition(":")
     return getattr(importlib.import_module(module_name), function)
+
+
+def examples_per_model(names: Sequence[str], kwargs: Callable[[str], Dict[str, Any]], compiled: int = 1,
+                       **common) -> Tuple[Example, ...]:
+    """One Example per registered model (train-every-model covers each), named after it, with
+    `kwargs(name)` making it tiny; the first `compiled` are also compile-checked (eval and train).
+    `common`: the other Example fields, the same for all."""
+    return tuple(Example(name, model=name, kwargs=kwargs(name), compile=("eval", "train") if i < compiled else (),
+                         **common) for i, name in enumerate(names))
 
 
 def example_options(example: Example) -> Dict[str, Any]:

@@ -345,22 +345,18 @@ class MCTFModelMixin:
         result = {}
         try:
             x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-            x_teacher = x_student = x
+            passes = {"teacher": teacher, **({"student": student} if run_student else {})}  # teacher first
+            tokens = dict.fromkeys(passes, x)
             last = len(self.blocks) - 1
             for index, block in enumerate(self.blocks):
-                state.current = teacher
-                x_teacher = block(x_teacher)
-                if index == last:
-                    x_teacher = self.norm(x_teacher)
-                    result["x_teacher"] = self.forward_head(x_teacher)
-                if run_student:
-                    state.current = student
-                    x_student = block(x_student)
+                for name, run in passes.items():
+                    state.current = run
+                    tokens[name] = block(tokens[name])
                     if index == last:
-                        x_student = self.norm(x_student)
-                        result["x_student"] = self.forward_head(x_student)
+                        tokens[name] = self.norm(tokens[name])
+                        result[f"x_{name}"] = self.forward_head(tokens[name])
             if consistency:
-                diff = self._mctf_feature(x_teacher).detach() - self._mctf_feature(x_student)
+                diff = self._mctf_feature(tokens["teacher"]).detach() - self._mctf_feature(tokens["student"])
                 result["loss_consistency"] = (diff ** 2).mean(dim=1)
         finally:
             cfg.state = None

@@ -474,11 +474,10 @@ FAMILY = _family.register_family(_family.MethodFamily(
     name="raftmlp",
     title="RaftMLP",
     owns=_family.models_of(__name__),
-    examples=tuple(
-        _family.Example(name, model=name, kwargs=dict(
-            layers=[dict(depth=1, dim=16, patch_size=8)] if name == "raftmlp_org_mixer" else
-            [dict(depth=1, dim=16, patch_size=8, raft_size=2, embedding_kernels=[8])], pretrained_image_size=32),
-            compile=("eval", "train") if name == "raftmlp_s" else (), invalid=dict(token_mixing_type="no_such_mixing"))
-        for name in ("raftmlp_s", "raftmlp_m", "raftmlp_l", "raftmlp_org_mixer")
-    ),
+    examples=_family.examples_per_model(
+        ("raftmlp_s", "raftmlp_m", "raftmlp_l", "raftmlp_org_mixer"),
+        kwargs=lambda name: dict(layers=[dict(depth=1, dim=16, patch_size=8)] if name == "raftmlp_org_mixer" else
+                                 [dict(depth=1, dim=16, patch_size=8, raft_size=2, embedding_kernels=[8])],
+                                 pretrained_image_size=32),
+        invalid=dict(token_mixing_type="no_such_mixing")),
 ))
