@@ -33,7 +33,15 @@ METHOD_NAMES: Dict[str, str] = {
     "tofu_r": "ToFu",
     "ltmp_threshold": "LTMP",
     "compression_ratio": "LTM",
+    "base_rate": "DynamicViT",
+    "diffrate_flops": "DiffRate (shipped schedules)",
+    "mctf_r": "MCTF",
+    "ats_num_tokens": "ATS",
+    "pitome_ratio": "PiToMe",
 }
+# One flag shared by several methods (TokenReduction's --keep_rate): the method is the model's prefix.
+MODEL_PREFIX_NAMES: Dict[str, str] = {"topk": "Top-K", "kmedoids": "K-Medoids", "dpcknn": "DPC-KNN",
+                                      "sinkhorn": "Sinkhorn", "patchmerger": "PatchMerger"}
 # How each solved value reads in the table.
 SETTING_NAMES: Dict[str, str] = {
     "base_keep_rate": "keep rate",
@@ -41,6 +49,12 @@ SETTING_NAMES: Dict[str, str] = {
     "tofu_r": "r",
     "ltmp_threshold": "prune threshold P",
     "compression_ratio": "ratio",
+    "base_rate": "rho",
+    "diffrate_flops": "schedule (GFLOPs)",
+    "mctf_r": "r",
+    "ats_num_tokens": "tokens K",
+    "pitome_ratio": "ratio",
+    "keep_rate": "keep rate",
 }
 BASELINE_NAMES: Dict[str, str] = {"deit_small_patch16_224": "DeiT-S", "deit_tiny_patch16_224": "DeiT-Ti",
                                   "deit_base_patch16_224": "DeiT-B"}
@@ -82,7 +96,8 @@ def method_name(record: dict) -> str:
     dest = solved_dest(record)
     if dest is None:
         return BASELINE_NAMES.get(record["model"], record["model"])
-    name = METHOD_NAMES.get(dest) or _family_name(dest) or record.get("series") or record["label"]
+    prefix = MODEL_PREFIX_NAMES.get(record["model"].split("_", 1)[0])
+    name = prefix or METHOD_NAMES.get(dest) or _family_name(dest) or record.get("series") or record["label"]
     flags = record.get("method_flags") or {}
     if dest == "base_keep_rate":
         name += " (fused)" if flags.get("fuse_token") else " (pruned)"
@@ -163,13 +178,15 @@ def plot(records: Sequence[dict], path: str) -> List[str]:
                 else BASELINE_NAMES.get(records[0].get("label_a", ""), records[0].get("label_a", "baseline")))
 
     fig, ax = plt.subplots(figsize=(8.5, 5))
-    colours = plt.get_cmap("tab10").colors
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p"  # with 20 colours, no two of up to 60 curves look alike
     labels = []
     for index, (name, group) in enumerate(groups.items()):
         values = [_y(r, paired) for r in group]
         ax.errorbar([r["gmacs"] for r in group], [v[0] for v in values],
                     yerr=[[v[1] for v in values], [v[2] for v in values]],
-                    fmt="o-", color=colours[index % len(colours)], capsize=3, label=name)
+                    fmt=markers[index % len(markers)] + "-", color=colours[index % len(colours)], capsize=3,
+                    label=name)
         labels.append(name)
 
     if paired:
