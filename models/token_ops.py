@@ -304,61 +304,51 @@ def _neighbor_scatter_sum(weight, src, index, num_targets: int):
     return out
 
 
-class _NeighborDot(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, src, tgt, index):
-        ctx.save_for_backward(src, tgt, index)
-        return _neighbor_dot(src, tgt, index)
+# The three neighbourhood products are bilinear in (a, b), and each one's gradients are the
+# other two: op -> (forward(a, b, index, num_targets), d/da(grad, a, b, index), d/db(grad, a, b, index)).
+_BILINEAR = {
+    "dot": (lambda a, b, index, m: _neighbor_dot(a, b, index),
+            lambda g, a, b, index: _neighbor_gather_sum(g, b, index),
+            lambda g, a, b, index: _neighbor_scatter_sum(g, a, index, b.shape[1])),
+    "gather_sum": (lambda a, b, index, m: _neighbor_gather_sum(a, b, index),
+                   lambda g, a, b, index: _neighbor_dot(g, b, index),
+                   lambda g, a, b, index: _neighbor_scatter_sum(a, g, index, b.shape[1])),
+    "scatter_sum": (lambda a, b, index, m: _neighbor_scatter_sum(a, b, index, m),
+                    lambda g, a, b, index: _neighbor_dot(b, g, index),
+                    lambda g, a, b, index: _neighbor_gather_sum(a, g, index)),
+}
+
+
+class _NeighborProduct(torch.autograd.Function):
+    """`op(a, b)` for one of `_BILINEAR`'s products, with the other two as its backward."""
 
     @staticmethod
-    def backward(ctx, grad):
-        src, tgt, index = ctx.saved_tensors
-        grad_src = _neighbor_gather_sum(grad, tgt, index) if ctx.needs_input_grad[0] else None
-        grad_tgt = _neighbor_scatter_sum(grad, src, index, tgt.shape[1]) if ctx.needs_input_grad[1] else None
-        return grad_src, grad_tgt, None
-
-
-class _NeighborGatherSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, tgt, index):
-        ctx.save_for_backward(weight, tgt, index)
-        return _neighbor_gather_sum(weight, tgt, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, tgt, index = ctx.saved_tensors
-        grad_weight = _neighbor_dot(grad, tgt, index) if ctx.needs_input_grad[0] else None
-        grad_tgt = _neighbor_scatter_sum(weight, grad, index, tgt.shape[1]) if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_tgt, None
-
-
-class _NeighborScatterSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, src, index, num_targets):
-        ctx.save_for_backward(weight, src, index)
-        return _neighbor_scatter_sum(weight, src, index, num_targets)
+    def forward(ctx, op, a, b, index, num_targets):
+        ctx.op = op
+        ctx.save_for_backward(a, b, index)
+        return _BILINEAR[op][0](a, b, index, num_targets)
 
     @staticmethod
     def backward(ctx, grad):
-        weight, src, index = ctx.saved_tensors
-        grad_weight = _neighbor_dot(src, grad, index) if ctx.needs_input_grad[0] else None
-        grad_src = _neighbor_gather_sum(weight, grad, index) if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_src, None, None
+        a, b, index = ctx.saved_tensors
+        _, grad_a, grad_b = _BILINEAR[ctx.op]
+        return (None, grad_a(grad, a, b, index) if ctx.needs_input_grad[1] else None,
+                grad_b(grad, a, b, index) if ctx.needs_input_grad[2] else None, None, None)
 
 
 def neighbor_dot(src: torch.Tensor, tgt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Dot product of each source with each of its candidates: `[B, N, D]`, `[B, M, D]`, `[N, T]` -> `[B, N, T]`."""
-    return _NeighborDot.apply(src, tgt, index)
+    return _NeighborProduct.apply("dot", src, tgt, index, None)
 
 
 def neighbor_gather_sum(weight: torch.Tensor, tgt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out_i = sum_t weight[i, t] * tgt[index[i, t]]: `[B, N, T]`, `[B, M, D]`, `[N, T]` -> `[B, N, D]`."""
-    return _NeighborGatherSum.apply(weight, tgt, index)
+    return _NeighborProduct.apply("gather_sum", weight, tgt, index, None)
 
 
 def neighbor_scatter_sum(weight: torch.Tensor, src: torch.Tensor, index: torch.Tensor, num_targets: int) -> torch.Tensor:
     """Each source spread over its candidates: `[B, N, T]`, `[B, N, D]`, `[N, T]` -> `[B, num_targets, D]`."""
-    return _NeighborScatterSum.apply(weight, src, index, num_targets)
+    return _NeighborProduct.apply("scatter_sum", weight, src, index, num_targets)
 
 
 def neighbor_merge(tokens: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, num_targets: int) -> torch.Tensor:
