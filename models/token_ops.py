@@ -442,12 +442,22 @@ def merge_tokens(x: torch.Tensor, match: Optional[BipartiteMatch], mode: str = "
     """
     if match is None:
         return x
+    unm, moved, dst = _split_matched(x, match)
+    dst = dst.scatter_reduce(1, match.dst_idx.expand(*moved.shape), moved, reduce=mode)
+    return _merged_layout(unm, dst, match)
+
+
+def _split_matched(x: torch.Tensor, match: BipartiteMatch):
+    """(kept A tokens `[B, t1 - r, C]`, the r matched A tokens `[B, r, C]`, the B tokens `[B, t2, C]`)."""
     src, dst = x[:, ::2], x[:, 1::2]
     batch, t1, channels = src.shape
-    r = match.r
-    unm = src.gather(1, match.unm_idx.expand(batch, t1 - r, channels))
-    moved = src.gather(1, match.src_idx.expand(batch, r, channels))
-    dst = dst.scatter_reduce(1, match.dst_idx.expand(batch, r, channels), moved, reduce=mode)
+    unm = src.gather(1, match.unm_idx.expand(batch, t1 - match.r, channels))
+    moved = src.gather(1, match.src_idx.expand(batch, match.r, channels))
+    return unm, moved, dst
+
+
+def _merged_layout(unm: torch.Tensor, dst: torch.Tensor, match: BipartiteMatch) -> torch.Tensor:
+    """Kept A tokens then B tokens; with a distillation token: cls, dist, other kept A, other B."""
     if match.distill_token:
         return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
     return torch.cat([unm, dst], dim=1)
@@ -599,11 +609,8 @@ def mlerp_merge(x: torch.Tensor, match: Optional[BipartiteMatch], form: str = "p
         raise ValueError(f"MLERP form must be one of {', '.join(MLERP_FORMS)}, got {form!r}.")
     if match is None:
         return x
-    src, dst = x[:, ::2], x[:, 1::2]
-    batch, t1, channels = src.shape
-    r = match.r
-    unm = src.gather(1, match.unm_idx.expand(batch, t1 - r, channels))
-    moved = src.gather(1, match.src_idx.expand(batch, r, channels))
+    unm, moved, dst = _split_matched(x, match)
+    batch, r, channels = moved.shape
     dst_norm = dst.norm(dim=-1)  # [B, t2]
     max_norm = dst_norm.scatter_reduce(1, match.dst_idx[..., 0], moved.norm(dim=-1), reduce="amax")
     mean = dst.scatter_reduce(1, match.dst_idx.expand(batch, r, channels), moved, reduce="mean")
@@ -614,9 +621,7 @@ def mlerp_merge(x: torch.Tensor, match: Optional[BipartiteMatch], form: str = "p
         has_src = torch.zeros_like(dst_norm).scatter_add(1, match.dst_idx[..., 0], ones) > 0
         mean_norm = mean.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(mean.dtype).tiny)
         dst = torch.where(has_src[..., None], mean / mean_norm * max_norm[..., None], dst)
-    if match.distill_token:
-        return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-    return torch.cat([unm, dst], dim=1)
+    return _merged_layout(unm, dst, match)
 
 
 def merged_index(match: Optional[BipartiteMatch], num_tokens: int, device=None) -> Optional[torch.Tensor]:
