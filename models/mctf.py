@@ -60,7 +60,7 @@ from .errors import ModelConfigError
 from .mctf_ops import (  # noqa: F401  (re-exported: the kernels are part of this module's interface)
     MIN_TOKENS, MCTFMatch, RValue, block_reduction, fused_index, group_reduce, mctf_fuse, mctf_matching, mctf_merge,
     mctf_scores, normalize_r, token_counts)
-from .token_ops import attention_with_keys, selection_precision
+from .token_ops import StateSlot, attention_with_keys, selection_precision
 
 __all__ = [
     "patch", "unpatch", "is_patched", "mctf_type_kwargs", "normalize_r", "block_reduction", "token_counts",
@@ -147,7 +147,7 @@ class MCTFState:
 
 @dataclass
 class MCTFConfig:
-    """Settings shared by a patched model and its blocks; `state` is set only during a forward."""
+    """Settings shared by a patched model and its blocks; `slot.state` is set only during a forward."""
     r: RValue
     activate: frozenset
     prop_attn: bool
@@ -162,7 +162,7 @@ class MCTFConfig:
     task_type: Tuple[float, float, float]
     class_token: bool
     distill_token: bool
-    state: Optional[MCTFState] = None
+    slot: StateSlot = field(default_factory=StateSlot)  # the MCTFState of the forward in progress
     # the last forward's numbers, for log lines (plain attributes: no tensors kept)
     last_tokens: Optional[int] = None
     last_r_teacher: Optional[float] = None
@@ -187,7 +187,7 @@ class MCTFBlockMixin:
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         cfg: MCTFConfig = self._mctf_cfg
-        state = cfg.state
+        state = cfg.slot.state
         if state is None or attn_mask is not None or is_causal:  # masks do not survive fusion: timm's block
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         lam = _attention_weight(self)
@@ -225,7 +225,7 @@ class MCTFBlockMixin:
         cfg: MCTFConfig = self._mctf_cfg
         match = mctf_matching(metric, info, current.size, r_l, cfg.class_token, cfg.distill_token,
                               cfg.tau_sim, cfg.tau_info, cfg.tau_size, cfg.bidirection)
-        if cfg.trace_source and current is cfg.state.student:
+        if cfg.trace_source and current is cfg.slot.state.student:
             index = fused_index(match, metric.shape[1])
             current.group = index if current.group is None else index.gather(1, current.group)
         return match
@@ -318,17 +318,17 @@ class MCTFModelMixin:
 
     def _mctf_run(self, fn, *args, r_eval: Optional[RValue] = None, **kwargs):
         cfg: MCTFConfig = self._mctf_cfg
-        if cfg.state is not None:  # nested call (forward -> forward_features)
+        if cfg.slot.state is not None:  # nested call (forward -> forward_features)
             return fn(*args, **kwargs)
         self._mctf_check_call()
         r = cfg.r if r_eval is None or self.training else normalize_r(r_eval, "r_eval")
         student = MCTFPass(r)
         state = MCTFState(current=student, student=student)
-        cfg.state = state
+        cfg.slot.state = state
         try:
             return fn(*args, **kwargs)
         finally:
-            cfg.state = None
+            cfg.slot.state = None
             self._mctf_finish(state)
 
     def _mctf_two_pass(self, x: torch.Tensor):
@@ -341,7 +341,7 @@ class MCTFModelMixin:
         teacher = MCTFPass(teacher_r, float32_fraction)
         student = MCTFPass(cfg.r)
         state = MCTFState(current=teacher, student=student if run_student else None, teacher=teacher)
-        cfg.state = state
+        cfg.slot.state = state
         result = {}
         try:
             x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
@@ -359,7 +359,7 @@ class MCTFModelMixin:
                 diff = self._mctf_feature(tokens["teacher"]).detach() - self._mctf_feature(tokens["student"])
                 result["loss_consistency"] = (diff ** 2).mean(dim=1)
         finally:
-            cfg.state = None
+            cfg.slot.state = None
             self._mctf_finish(state)
         return result
 
@@ -369,7 +369,7 @@ class MCTFModelMixin:
 
     def forward(self, x: torch.Tensor, *args, r_eval: Optional[RValue] = None, **kwargs):
         cfg: MCTFConfig = self._mctf_cfg
-        if self.training and cfg.state is None and (cfg.task_type[1] or cfg.task_type[2]):
+        if self.training and cfg.slot.state is None and (cfg.task_type[1] or cfg.task_type[2]):
             if args or any(v is not None and v is not False for v in kwargs.values()):
                 raise ModelConfigError("MCTF's teacher pass does not take attention masks; train without them.")
             return self._mctf_two_pass(x)

@@ -350,12 +350,12 @@ def test_duplicate_tokens_one_step_ahead_equals_precise(pooling):
         blk = ours.blocks[1]
         cfg = ours._mctf_cfg
         student = mctf.MCTFPass(4)
-        cfg.state = mctf.MCTFState(current=student, student=student)
+        cfg.slot.state = mctf.MCTFState(current=student, student=student)
         try:
             with torch.no_grad():
                 outs[mode] = blk(x)
         finally:
-            cfg.state = None
+            cfg.slot.state = None
         index = student.group[0]
         for g in range(outs[mode].shape[1]):
             members = (index == g).nonzero()[:, 0]
